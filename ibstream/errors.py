@@ -1,0 +1,44 @@
+"""One error hierarchy for ibstream.
+
+Every error says what was wrong, what was expected and, where it helps, what to do.
+The Flight server raises the matching Arrow/Flight error type (see ``flight_server.errors``);
+the client translates those back into these classes.
+"""
+
+from __future__ import annotations
+
+
+class IbstreamError(Exception):
+    """Root of every error ibstream raises on purpose."""
+
+
+class InvalidRequestError(IbstreamError, ValueError):
+    """A request (command, ticket, range, argument) is malformed or out of bounds."""
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """A request asks for more data than the server's limits allow."""
+
+
+class NotFoundError(IbstreamError, LookupError):
+    """A contract or stream the request names is not stored."""
+
+
+class ServerUnavailableError(IbstreamError, ConnectionError):
+    """The server cannot be reached or refused the work for now; retrying may help."""
+
+
+class StorageError(IbstreamError):
+    """The store cannot do what was asked (ordering, sealing, corrupt file)."""
+
+
+class TickOrderError(StorageError, ValueError):
+    """Ticks were appended with ``ts`` going backwards within a stream."""
+
+
+class SealedHourError(StorageError, ValueError):
+    """Ticks were appended to an hour that has already been archived."""
+
+
+class CorruptFileError(StorageError):
+    """A stored file cannot be read."""

@@ -1,0 +1,172 @@
+"""Metadata index in SQLite (WAL): archived hours and daily statistics.
+
+Times are INTEGER microseconds since the epoch, UTC. ``tick_archives`` is the publication
+point of the archive: a Parquet file answers queries only once its row is committed here,
+and the buffer segments of that hour stop answering at the same instant.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tick_archives (
+    id INTEGER PRIMARY KEY,
+    contract_id INTEGER NOT NULL,
+    tick_type TEXT NOT NULL,
+    hour_start INTEGER NOT NULL,          -- UTC hour the file covers, microseconds
+    start_time INTEGER NOT NULL,          -- first ts in the file, microseconds UTC
+    end_time INTEGER NOT NULL,            -- last ts in the file, microseconds UTC
+    file_path TEXT NOT NULL,              -- relative to the archive root
+    tick_count INTEGER NOT NULL,
+    file_size_bytes INTEGER NOT NULL,
+    arrow_size_bytes INTEGER NOT NULL,    -- in-memory (uncompressed Arrow) size
+    compression_ratio REAL NOT NULL,      -- arrow_size_bytes / file_size_bytes
+    created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    UNIQUE (contract_id, tick_type, hour_start)
+);
+CREATE INDEX IF NOT EXISTS idx_archives_contract_time
+    ON tick_archives (contract_id, tick_type, start_time, end_time);
+
+CREATE TABLE IF NOT EXISTS data_statistics (
+    contract_id INTEGER NOT NULL,
+    tick_type TEXT NOT NULL,
+    date TEXT NOT NULL,                   -- UTC date, YYYY-MM-DD
+    total_ticks INTEGER NOT NULL,
+    unique_prices INTEGER NOT NULL,
+    total_volume REAL,                    -- trades only
+    vwap REAL,                            -- trades only
+    high_price REAL,
+    low_price REAL,
+    PRIMARY KEY (contract_id, tick_type, date)
+);
+"""
+
+
+@dataclass(frozen=True)
+class ArchiveEntry:
+    contract_id: int
+    tick_type: str
+    hour_start: int
+    start_time: int
+    end_time: int
+    file_path: str
+    tick_count: int
+    file_size_bytes: int
+    arrow_size_bytes: int
+
+
+@dataclass(frozen=True)
+class DailyStatistics:
+    contract_id: int
+    tick_type: str
+    date: str
+    total_ticks: int
+    unique_prices: int
+    total_volume: float | None
+    vwap: float | None
+    high_price: float | None
+    low_price: float | None
+
+
+class Index:
+    """SQLite metadata index; one connection per thread, safe for concurrent readers."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._connection() as conn:
+            conn.executescript(SCHEMA)
+
+    def _connection(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._local.conn = conn
+        return conn
+
+    # -- archive -------------------------------------------------------------------------------
+
+    def publish(self, entry: ArchiveEntry, statistics: DailyStatistics) -> None:
+        """Record an archived hour and its day's statistics in one transaction."""
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "INSERT INTO tick_archives (contract_id, tick_type, hour_start, start_time, end_time, "
+                "file_path, tick_count, file_size_bytes, arrow_size_bytes, compression_ratio) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    entry.contract_id, entry.tick_type, entry.hour_start, entry.start_time, entry.end_time,
+                    entry.file_path, entry.tick_count, entry.file_size_bytes, entry.arrow_size_bytes,
+                    entry.arrow_size_bytes / max(entry.file_size_bytes, 1),
+                ),
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO data_statistics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    statistics.contract_id, statistics.tick_type, statistics.date, statistics.total_ticks,
+                    statistics.unique_prices, statistics.total_volume, statistics.vwap,
+                    statistics.high_price, statistics.low_price,
+                ),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def archives(self, contract_id: int, tick_type: str, start_us: int, end_us: int) -> list[ArchiveEntry]:
+        """Archived hours of a stream whose hour overlaps [start_us, end_us), oldest first."""
+        rows = self._connection().execute(
+            "SELECT contract_id, tick_type, hour_start, start_time, end_time, file_path, tick_count, "
+            "file_size_bytes, arrow_size_bytes FROM tick_archives "
+            "WHERE contract_id = ? AND tick_type = ? AND hour_start < ? AND hour_start + 3600000000 > ? "
+            "ORDER BY hour_start",
+            (contract_id, tick_type, end_us, start_us),
+        ).fetchall()
+        return [ArchiveEntry(*row) for row in rows]
+
+    def all_archive_paths(self) -> set[str]:
+        return {row[0] for row in self._connection().execute("SELECT file_path FROM tick_archives")}
+
+    def archived_until(self) -> dict[tuple[int, str], int]:
+        """Per stream, the end of its newest archived hour (microseconds)."""
+        rows = self._connection().execute(
+            "SELECT contract_id, tick_type, MAX(hour_start) + 3600000000 FROM tick_archives "
+            "GROUP BY contract_id, tick_type"
+        )
+        return {(cid, tt): until for cid, tt, until in rows}
+
+    def archive_summary(self) -> dict[tuple[int, str], tuple[int, int, int, int]]:
+        """Per stream: (first ts, last ts, ticks, bytes on disk) over the archive."""
+        rows = self._connection().execute(
+            "SELECT contract_id, tick_type, MIN(start_time), MAX(end_time), SUM(tick_count), SUM(file_size_bytes) "
+            "FROM tick_archives GROUP BY contract_id, tick_type"
+        )
+        return {(cid, tt): (first, last, count, size) for cid, tt, first, last, count, size in rows}
+
+    def contract_ids(self) -> set[int]:
+        return {row[0] for row in self._connection().execute("SELECT DISTINCT contract_id FROM tick_archives")}
+
+    # -- statistics ----------------------------------------------------------------------------
+
+    def statistics(self, contract_id: int, tick_type: str | None = None) -> list[DailyStatistics]:
+        sql = "SELECT * FROM data_statistics WHERE contract_id = ?"
+        args: tuple = (contract_id,)
+        if tick_type is not None:
+            sql += " AND tick_type = ?"
+            args += (tick_type,)
+        rows = self._connection().execute(sql + " ORDER BY tick_type, date", args).fetchall()
+        return [DailyStatistics(*row) for row in rows]
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None

@@ -1,0 +1,193 @@
+"""Query planner: exactly the ticks of one stream in [start, end), from every layer.
+
+Layers, oldest first: published Parquet hours (pruned through the index), closed IPC
+segments, and the open segment's acknowledged batches held in memory. Readers take the
+buffer snapshot *before* they read the index; since the archiver publishes an hour in the
+index before it removes the hour's segments, and readers skip segments of published hours,
+every tick is counted once and none is missed while writing, rotation and archival run.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.index import ArchiveEntry, Index
+from storage.segments import SegmentWriter, StreamKey, list_segments, read_segment, segment_start_us, stream_dir
+from storage.schemas import schema_for
+from storage.times import hour_floor
+
+
+def ts_bounds(ts: pa.Array | pa.ChunkedArray, start_us: int, end_us: int) -> tuple[int, int]:
+    """Row positions [lo, hi) of sorted ``ts`` that fall in [start_us, end_us)."""
+    values = ts.cast(pa.int64()).to_numpy()
+    lo, hi = np.searchsorted(values, [start_us, end_us], side="left")
+    return int(lo), int(hi)
+
+
+def _clip(table: pa.Table | pa.RecordBatch, start_us: int, end_us: int):
+    if table.num_rows == 0:
+        return table
+    lo, hi = ts_bounds(table.column("ts"), start_us, end_us)
+    return table.slice(lo, hi - lo)
+
+
+def coalesce(batches: list[pa.RecordBatch], schema: pa.Schema, batch_rows: int) -> pa.Table:
+    """One table of the batches, merging runs of small batches (the recorder's group commits)."""
+    if not batches:
+        return schema.empty_table()
+    if len(batches) > 1 and sum(b.num_rows for b in batches) / len(batches) < batch_rows / 8:
+        return pa.Table.from_batches(batches, schema=schema).combine_chunks()
+    return pa.Table.from_batches(batches, schema=schema)
+
+
+class SegmentCache:
+    """Parsed, coalesced closed segments. Closed segments never change, so entries stay valid
+    until the archiver removes the segment."""
+
+    def __init__(self, max_entries: int = 4096):
+        self._entries: OrderedDict[tuple[Path, int], pa.Table] = OrderedDict()
+        self._lock = threading.Lock()
+        self._max = max_entries
+
+    def get(self, path: Path, source: pa.MemoryMappedFile, schema: pa.Schema, batch_rows: int) -> pa.Table:
+        key = (path, source.size())
+        with self._lock:
+            table = self._entries.get(key)
+            if table is not None:
+                self._entries.move_to_end(key)
+                return table
+        table = coalesce(read_segment(path, source)[0], schema, batch_rows)
+        with self._lock:
+            self._entries[key] = table
+            while len(self._entries) > self._max:
+                self._entries.popitem(last=False)
+        return table
+
+    def discard(self, paths: list[Path]) -> None:
+        doomed = set(paths)
+        with self._lock:
+            for key in [k for k in self._entries if k[0] in doomed]:
+                del self._entries[key]
+
+
+@dataclass
+class Plan:
+    """The sources that answer one stream and range; iterate it with :meth:`reader`."""
+
+    key: StreamKey
+    start_us: int
+    end_us: int
+    batch_rows: int
+    archive_root: Path
+    archives: list[ArchiveEntry] = field(default_factory=list)
+    segments: list[pa.Table] = field(default_factory=list)
+    tail: pa.Table | None = None
+
+    @property
+    def schema(self) -> pa.Schema:
+        return schema_for(self.key.tick_type)
+
+    def estimated_rows(self) -> int:
+        """Upper bound from archived hours' counts plus the exact buffered count."""
+        return sum(e.tick_count for e in self.archives) + sum(t.num_rows for t in self._buffered())
+
+    def estimated_bytes(self) -> int:
+        return sum(e.arrow_size_bytes for e in self.archives) + sum(t.nbytes for t in self._buffered())
+
+    def _buffered(self) -> list[pa.Table]:
+        return self.segments + ([self.tail] if self.tail is not None else [])
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        for entry in self.archives:
+            yield from self._archive_batches(entry)
+        for table in self._buffered():
+            yield from table.to_batches(max_chunksize=self.batch_rows)
+
+    def reader(self) -> pa.RecordBatchReader:
+        return pa.RecordBatchReader.from_batches(self.schema, self.batches())
+
+    def read_all(self) -> pa.Table:
+        return pa.Table.from_batches(list(self.batches()), schema=self.schema)
+
+    def _archive_batches(self, entry: ArchiveEntry) -> Iterator[pa.RecordBatch]:
+        parquet = pq.ParquetFile(self.archive_root / entry.file_path, memory_map=True)
+        whole = entry.start_time >= self.start_us and entry.end_time < self.end_us
+        groups = list(range(parquet.num_row_groups)) if whole else self._overlapping_groups(parquet)
+        for group in groups:
+            table = parquet.read_row_group(group, use_threads=True)
+            if not whole:
+                table = _clip(table, self.start_us, self.end_us)
+            yield from table.to_batches(max_chunksize=self.batch_rows)
+
+    def _overlapping_groups(self, parquet: pq.ParquetFile) -> list[int]:
+        column = parquet.schema_arrow.get_field_index("ts")
+        groups = []
+        for i in range(parquet.num_row_groups):
+            stats = parquet.metadata.row_group(i).column(column).statistics
+            if stats is None or not stats.has_min_max:
+                groups.append(i)
+                continue
+            low, high = _stat_us(stats.min), _stat_us(stats.max)
+            if high >= self.start_us and low < self.end_us:
+                groups.append(i)
+        return groups
+
+
+def _stat_us(value) -> int:
+    return value if isinstance(value, int) else pa.scalar(value, pa.timestamp("us", tz="UTC")).cast(pa.int64()).as_py()
+
+
+class Planner:
+    """Builds :class:`Plan` objects over an index, a buffer folder and (in the recording
+    process) the live segment writer."""
+
+    def __init__(self, index: Index, buffer_root: Path, archive_root: Path, writer: SegmentWriter | None):
+        self.index = index
+        self.buffer_root = buffer_root
+        self.archive_root = archive_root
+        self.writer = writer
+        self.cache = SegmentCache()
+        if writer is not None:
+            writer.forget_listeners.append(self.cache.discard)
+
+    def plan(self, key: StreamKey, start_us: int, end_us: int, batch_rows: int) -> Plan:
+        schema = schema_for(key.tick_type)
+        sources, tail = self._buffer_snapshot(key)
+        archives = self.index.archives(key.contract_id, key.tick_type.value, start_us, end_us)
+        archived_hours = {e.hour_start for e in archives}
+        first_hour = hour_floor(start_us)
+        segments = []
+        for path, source in sources:
+            hour = hour_floor(segment_start_us(path))
+            if hour < first_hour or hour >= end_us or hour in archived_hours:
+                continue
+            table = self.cache.get(path, source, schema, batch_rows)
+            clipped = _clip(table, start_us, end_us)
+            if clipped.num_rows:
+                segments.append(clipped)
+        tail_table = _clip(coalesce(tail, schema, batch_rows), start_us, end_us) if tail else None
+        return Plan(key, start_us, end_us, batch_rows, self.archive_root, archives, segments, tail_table)
+
+    def _buffer_snapshot(self, key: StreamKey) -> tuple[list[tuple[Path, pa.MemoryMappedFile]], list[pa.RecordBatch]]:
+        """Open (memory-map) the closed segments and copy the open tail, atomically w.r.t. archival."""
+        if self.writer is not None:
+            with self.writer.stream_state(key) as snapshot:
+                sources = [(p, pa.memory_map(str(p), "r")) for p in snapshot.closed]
+                return sources, snapshot.open_batches
+        sources = []
+        for path in list_segments(stream_dir(self.buffer_root, key)):
+            try:
+                sources.append((path, pa.memory_map(str(path), "r")))
+            except FileNotFoundError:
+                continue  # archived meanwhile: the index, read after this, has its hour
+        return sources, []
+
+

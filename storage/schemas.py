@@ -1,0 +1,94 @@
+"""Arrow schemas of the four IB tick-by-tick types, named as IB-Stream names them.
+
+Every field that ``EWrapper.tickByTickBidAsk`` / ``tickByTickAllLast`` / ``tickByTickMidPoint``
+delivers is kept, plus two clocks:
+
+``ts``
+    Local receive time, microseconds, UTC. The ordering and range key: non-decreasing within a
+    stream (contract_id, tick_type).
+``ib_time``
+    IB's own tick time, whole seconds (stored as a microsecond timestamp, UTC).
+
+Sizes are ``decimal128(18, 8)``: exact for the int sizes of ibapi 9.81 and for the ``Decimal``
+sizes (fractional shares, crypto) of newer releases.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+import pyarrow as pa
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+SIZE = pa.decimal128(18, 8)
+PRICE = pa.float64()
+
+
+class TickType(StrEnum):
+    """The IB tick-by-tick types (``reqTickByTickData`` tickType in brackets)."""
+
+    BID_ASK = "bid_ask"  # "BidAsk"
+    LAST = "last"  # "Last"
+    ALL_LAST = "all_last"  # "AllLast": time and sales including unreported/odd lots
+    MID_POINT = "mid_point"  # "MidPoint"
+
+    @property
+    def ib_name(self) -> str:
+        return {"bid_ask": "BidAsk", "last": "Last", "all_last": "AllLast", "mid_point": "MidPoint"}[self.value]
+
+    @classmethod
+    def parse(cls, value: str) -> "TickType":
+        try:
+            return cls(value)
+        except ValueError:
+            legal = ", ".join(t.value for t in cls)
+            raise ValueError(f"tick_type was {value!r}; use any of {legal}") from None
+
+
+def _field(name: str, type_: pa.DataType) -> pa.Field:
+    return pa.field(name, type_, nullable=False)
+
+
+_CLOCKS = [_field("ts", TIMESTAMP), _field("ib_time", TIMESTAMP)]
+
+_QUOTE_FIELDS = [
+    _field("bid_price", PRICE),
+    _field("ask_price", PRICE),
+    _field("bid_size", SIZE),
+    _field("ask_size", SIZE),
+    _field("bid_past_low", pa.bool_()),
+    _field("ask_past_high", pa.bool_()),
+]
+
+_TRADE_FIELDS = [
+    _field("price", PRICE),
+    _field("size", SIZE),
+    _field("exchange", pa.string()),
+    _field("special_conditions", pa.string()),
+    _field("past_limit", pa.bool_()),
+    _field("unreported", pa.bool_()),
+]
+
+_MID_FIELDS = [_field("mid_point", PRICE)]
+
+
+def _schema(tick_type: TickType, fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema(_CLOCKS + fields, metadata={"ibstream.tick_type": tick_type.value})
+
+
+SCHEMAS: dict[TickType, pa.Schema] = {
+    TickType.BID_ASK: _schema(TickType.BID_ASK, _QUOTE_FIELDS),
+    TickType.LAST: _schema(TickType.LAST, _TRADE_FIELDS),
+    TickType.ALL_LAST: _schema(TickType.ALL_LAST, _TRADE_FIELDS),
+    TickType.MID_POINT: _schema(TickType.MID_POINT, _MID_FIELDS),
+}
+
+
+def schema_for(tick_type: TickType | str) -> pa.Schema:
+    """The stored (and served) schema of a tick type."""
+    return SCHEMAS[TickType.parse(str(tick_type))]
+
+
+def price_column(tick_type: TickType) -> str:
+    """The column daily statistics treat as the price of a tick type."""
+    return {TickType.BID_ASK: "mid", TickType.MID_POINT: "mid_point"}.get(tick_type, "price")

@@ -1,0 +1,144 @@
+"""The store: one entry object over segments, archive, index and planner."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+
+import pyarrow as pa
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from ibstream.settings import Settings
+from storage.archive import Archiver, recover_archive
+from storage.index import ArchiveEntry, DailyStatistics, Index
+from storage.planner import Plan, Planner
+from storage.schemas import TickType
+from storage.segments import SegmentWriter, StreamKey, list_segments, list_streams, segment_start_us, stream_dir
+from storage.times import US_PER_HOUR, from_us, hour_floor, to_us
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What is stored for one contract and tick type."""
+
+    contract_id: int
+    tick_type: TickType
+    first: datetime | None
+    last: datetime | None
+    tick_count: int
+    archived_ticks: int
+    buffered_ticks: int
+
+
+class Store:
+    """Tick storage rooted at ``settings.data_root``.
+
+    A writable store (the recorder's) recovers from crashes when opened, appends acknowledged
+    ticks and archives closed hours; a read-only store serves queries over the same folder.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, read_only: bool = False):
+        self.settings = settings or Settings()
+        self.read_only = read_only
+        self.index = Index(self.settings.index_path)
+        self.writer: SegmentWriter | None = None
+        self.archiver: Archiver | None = None
+        self._scheduler: BackgroundScheduler | None = None
+        if not read_only:
+            self._recover()
+            sealed = {StreamKey(cid, TickType(tt)): until for (cid, tt), until in self.index.archived_until().items()}
+            self.writer = SegmentWriter(self.settings, sealed)
+            self.archiver = Archiver(self.settings, self.index, self.writer)
+        self.planner = Planner(self.index, self.settings.buffer_root, self.settings.archive_root, self.writer)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def append(self, contract_id: int, tick_type: TickType | str, data: pa.RecordBatch | pa.Table) -> int:
+        """Durably append ticks; returns the number acknowledged. See :class:`SegmentWriter`."""
+        if self.writer is None:
+            raise RuntimeError("this store was opened read_only; open it writable to append")
+        return self.writer.append(contract_id, tick_type, data)
+
+    def archive(self, now: datetime | None = None) -> list[ArchiveEntry]:
+        """Archive every closed hour now (the background job does this on a schedule)."""
+        if self.archiver is None:
+            raise RuntimeError("this store was opened read_only; only the recording process archives")
+        published = self.archiver.run_once(None if now is None else to_us(now, name="now"))
+        return published
+
+    def start_background(self) -> None:
+        """Run the archiver every ``archive_check_interval`` on a background thread."""
+        if self.archiver is None or self._scheduler is not None:
+            return
+        self._scheduler = BackgroundScheduler(daemon=True)
+        self._scheduler.add_job(
+            self.archiver.run_once, "interval",
+            seconds=self.settings.archive_check_interval.total_seconds(),
+            id="archiver", max_instances=1, coalesce=True,
+        )
+        self._scheduler.start()
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def plan(self, contract_id: int, tick_type: TickType | str, start_us: int, end_us: int) -> Plan:
+        key = StreamKey(int(contract_id), TickType.parse(str(tick_type)))
+        return self.planner.plan(key, start_us, end_us, self.settings.batch_rows)
+
+    def read(self, contract_id: int, tick_type: TickType | str, start: datetime, end: datetime) -> pa.Table:
+        """All ticks of a stream with ``start <= ts < end`` (tz-aware datetimes)."""
+        return self.plan(contract_id, tick_type, to_us(start, name="start"), to_us(end, name="end")).read_all()
+
+    def streams(self) -> list[StreamInfo]:
+        """Every stored stream with its first/last tick time and counts."""
+        summary = self.index.archive_summary()
+        keys = set(list_streams(self.settings.buffer_root))
+        keys |= {StreamKey(cid, TickType(tt)) for cid, tt in summary}
+        infos = []
+        for key in sorted(keys):
+            first, last, archived, _ = summary.get((key.contract_id, key.tick_type.value), (None, None, 0, 0))
+            plan = self.plan(key.contract_id, key.tick_type, (last + 1) if last is not None else 0, 2**62)
+            buffered = plan.read_all().column("ts").cast(pa.int64())
+            if len(buffered):
+                first = buffered[0].as_py() if first is None else first
+                last = buffered[-1].as_py()
+            infos.append(StreamInfo(
+                key.contract_id, key.tick_type,
+                None if first is None else from_us(first), None if last is None else from_us(last),
+                archived + len(buffered), archived, len(buffered),
+            ))
+        return infos
+
+    def contract_ids(self) -> set[int]:
+        return {k.contract_id for k in list_streams(self.settings.buffer_root)} | self.index.contract_ids()
+
+    def statistics(self, contract_id: int, tick_type: str | None = None) -> list[DailyStatistics]:
+        return self.index.statistics(contract_id, tick_type)
+
+    def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=True)
+            self._scheduler = None
+        if self.writer is not None:
+            self.writer.close()
+        self.index.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- recovery ------------------------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """Undo what a crash mid-archival left: unpublished files, and segments of published hours."""
+        recover_archive(self.settings.archive_root, self.index)
+        for key in list_streams(self.settings.buffer_root):
+            for path in list_segments(stream_dir(self.settings.buffer_root, key)):
+                hour = hour_floor(segment_start_us(path))
+                if self.index.archives(key.contract_id, key.tick_type.value, hour, hour + US_PER_HOUR):
+                    path.unlink()
+                    log.warning("removed segment %s: its hour is already published in the archive", path)
