@@ -1,0 +1,5 @@
+"""Flight clients: ``Client`` returns polars (or pandas) DataFrames."""
+
+from clients.client import Client
+
+__all__ = ["Client"]

@@ -112,7 +112,7 @@ def read_segment(path: Path, source: pa.NativeFile | None = None) -> tuple[list[
             batches.append(pa.ipc.read_record_batch(message, schema))
             valid = source.tell()
     except StopIteration:
-        pass
+        valid = source.tell()  # clean end: end-of-stream marker or end of file
     except (OSError, pa.ArrowInvalid) as exc:
         if valid == 0:
             size = path.stat().st_size
