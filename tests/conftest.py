@@ -1,0 +1,83 @@
+"""Fixtures that start real components: a store in a temp folder, a Flight server on loopback."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from clients import Client
+from flight_server import FlightServer
+from ibstream.settings import Settings
+from recorder.synthetic import MNQ, synthetic_ticks
+from storage import Store
+from storage.times import to_us
+
+
+def utc(*args) -> datetime:
+    return datetime(*args, tzinfo=UTC)
+
+
+def between(table: pa.Table, start: datetime, end: datetime) -> pa.Table:
+    """Reference filter: rows with start <= ts < end."""
+    ts = table.column("ts")
+    return table.filter(pc.and_(pc.greater_equal(ts, pa.scalar(start, ts.type)), pc.less(ts, pa.scalar(end, ts.type))))
+
+
+def ticks(start: datetime, count: int, tick_type: str = "bid_ask", *, seed: int = 0, rate_scale: float = 1.0) -> pa.Table:
+    return synthetic_ticks(MNQ, tick_type, to_us(start), count, seed=seed, rate_scale=rate_scale)
+
+
+def append_in_batches(store: Store, table: pa.Table, batch: int = 997, contract_id: int = MNQ.contract_id) -> None:
+    tick_type = table.schema.metadata[b"ibstream.tick_type"].decode()
+    for offset in range(0, table.num_rows, batch):
+        store.append(contract_id, tick_type, table.slice(offset, batch))
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(
+        data_root=tmp_path / "data",
+        rotation_interval=timedelta(minutes=5),
+        archive_delay=timedelta(0),
+        flight_port=0,
+        fsync="none",
+    )
+
+
+@pytest.fixture
+def store(settings: Settings):
+    with Store(settings) as opened:
+        yield opened
+
+
+class Served:
+    """A Flight server over a store, on a free loopback port, with a client."""
+
+    def __init__(self, store: Store):
+        self.server = FlightServer(store, "grpc://127.0.0.1:0")
+        self.thread = threading.Thread(target=self.server.serve, daemon=True)
+        self.thread.start()
+        self.location = f"grpc://127.0.0.1:{self.server.port}"
+        self.client = Client(self.location)
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.shutdown()
+        self.thread.join()
+
+
+@pytest.fixture
+def served(store: Store):
+    running = Served(store)
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def client(served: Served) -> Client:
+    return served.client
