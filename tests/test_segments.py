@@ -1,0 +1,59 @@
+"""Segment rotation, ordering and sealing rules."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from conftest import ticks, utc
+from ibstream.errors import SealedHourError, TickOrderError
+from ibstream.settings import Settings
+from recorder.synthetic import MNQ
+from storage import Store
+from storage.schemas import TickType
+from storage.segments import StreamKey, list_segments, stream_dir
+
+CID = MNQ.contract_id
+KEY = StreamKey(CID, TickType.BID_ASK)
+
+
+def segment_names(store: Store) -> list[str]:
+    return [p.name for p in list_segments(stream_dir(store.settings.buffer_root, KEY))]
+
+
+def test_segments_rotate_on_interval_boundaries(store):
+    store.append(CID, "bid_ask", ticks(utc(2025, 1, 10, 13, 58), 3_000))  # ~3.5 min at 15/s
+    assert segment_names(store) == ["20250110T135500Z-0000.arrows", "20250110T140000Z-0000.arrows"]
+
+
+def test_segments_rotate_on_size(settings):
+    small = settings.model_copy(update={"segment_max_bytes": 50_000})
+    with Store(small) as store:
+        table = ticks(utc(2025, 1, 10, 14), 5_000, rate_scale=20)
+        for offset in range(0, 5_000, 500):
+            store.append(CID, "bid_ask", table.slice(offset, 500))
+        names = segment_names(store)
+        assert len(names) > 3 and all(n.startswith("20250110T140000Z-") for n in names)
+        assert store.read(CID, "bid_ask", utc(2025, 1, 10), utc(2025, 1, 11)).equals(table)
+
+
+def test_ts_going_backwards_is_refused(store):
+    table = ticks(utc(2025, 1, 10, 14), 100)
+    store.append(CID, "bid_ask", table.slice(50))
+    with pytest.raises(TickOrderError, match="ts must be non-decreasing"):
+        store.append(CID, "bid_ask", table.slice(0, 50))
+
+
+def test_ticks_for_an_archived_hour_are_refused(store):
+    store.append(CID, "bid_ask", ticks(utc(2025, 1, 10, 14), 100))
+    store.archive(now=utc(2025, 1, 10, 16))
+    store.close()
+    with Store(store.settings) as reopened:  # the seal survives a restart (read from the index)
+        with pytest.raises(SealedHourError, match="already archived"):
+            reopened.append(CID, "bid_ask", ticks(utc(2025, 1, 10, 14, 30), 10))
+
+
+def test_rotation_interval_must_divide_an_hour():
+    with pytest.raises(ValueError, match="must divide one hour exactly"):
+        Settings(rotation_interval=timedelta(minutes=7))
