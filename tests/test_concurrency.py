@@ -15,7 +15,7 @@ CID = MNQ.contract_id
 
 
 def test_queries_never_see_a_duplicate_or_a_gap_during_rotation_and_archival(store, client):
-    table = ticks(utc(2025, 1, 10, 12), 60_000, rate_scale=0.3)  # ~3.7 hours: four hours to archive
+    table = ticks(utc(2025, 1, 10, 12), 60_000, rate_scale=0.3)  # several hours: archival runs mid-test
     ts = table.column("ts").cast(pa.int64()).to_pylist()
     acked = 0
     done = threading.Event()
@@ -49,4 +49,4 @@ def test_queries_never_see_a_duplicate_or_a_gap_during_rotation_and_archival(sto
     assert queries >= 5
     final = client.tables(CID, "bid_ask", utc(2025, 1, 10), utc(2025, 1, 11))["bid_ask"]
     assert final.equals(table)
-    assert len(store.index.archives(CID, "bid_ask", 0, 2**62)) == 3, "archival did not run during the test"
+    assert len(store.index.archives(CID, "bid_ask", 0, 2**62)) >= 3, "archival did not run during the test"
