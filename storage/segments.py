@@ -63,8 +63,8 @@ def segment_name(bucket_start_us: int, seq: int) -> str:
 
 def segment_start_us(path: Path) -> int:
     """UTC start (microseconds) of the rotation bucket a segment file covers."""
-    stamp = path.name.split("-", 1)[0]
-    moment = datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    s = path.name  # YYYYmmddTHHMMSSZ-seq.arrows
+    moment = datetime(int(s[0:4]), int(s[4:6]), int(s[6:8]), int(s[9:11]), int(s[11:13]), int(s[13:15]), tzinfo=UTC)
     return int(moment.timestamp()) * US_PER_SECOND
 
 
@@ -343,9 +343,8 @@ class SegmentWriter:
     def _create(self, stream: _Stream, bucket: int) -> _OpenSegment:
         stream.directory.mkdir(parents=True, exist_ok=True)
         seq = 0
-        existing = [p for p in list_segments(stream.directory) if segment_start_us(p) == bucket]
-        if existing:
-            seq = int(existing[-1].stem.rsplit("-", 1)[1]) + 1
+        if stream.closed and segment_start_us(stream.closed[-1]) == bucket:  # buckets never go back
+            seq = int(stream.closed[-1].stem.rsplit("-", 1)[1]) + 1
         path = stream.directory / segment_name(bucket, seq)
         handle = open(path, "xb")
         writer = pa.ipc.new_stream(handle, stream.schema)
