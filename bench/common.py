@@ -31,7 +31,8 @@ QUICK_HOURS = 3  # --quick: the same tick density over fewer hours
 
 
 def parse_args(description: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
+    """``--help`` shows the script's docstring; ``--quick`` picks smaller sizes."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (seconds instead of minutes)")
     return parser.parse_args()
 

@@ -1,0 +1,28 @@
+"""Run every benchmark in turn (append, storage, query, flight) and print their figures."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_append  # noqa: E402
+import bench_flight  # noqa: E402
+import bench_query  # noqa: E402
+import bench_storage  # noqa: E402
+from common import parse_args  # noqa: E402
+
+BENCHES = (bench_append, bench_storage, bench_query, bench_flight)
+
+
+def main(quick: bool = False) -> None:
+    started = time.perf_counter()
+    for bench in BENCHES:
+        bench.main(quick)
+    print(f"\nall benchmarks{' (--quick)' if quick else ''} ran in {time.perf_counter() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    main(parse_args(__doc__).quick)
