@@ -41,7 +41,7 @@ def _flight_errors(handler: Callable) -> Callable:
     def wrapper(self, context, *args):
         try:
             return handler(self, context, *args)
-        except (InvalidRequestError, ValueError) as exc:
+        except InvalidRequestError as exc:
             log.info("%s refused: %s", handler.__name__, exc)
             raise pa.ArrowInvalid(str(exc)) from None
         except NotFoundError as exc:
@@ -94,7 +94,7 @@ class FlightServer(flight.FlightServerBase):
     def do_get(self, context, ticket: flight.Ticket) -> flight.FlightDataStream:
         parsed = Ticket.parse(ticket.ticket)
         plan = self.store.plan(parsed.contract_id, parsed.tick_type, parsed.start_us, parsed.end_us)
-        return flight.RecordBatchStream(plan.reader())
+        return flight.GeneratorStream(plan.schema, _streamed(plan.batches(), parsed))
 
     @_flight_errors
     def list_flights(self, context, criteria: bytes):
@@ -146,12 +146,22 @@ class FlightServer(flight.FlightServerBase):
         ]
 
 
+def _streamed(batches, ticket: Ticket):
+    """Batches of a do_get; a failure mid-stream (say, a corrupt file) reaches the caller as INTERNAL."""
+    try:
+        yield from batches
+    except Exception as exc:
+        log.exception("do_get of %s/%s failed mid-stream", ticket.contract_id, ticket.tick_type.value)
+        raise flight.FlightInternalError(f"reading {ticket.contract_id}/{ticket.tick_type.value} failed: "
+                                         f"{type(exc).__name__}: {exc}") from None
+
+
 def _info_schema(query: TicksCommand) -> pa.Schema:
     """The schema all endpoints share, or an empty schema when the tick types differ in shape
     (each endpoint's stream then carries its own schema)."""
     schemas = [schema_for(t) for t in query.tick_types]
     first = schemas[0]
-    if all(s.equals(first) for s in schemas[1:]):
+    if all(s.equals(first, check_metadata=True) for s in schemas[1:]):
         return first
     return pa.schema([], metadata={"ibstream.tick_types": ",".join(t.value for t in query.tick_types)})
 

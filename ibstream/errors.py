@@ -1,7 +1,7 @@
 """One error hierarchy for ibstream.
 
 Every error says what was wrong, what was expected and, where it helps, what to do.
-The Flight server raises the matching Arrow/Flight error type (see ``flight_server.errors``);
+The Flight server raises the matching Arrow/Flight error type (see ``flight_server.server``);
 the client translates those back into these classes.
 """
 

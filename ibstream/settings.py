@@ -1,8 +1,8 @@
 """Settings: one pydantic-settings class, environment prefix ``IBSTREAM_``.
 
 Every field can be set by keyword or by environment variable, e.g.
-``IBSTREAM_DATA_ROOT=/srv/ticks`` or ``IBSTREAM_ROTATION_INTERVAL=300`` (seconds, or an
-ISO-8601 duration such as ``PT5M``). The defaults run out of the box.
+``IBSTREAM_DATA_ROOT=/srv/ticks`` or ``IBSTREAM_ROTATION_INTERVAL=PT5M`` (durations are ISO-8601,
+e.g. ``PT5M``, ``PT30S``, ``P31D``). The defaults run out of the box.
 """
 
 from __future__ import annotations
@@ -60,16 +60,18 @@ class Settings(BaseSettings):
         200_000_000, gt=0, description="Largest estimated row count a single query may return."
     )
     batch_rows: int = Field(
-        65_536, gt=0, description="Largest record batch the server sends (keeps batches under 4 MB for other clients)."
+        32_768, gt=0,
+        description="Largest record batch the server sends, in rows: 32,768 bid_ask rows are ~2 MB, well under "
+        "gRPC's default 4 MiB message limit of Go/Rust/Java clients.",
     )
 
     @field_validator("rotation_interval")
     @classmethod
     def _divides_hour(cls, value: timedelta) -> timedelta:
         micros = value // timedelta(microseconds=1)
-        if micros <= 0 or 3_600_000_000 % micros:
+        if micros <= 0 or micros % 1_000_000 or 3_600_000_000 % micros:
             raise ValueError(
-                f"rotation_interval was {value}; it must divide one hour exactly "
+                f"rotation_interval was {value}; it must be whole seconds and divide one hour exactly "
                 "(e.g. 5s, 1m, 5m, 15m, 30m, 1h) so that segments never straddle an hour"
             )
         return value

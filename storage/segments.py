@@ -190,11 +190,11 @@ class _Stream:
         self.last_ts = -(2**63)
         self.sealed_until_us = sealed_until_us
         self.acknowledged = 0
-        if self.closed:
-            batches, _ = read_segment(self.closed[-1])
-            non_empty = [b for b in batches if b.num_rows]
+        for path in reversed(self.closed):  # the newest segment may hold no batch (crash after creation)
+            non_empty = [b for b in read_segment(path)[0] if b.num_rows]
             if non_empty:
                 self.last_ts = non_empty[-1].column("ts").cast(pa.int64())[-1].as_py()
+                break
 
 
 class SegmentWriter:

@@ -105,3 +105,15 @@ def test_client_raises_our_errors(client, store):
     with pytest.raises(RequestTooLargeError, match="^request too large"):
         client.ticks(CID, "bid_ask", utc(2020, 1, 10), utc(2025, 1, 11))
     assert client.ticks(CID, "bid_ask", utc(2025, 1, 10), utc(2025, 1, 11)).height == 10
+
+
+def test_corrupt_archive_file_is_an_internal_error_and_serving_goes_on(store, raw):
+    store.append(CID, "last", ticks(utc(2025, 1, 9, 14), 500, "last"))
+    store.archive(now=utc(2025, 1, 10))
+    (entry,) = store.index.archives(CID, "last", 0, 2**62)
+    path = store.settings.archive_root / entry.file_path
+    path.write_bytes(b"PAR1" + b"\0" * 64 + path.read_bytes()[-200:])
+    command = {**GOOD, "tick_types": ["last"], "start": "2025-01-09T00:00:00Z"}
+    with pytest.raises(flight.FlightInternalError, match="reading 711280073/last failed"):
+        raw.do_get(info(raw, command).endpoints[0].ticket).read_all()
+    assert_good_query_still_works(raw)

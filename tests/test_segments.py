@@ -54,6 +54,7 @@ def test_ticks_for_an_archived_hour_are_refused(store):
             reopened.append(CID, "bid_ask", ticks(utc(2025, 1, 10, 14, 30), 10))
 
 
-def test_rotation_interval_must_divide_an_hour():
-    with pytest.raises(ValueError, match="must divide one hour exactly"):
-        Settings(rotation_interval=timedelta(minutes=7))
+@pytest.mark.parametrize("interval", [timedelta(minutes=7), timedelta(milliseconds=500)])
+def test_rotation_interval_must_divide_an_hour(interval):
+    with pytest.raises(ValueError, match="must be whole seconds and divide one hour exactly"):
+        Settings(rotation_interval=interval)
