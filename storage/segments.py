@@ -207,7 +207,6 @@ class SegmentWriter:
         self._sealed_until = dict(sealed_until or {})
         self._streams: dict[StreamKey, _Stream] = {}
         self._lock = threading.Lock()
-        self._closed = False
         self.forget_listeners: list = []  # called with the paths of segments the archiver removed
         for key in list_streams(self.root):
             segments = list_segments(stream_dir(self.root, key))
@@ -282,7 +281,6 @@ class SegmentWriter:
     def close(self) -> None:
         with self._lock:
             streams = list(self._streams.values())
-            self._closed = True
         for stream in streams:
             with stream.write_lock:
                 if stream.open:

@@ -66,8 +66,7 @@ class Store:
         """Archive every closed hour now (the background job does this on a schedule)."""
         if self.archiver is None:
             raise RuntimeError("this store was opened read_only; only the recording process archives")
-        published = self.archiver.run_once(None if now is None else to_us(now, name="now"))
-        return published
+        return self.archiver.run_once(None if now is None else to_us(now, name="now"))
 
     def start_background(self) -> None:
         """Run the archiver every ``archive_check_interval`` on a background thread."""
