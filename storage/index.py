@@ -1,4 +1,4 @@
-"""Metadata index in SQLite (WAL): archived hours and daily statistics.
+"""Metadata index in SQLite (WAL): archived hours, daily statistics, contracts and coverage.
 
 Times are INTEGER microseconds since the epoch, UTC. ``tick_archives`` is the publication
 point of the archive: a Parquet file answers queries only once its row is committed here,
@@ -43,6 +43,41 @@ CREATE TABLE IF NOT EXISTS data_statistics (
     low_price REAL,
     PRIMARY KEY (contract_id, tick_type, date)
 );
+
+CREATE TABLE IF NOT EXISTS contracts (
+    contract_id INTEGER PRIMARY KEY,      -- IB conId
+    symbol TEXT NOT NULL,
+    sec_type TEXT NOT NULL,
+    exchange TEXT NOT NULL,
+    primary_exchange TEXT NOT NULL,
+    currency TEXT NOT NULL,
+    local_symbol TEXT NOT NULL,
+    trading_class TEXT NOT NULL,
+    last_trade_date TEXT NOT NULL,        -- futures/options expiry, YYYYMMDD; '' for stocks
+    multiplier TEXT NOT NULL,
+    min_tick REAL NOT NULL,
+    long_name TEXT NOT NULL,
+    time_zone TEXT NOT NULL,              -- IB's timeZoneId, e.g. US/Eastern
+    trading_hours TEXT NOT NULL,          -- IB's tradingHours: YYYYMMDD:HHMM-YYYYMMDD:HHMM;... or YYYYMMDD:CLOSED
+    liquid_hours TEXT NOT NULL,           -- IB's liquidHours, same format (regular session)
+    updated_at INTEGER NOT NULL           -- when the details were received, microseconds UTC
+);
+
+-- Per stream, the intervals during which it was subscribed on a live connection with every
+-- received tick acknowledged ('recorded'), and the intervals when it was not ('gap', with why).
+-- The stream's current interval has is_open = 1; an open 'recorded' row's end_time is the
+-- last time the recorder confirmed it (advanced about once a second), an open gap's is NULL.
+CREATE TABLE IF NOT EXISTS coverage (
+    id INTEGER PRIMARY KEY,
+    contract_id INTEGER NOT NULL,
+    tick_type TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('recorded', 'gap')),
+    reason TEXT NOT NULL,
+    start_time INTEGER NOT NULL,
+    end_time INTEGER,
+    is_open INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idx_coverage_stream ON coverage (contract_id, tick_type, start_time);
 """
 
 
@@ -70,6 +105,41 @@ class DailyStatistics:
     vwap: float | None
     high_price: float | None
     low_price: float | None
+
+
+@dataclass(frozen=True)
+class ContractDetails:
+    """A contract as IB describes it (``reqContractDetails``), kept for sessions and display."""
+
+    contract_id: int
+    symbol: str
+    sec_type: str
+    exchange: str
+    primary_exchange: str
+    currency: str
+    local_symbol: str
+    trading_class: str
+    last_trade_date: str
+    multiplier: str
+    min_tick: float
+    long_name: str
+    time_zone: str
+    trading_hours: str
+    liquid_hours: str
+    updated_at: int
+
+
+@dataclass(frozen=True)
+class CoverageInterval:
+    """One row of ``coverage``: ``end_time`` is None for a gap that is still going on."""
+
+    contract_id: int
+    tick_type: str
+    status: str
+    reason: str
+    start_time: int
+    end_time: int | None
+    is_open: bool
 
 
 class Index:
@@ -164,6 +234,69 @@ class Index:
             args += (tick_type,)
         rows = self._connection().execute(sql + " ORDER BY tick_type, date", args).fetchall()
         return [DailyStatistics(*row) for row in rows]
+
+    # -- contracts -----------------------------------------------------------------------------
+
+    def upsert_contract(self, details: ContractDetails) -> None:
+        names = ", ".join(ContractDetails.__dataclass_fields__)
+        marks = ", ".join("?" * len(ContractDetails.__dataclass_fields__))
+        self._connection().execute(f"INSERT OR REPLACE INTO contracts ({names}) VALUES ({marks})",
+                                   tuple(details.__dict__.values()))
+
+    def contracts(self) -> list[ContractDetails]:
+        rows = self._connection().execute("SELECT * FROM contracts ORDER BY contract_id").fetchall()
+        return [ContractDetails(*row) for row in rows]
+
+    # -- coverage ------------------------------------------------------------------------------
+
+    def coverage_transition(self, contract_id: int, tick_type: str, at_us: int, status: str, reason: str) -> None:
+        """Close the stream's open interval at ``at_us`` and open a new one (no-op if unchanged)."""
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = conn.execute(
+                "SELECT id, status, reason, start_time FROM coverage "
+                "WHERE contract_id = ? AND tick_type = ? AND is_open = 1", (contract_id, tick_type)).fetchone()
+            if current is not None and (current[1], current[2]) == (status, reason):
+                conn.execute("COMMIT")
+                return
+            if current is not None:
+                at_us = max(at_us, current[3])
+                conn.execute("UPDATE coverage SET end_time = ?, is_open = 0 WHERE id = ?", (at_us, current[0]))
+            conn.execute(
+                "INSERT INTO coverage (contract_id, tick_type, status, reason, start_time, end_time, is_open) "
+                "VALUES (?, ?, ?, ?, ?, ?, 1)",
+                (contract_id, tick_type, status, reason, at_us, at_us if status == "recorded" else None))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def coverage_confirm(self, streams: list[tuple[int, str]], at_us: int) -> None:
+        """Advance the open 'recorded' intervals of ``streams`` to ``at_us`` (all received is acknowledged)."""
+        self._connection().executemany(
+            "UPDATE coverage SET end_time = MAX(end_time, ?) "
+            "WHERE contract_id = ? AND tick_type = ? AND is_open = 1 AND status = 'recorded'",
+            [(at_us, cid, tt) for cid, tt in streams])
+
+    def coverage_close_recorded(self, reason: str) -> int:
+        """After a stop or crash: end every open 'recorded' interval where it was last confirmed and
+        open a gap from there. Returns how many streams this changed."""
+        rows = self._connection().execute(
+            "SELECT contract_id, tick_type, end_time FROM coverage WHERE is_open = 1 AND status = 'recorded'"
+        ).fetchall()
+        for contract_id, tick_type, confirmed in rows:
+            self.coverage_transition(contract_id, tick_type, confirmed, "gap", reason)
+        return len(rows)
+
+    def coverage(self, contract_id: int, tick_type: str, start_us: int, end_us: int) -> list[CoverageInterval]:
+        """Coverage rows of a stream that overlap [start_us, end_us), oldest first."""
+        rows = self._connection().execute(
+            "SELECT contract_id, tick_type, status, reason, start_time, end_time, is_open FROM coverage "
+            "WHERE contract_id = ? AND tick_type = ? AND start_time < ? AND (end_time IS NULL OR end_time > ? "
+            "OR (is_open = 1 AND status = 'recorded')) ORDER BY start_time, id",
+            (contract_id, tick_type, end_us, start_us)).fetchall()
+        return [CoverageInterval(*row[:6], bool(row[6])) for row in rows]
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

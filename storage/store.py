@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 from dataclasses import dataclass
 from datetime import datetime
 
 import pyarrow as pa
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from ibstream.errors import StorageError
 from ibstream.settings import Settings
 from storage.archive import Archiver, recover_archive
-from storage.index import ArchiveEntry, DailyStatistics, Index
+from storage.index import ArchiveEntry, ContractDetails, DailyStatistics, Index
 from storage.planner import Plan, Planner
 from storage.schemas import TickType
 from storage.segments import SegmentWriter, StreamKey, list_segments, list_streams, segment_start_us, stream_dir
@@ -43,6 +46,7 @@ class Store:
     def __init__(self, settings: Settings | None = None, *, read_only: bool = False):
         self.settings = settings or Settings()
         self.read_only = read_only
+        self._lock_file = None if read_only else self._lock_data_root()
         self.index = Index(self.settings.index_path)
         self.writer: SegmentWriter | None = None
         self.archiver: Archiver | None = None
@@ -116,6 +120,28 @@ class Store:
     def statistics(self, contract_id: int, tick_type: str | None = None) -> list[DailyStatistics]:
         return self.index.statistics(contract_id, tick_type)
 
+    def contracts(self) -> list[ContractDetails]:
+        """Contracts whose details the recorder received from IB."""
+        return self.index.contracts()
+
+    def coverage(self, contract_id: int, tick_type: TickType | str, start: datetime, end: datetime) -> pa.Table:
+        """When a stream was recorded and when not (and why) over [start, end): one row per interval.
+
+        ``end`` is null for a gap still going on; for the open 'recorded' row it is the last time
+        the recorder confirmed every received tick acknowledged.
+        """
+        rows = self.index.coverage(contract_id, TickType(tick_type).value, to_us(start), to_us(end))
+        stamp = pa.timestamp("us", tz="UTC")
+        return pa.table({
+            "contract_id": pa.array([r.contract_id for r in rows], pa.int64()),
+            "tick_type": pa.array([r.tick_type for r in rows], pa.string()),
+            "status": pa.array([r.status for r in rows], pa.string()),
+            "reason": pa.array([r.reason for r in rows], pa.string()),
+            "start": pa.array([r.start_time for r in rows], pa.int64()).cast(stamp),
+            "end": pa.array([r.end_time for r in rows], pa.int64()).cast(stamp),
+            "open": pa.array([r.is_open for r in rows], pa.bool_()),
+        })
+
     def close(self) -> None:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
@@ -123,12 +149,34 @@ class Store:
         if self.writer is not None:
             self.writer.close()
         self.index.close()
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None
 
     def __enter__(self) -> "Store":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _lock_data_root(self):
+        """One writer per data root: an exclusive flock, released by the OS if the process dies."""
+        self.settings.data_root.mkdir(parents=True, exist_ok=True)
+        path = self.settings.data_root / "writer.lock"
+        lock = open(path, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise StorageError(
+                f"{self.settings.data_root} is already open for writing by another process (pid {holder}); "
+                "stop that recorder first, or open this store with read_only=True to query it") from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        return lock
 
     # -- recovery ------------------------------------------------------------------------------
 

@@ -1,0 +1,170 @@
+"""What the simulated gateway trades: contract details with real trading hours, and tick tapes.
+
+A tape is an endless (synthetic) or finite (archive replay) sequence of tables in the stored
+tick schema whose ``ts`` column is the due time in microseconds after the tape starts.
+Trading and liquid hours are built the way IB reports them (``YYYYMMDD:HHMM-YYYYMMDD:HHMM``
+or ``YYYYMMDD:CLOSED``, in the contract's time zone) from exchange_calendars' holidays and
+early closes: XNYS for the stock, CMES for the Globex future.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from recorder.synthetic import AAPL, MNQ, SyntheticContract, synthetic_ticks
+from storage.schemas import TickType
+
+Tape = Iterator[pa.Table]
+
+
+@dataclass(frozen=True)
+class SimContract:
+    """A contract as ``reqContractDetails`` describes it, plus the synthetic market behind it."""
+
+    market: SyntheticContract
+    sec_type: str
+    exchange: str
+    primary_exchange: str
+    currency: str
+    local_symbol: str
+    trading_class: str
+    market_name: str
+    expiry: str
+    multiplier: str
+    md_size_multiplier: int
+    long_name: str
+    time_zone: str
+    calendar: str
+    valid_exchanges: str
+    order_types: str = "LMT,MKT,STP"
+    under_con_id: int = 0
+    under_symbol: str = ""
+    under_sec_type: str = ""
+    industry: str = ""
+    category: str = ""
+    subcategory: str = ""
+    stock_type: str = ""
+    market_rule_ids: str = ""
+
+    @property
+    def con_id(self) -> int:
+        return self.market.contract_id
+
+    @property
+    def symbol(self) -> str:
+        return self.market.symbol
+
+    def matches(self, con_id: int, symbol: str, sec_type: str, expiry: str, exchange: str, currency: str) -> bool:
+        """Whether a ``reqContractDetails`` request names this contract (IB's matching, simplified)."""
+        if con_id:
+            return con_id == self.con_id
+        return (symbol.upper() == self.symbol and sec_type.upper() in ("", self.sec_type)
+                and self.expiry.startswith(expiry) and exchange.upper() in ("", self.exchange, self.primary_exchange)
+                and currency.upper() in ("", self.currency))
+
+    def hours(self, today: date, days: int = 7) -> tuple[str, str]:
+        """(tradingHours, liquidHours) from ``today`` on, as IB formats them."""
+        if self.calendar == "CMES":
+            return _globex_hours(today, days)
+        return _equity_hours(today, days)
+
+
+def _fmt(moment: datetime) -> str:
+    return moment.strftime("%Y%m%d:%H%M")
+
+
+def _sessions(calendar_name: str, today: date, days: int):
+    import exchange_calendars
+
+    calendar = exchange_calendars.get_calendar(calendar_name)
+    last = today + timedelta(days=days - 1)
+    first, final = max(today, calendar.first_session.date()), min(last, calendar.last_session.date())
+    schedule = calendar.schedule.loc[str(first):str(final)]
+    return {session.date(): (row["open"], row["close"]) for session, row in schedule.iterrows()}
+
+
+def _equity_hours(today: date, days: int) -> tuple[str, str]:
+    """US stock: 04:00-20:00 ET extended, regular hours from XNYS (holidays CLOSED, early closes)."""
+    zone = ZoneInfo("America/New_York")
+    sessions = _sessions("XNYS", today, days)
+    trading, liquid = [], []
+    for day in (today + timedelta(days=i) for i in range(days)):
+        if day not in sessions:
+            trading.append(f"{day:%Y%m%d}:CLOSED")
+            liquid.append(f"{day:%Y%m%d}:CLOSED")
+            continue
+        open_, close = (t.tz_convert(zone).to_pydatetime() for t in sessions[day])
+        extended_close = datetime.combine(day, time(20), zone) if close.hour >= 16 else close + timedelta(hours=4)
+        trading.append(f"{_fmt(datetime.combine(day, time(4), zone))}-{_fmt(extended_close)}")
+        liquid.append(f"{_fmt(open_)}-{_fmt(close)}")
+    return ";".join(trading), ";".join(liquid)
+
+
+def _globex_hours(today: date, days: int) -> tuple[str, str]:
+    """CME Globex equity futures: 17:00 CT (previous day) - 16:00 CT, RTH 08:30-15:00 CT."""
+    zone = ZoneInfo("America/Chicago")
+    sessions = _sessions("CMES", today, days)
+    trading, liquid = [], []
+    for day in (today + timedelta(days=i) for i in range(days)):
+        if day not in sessions:
+            trading.append(f"{day:%Y%m%d}:CLOSED")
+            liquid.append(f"{day:%Y%m%d}:CLOSED")
+            continue
+        open_, close = (t.tz_convert(zone).to_pydatetime() for t in sessions[day])
+        close = min(close, datetime.combine(day, time(16), zone))
+        trading.append(f"{_fmt(open_)}-{_fmt(close)}")
+        liquid_close = min(close, datetime.combine(day, time(15), zone))
+        liquid.append(f"{_fmt(datetime.combine(day, time(8, 30), zone))}-{_fmt(liquid_close)}")
+    return ";".join(trading), ";".join(liquid)
+
+
+SIM_MNQ = SimContract(
+    MNQ, sec_type="FUT", exchange="CME", primary_exchange="", currency="USD", local_symbol="MNQZ6",
+    trading_class="MNQ", market_name="MNQ", expiry="20261218", multiplier="2", md_size_multiplier=1,
+    long_name="Micro E-Mini Nasdaq-100 Index", time_zone="US/Central", calendar="CMES", valid_exchanges="CME",
+    under_con_id=362687422, under_symbol="NQ", under_sec_type="IND", market_rule_ids="67",
+)
+SIM_AAPL = SimContract(
+    AAPL, sec_type="STK", exchange="SMART", primary_exchange="NASDAQ", currency="USD", local_symbol="AAPL",
+    trading_class="NMS", market_name="NMS", expiry="", multiplier="", md_size_multiplier=100,
+    long_name="APPLE INC", time_zone="US/Eastern", calendar="XNYS",
+    valid_exchanges="SMART,AMEX,NYSE,CBOE,PHLX,ISE,CHX,ARCA,NASDAQ,DRCTEDGE,BEX,BATS,EDGEA,BYX,IEX,EDGX,PEARL",
+    industry="Technology", category="Computers", subcategory="Computers", stock_type="COMMON",
+    market_rule_ids="26,26,26",
+)
+SIM_CONTRACTS = (SIM_MNQ, SIM_AAPL)
+
+
+def synthetic_tape(contract: SimContract, tick_type: TickType, *, seed: int = 0, speed: float = 1.0,
+                   chunk_rows: int = 4_096) -> Tape:
+    """The synthetic market of one stream, endlessly, at ``speed`` times its realistic rate."""
+    origin = 0
+    for round_ in itertools.count():
+        table = synthetic_ticks(contract.market, tick_type, origin, chunk_rows, seed=seed + round_, rate_scale=speed)
+        yield table.set_column(0, "ts", table.column("ts").cast(pa.int64()))
+        origin = table.column("ts")[-1].as_py()
+
+
+def archive_tape(data_root: Path, contract_id: int, tick_type: TickType, start: datetime, end: datetime, *,
+                 speed: float = 1.0, chunk_rows: int = 4_096) -> Tape:
+    """Ticks of one stream from our own store, replayed with their original spacing / ``speed``."""
+    from ibstream.settings import Settings
+    from storage.store import Store
+
+    with Store(Settings(data_root=data_root), read_only=True) as store:
+        table = store.read(contract_id, tick_type, start, end)
+    if table.num_rows == 0:
+        return
+    ts = table.column("ts").cast(pa.int64())
+    offsets = pc.cast(pc.divide(pc.cast(pc.subtract(ts, ts[0]), pa.float64()), speed), pa.int64())
+    table = table.set_column(0, "ts", offsets)
+    for offset in range(0, table.num_rows, chunk_rows):
+        yield table.slice(offset, chunk_rows)

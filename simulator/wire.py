@@ -1,0 +1,73 @@
+"""IB API framing: a 4-byte big-endian length, then NUL-terminated ASCII fields.
+
+The client opens with ``API\\0`` and one framed ``v{min}..{max}`` version range; from then on
+every message in both directions is a frame whose first field is the message id
+(``ibapi.message.IN`` from the gateway, ``ibapi.message.OUT`` to it).
+"""
+
+from __future__ import annotations
+
+import struct
+
+HANDSHAKE_PREFIX = b"API\0"
+MAX_FRAME_BYTES = 0xFFFFFF  # ibapi's MAX_MSG_LEN: larger frames are refused
+
+
+class WireError(ValueError):
+    """Bytes that do not follow the IB API framing."""
+
+
+def field(value: object) -> str:
+    """One field as the gateway writes it: bools as 0/1, floats in shortest round-trip form."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+def frame(*fields: object) -> bytes:
+    """A length-prefixed message of NUL-terminated fields."""
+    payload = "".join(field(f) + "\0" for f in fields).encode("ascii", errors="backslashreplace")
+    return struct.pack("!I", len(payload)) + payload
+
+
+def frame_text(text: str) -> bytes:
+    """A frame holding raw text (the handshake's version range has no field terminator)."""
+    payload = text.encode("ascii")
+    return struct.pack("!I", len(payload)) + payload
+
+
+class FrameReader:
+    """Splits a byte stream into frames; ``feed`` bytes, iterate complete frames."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        frames = []
+        offset = 0
+        while len(self._buffer) - offset >= 4:
+            (size,) = struct.unpack_from("!I", self._buffer, offset)
+            if size > MAX_FRAME_BYTES:
+                raise WireError(f"frame of {size} bytes is over the {MAX_FRAME_BYTES} byte limit")
+            if len(self._buffer) - offset - 4 < size:
+                break
+            frames.append(bytes(self._buffer[offset + 4:offset + 4 + size]))
+            offset += 4 + size
+        del self._buffer[:offset]
+        return frames
+
+
+def fields_of(payload: bytes) -> list[str]:
+    """The fields of a frame's payload (the trailing NUL leaves an empty last piece)."""
+    parts = payload.decode("ascii", errors="replace").split("\0")
+    return parts[:-1] if parts and parts[-1] == "" else parts
+
+
+def parse_version_range(text: str) -> tuple[int, int]:
+    """``v100..157`` (optionally followed by connection options) -> (100, 157)."""
+    head = text.split(" ", 1)[0]
+    if not head.startswith("v") or ".." not in head:
+        raise WireError(f"expected a version range like 'v100..157', got {text!r}")
+    low, _, high = head[1:].partition("..")
+    return int(low), int(high)
