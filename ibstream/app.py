@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
 import threading
-import time
 
 from flight_server.server import FlightServer
 from ibstream.settings import Settings
@@ -18,10 +18,10 @@ log = logging.getLogger(__name__)
 class RecordingService:
     """Records a feed into a store and serves it over Flight; use as a context manager."""
 
-    def __init__(self, settings: Settings, feed: TickFeed, *, flush_interval: float = 0.02):
+    def __init__(self, settings: Settings, feed: TickFeed):
         self.settings = settings
         self.store = Store(settings)
-        self.recorder = Recorder(self.store, flush_interval=flush_interval)
+        self.recorder = Recorder(self.store, flush_interval=settings.flush_interval.total_seconds())
         self.feed = feed
         self.server = FlightServer(self.store, settings.flight_location)
         self._serve = threading.Thread(target=self.server.serve, name="flight-server", daemon=True)
@@ -57,10 +57,20 @@ class RecordingService:
 
 
 def run_for(service: RecordingService, seconds: float, report_every: float = 2.0) -> None:
+    """Run until ``seconds`` pass (0: forever) or SIGINT/SIGTERM arrives, logging rates meanwhile."""
     stop = threading.Event()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        for sig in previous:
+            signal.signal(sig, lambda number, frame: (log.info("%s: stopping, flushing acknowledged ticks",
+                                                               signal.Signals(number).name), stop.set()))
     reporter = threading.Thread(target=service.log_rates, args=(report_every, stop), daemon=True)
     reporter.start()
     try:
-        time.sleep(seconds) if seconds > 0 else threading.Event().wait()
+        stop.wait(seconds if seconds > 0 else None)
     finally:
         stop.set()
+        if in_main:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

@@ -12,9 +12,13 @@ Settings come from IBSTREAM_* environment variables (see ibstream/settings.py), 
   IBSTREAM_DATA_ROOT=/srv/ticks IBSTREAM_FLIGHT_PORT=8815 ibstream serve
 
 Examples:
-  ibstream demo                      # synthetic feed -> store -> Flight -> client, in one process
-  ibstream record --synthetic        # record a synthetic MNQ feed and serve it until Ctrl-C
+  ibstream demo                      # gateway simulator -> ibapi recorder -> store -> Flight -> client
+  ibstream simulate                  # a pretend IB Gateway on 127.0.0.1:4002 (MNQ and AAPL markets)
+  ibstream record                    # record IBSTREAM_CONTRACTS from TWS/Gateway, serve over Flight
+  IBSTREAM_CONTRACTS='[{"con_id": 265598, "tick_types": ["bid_ask", "last"]}]' IBSTREAM_IB_PORT=7497 ibstream record
   ibstream serve --data-root data    # serve an existing store (read-only) over Flight
+
+Try the whole chain without IB: `ibstream simulate` in one terminal, `ibstream record` in another.
 """
 
 
@@ -30,10 +34,26 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-root", type=Path, help="store folder (default: a new temp folder)")
     demo.add_argument("--port", type=int, default=0, help="Flight port (default: any free port)")
 
-    record = commands.add_parser("record", help="record a feed, archive hourly, serve over Flight")
-    record.add_argument("--synthetic", action="store_true", required=True,
-                        help="use the built-in synthetic MNQ/AAPL feed (the IB feed arrives with the recorder issue)")
+    record = commands.add_parser(
+        "record", help="record tick-by-tick data from TWS / IB Gateway, archive hourly, serve over Flight",
+        description="Connects to IBSTREAM_IB_HOST:IBSTREAM_IB_PORT, records IBSTREAM_CONTRACTS, reconnects with "
+        "backoff, and stops cleanly on Ctrl-C / SIGTERM after flushing every received tick.")
+    record.add_argument("--synthetic", action="store_true",
+                        help="record the built-in synthetic MNQ/AAPL feed in-process instead of a gateway")
     record.add_argument("--seconds", type=float, default=0, help="stop after this long (default: until Ctrl-C)")
+    record.add_argument("--port", type=int, help="gateway API port (default IBSTREAM_IB_PORT or 4002)")
+
+    simulate = commands.add_parser(
+        "simulate", help="run the IB gateway simulator: ibapi clients (e.g. `ibstream record`) connect to it",
+        description="A TCP server speaking the IB API wire protocol with synthetic MNQ (conId 711280073) and AAPL "
+        "(conId 265598) markets, or a replay of a stored archive.")
+    simulate.add_argument("--port", type=int, help="listen port (default IBSTREAM_IB_PORT or 4002)")
+    simulate.add_argument("--speed", type=float, default=1.0, help="market speed vs realistic rates (default 1)")
+    simulate.add_argument("--seed", type=int, default=0, help="seed of the synthetic market (default 0)")
+    simulate.add_argument("--replay", type=Path, metavar="DATA_ROOT",
+                          help="replay ticks from this store instead of the synthetic market")
+    simulate.add_argument("--start", help="replay from this ISO time (with --replay; default: 24 h ago)")
+    simulate.add_argument("--end", help="replay until this ISO time (with --replay; default: now)")
 
     serve = commands.add_parser("serve", help="serve an existing store over Flight (read-only)")
     serve.add_argument("--data-root", type=Path, help="store folder (default IBSTREAM_DATA_ROOT or ./data)")
@@ -52,15 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     from ibstream.settings import Settings
 
     if args.command == "record":
-        from ibstream.app import RecordingService, run_for
-        from recorder.synthetic import AAPL, MNQ, SyntheticFeed
-
-        with RecordingService(Settings(), SyntheticFeed([MNQ, AAPL])) as service:
-            try:
-                run_for(service, args.seconds, report_every=10.0)
-            except KeyboardInterrupt:
-                logging.info("stopping: flushing acknowledged ticks")
-        return 0
+        return _record(args, Settings(**({"ib_port": args.port} if args.port else {})))
+    if args.command == "simulate":
+        return _simulate(args, Settings())
     overrides = {k: v for k, v in (("data_root", args.data_root), ("flight_port", args.port)) if v is not None}
     settings = Settings(**overrides)
     from flight_server.server import FlightServer
@@ -73,6 +87,53 @@ def main(argv: list[str] | None = None) -> int:
             server.serve()
         except KeyboardInterrupt:
             server.shutdown()
+    return 0
+
+
+def _record(args: argparse.Namespace, settings) -> int:
+    from ibstream.app import RecordingService, run_for
+    from recorder.ib import IBFeed
+    from recorder.synthetic import AAPL, MNQ, SyntheticFeed
+
+    feed = SyntheticFeed([MNQ, AAPL]) if args.synthetic else IBFeed(settings)
+    if not args.synthetic:
+        logging.info("recording %s from %s:%d (client id %d)", ", ".join(
+            f"{c.describe()} [{' '.join(c.tick_types)}]" for c in settings.contracts),
+            settings.ib_host, settings.ib_port, settings.ib_client_id)
+    with RecordingService(settings, feed) as service:
+        run_for(service, args.seconds, report_every=10.0)
+    return 0
+
+
+def _simulate(args: argparse.Namespace, settings) -> int:
+    import threading
+    from datetime import datetime, timedelta, timezone
+
+    from simulator.gateway import GatewaySimulator
+    from simulator.market import archive_tape
+
+    tapes = None
+    if args.replay is not None:
+        end = datetime.fromisoformat(args.end) if args.end else datetime.now(timezone.utc)
+        start = datetime.fromisoformat(args.start) if args.start else end - timedelta(hours=24)
+        tapes = lambda contract, tick_type, n: archive_tape(  # noqa: E731
+            args.replay, contract.con_id, tick_type, start, end, speed=args.speed)
+    port = args.port if args.port is not None else settings.ib_port
+    try:
+        gateway = GatewaySimulator(settings.ib_host, port, seed=args.seed, speed=args.speed, tapes=tapes,
+                                   record_sent=False)
+    except OSError as exc:
+        logging.error("cannot listen on %s:%d (%s); is a gateway already running there? Try --port.",
+                      settings.ib_host, port, exc)
+        return 2
+    with gateway:
+        logging.info("gateway simulator on %s:%d: contracts %s; %s at %gx; Ctrl-C stops", gateway.host,
+                     gateway.port, ", ".join(f"{c.symbol} (conId {c.con_id})" for c in gateway.contracts),
+                     f"replaying {args.replay}" if tapes else "synthetic market", args.speed)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            logging.info("simulator stopped")
     return 0
 
 

@@ -1,10 +1,11 @@
-"""``ibstream demo``: the whole chain on an embedded synthetic MNQ feed, no IB account needed.
+"""``ibstream demo``: the whole chain on an embedded gateway simulator, no IB account needed.
 
 1. two hours of synthetic MNQ history are written and archived to Parquet;
-2. a live synthetic feed (hundreds of quotes, tens of trades a second, 0.25 grid) runs
-   through the recorder into IPC segments while the Flight server serves;
-3. the client queries history + live over Flight and the summary checks that every
-   acknowledged tick came back exactly once.
+2. the gateway simulator plays a live MNQ market (hundreds of quotes, tens of trades a
+   second, 0.25 grid) over the IB API wire protocol on loopback; the recorder receives it
+   through the real ``ibapi`` client and writes IPC segments while the Flight server serves;
+3. the client queries history + live over Flight and the summary checks that every tick
+   the gateway sent came back exactly once.
 """
 
 from __future__ import annotations
@@ -20,13 +21,25 @@ import pyarrow.compute as pc
 
 from clients.client import Client
 from ibstream.app import RecordingService, run_for
-from ibstream.settings import Settings
-from recorder.synthetic import MNQ, SyntheticFeed, synthetic_ticks
+from ibstream.settings import ContractSpec, Settings
+from recorder.ib import IBFeed
+from recorder.synthetic import MNQ, synthetic_ticks
+from simulator.gateway import GatewaySimulator
 from storage.schemas import TickType
 from storage.store import Store
 from storage.times import US_PER_HOUR, from_us, hour_floor, now_us
 
 TICK_TYPES = (TickType.BID_ASK, TickType.LAST)
+SPEED = 30  # the simulated market runs 30x its realistic rate: ~450 quotes and ~45 trades a second
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def write_history(store: Store, end_us: int) -> dict[str, int]:
@@ -45,34 +58,61 @@ def write_history(store: Store, end_us: int) -> dict[str, int]:
 
 def run_demo(seconds: float = 8.0, data_root: Path | None = None, port: int = 0) -> bool:
     root = data_root or Path(tempfile.mkdtemp(prefix="ibstream-demo-"))
+    gateway = GatewaySimulator(speed=SPEED).start()
     settings = Settings(
         data_root=root, rotation_interval=timedelta(seconds=5), archive_delay=timedelta(0),
-        archive_check_interval=timedelta(seconds=5), flight_port=port,
+        archive_check_interval=timedelta(seconds=5), flight_port=port, ib_port=gateway.port,
+        contracts=(ContractSpec(con_id=MNQ.contract_id, tick_types=tuple(t.value for t in TICK_TYPES)),),
     )
+    try:
+        return _run(settings, gateway, seconds)
+    finally:
+        gateway.stop()
+
+
+def _run(settings: Settings, gateway: GatewaySimulator, seconds: float) -> bool:
     history_end = hour_floor(now_us())
     with Store(settings) as store:
         history = write_history(store, history_end)
         bytes_per_tick = {
             t: info[3] / info[2] for (cid, t), info in store.index.archive_summary().items()
         }
-    print(f"ibstream demo — data in {root}")
+    print(f"ibstream demo — data in {settings.data_root}")
     print(f"history: {history['bid_ask']:,} quotes and {history['last']:,} trades archived to Parquet "
           f"({bytes_per_tick['bid_ask']:.1f} and {bytes_per_tick['last']:.1f} bytes/tick)")
 
-    feed = SyntheticFeed([MNQ], tick_types=TICK_TYPES)
-    with RecordingService(settings, feed) as service:
-        print(f"live: synthetic MNQ feed -> recorder -> segments; Flight server at {service.location}; "
-              f"recording for {seconds:.0f} s ...")
+    with RecordingService(settings, IBFeed(settings)) as service:
+        print(f"live: gateway simulator {gateway.host}:{gateway.port} -> ibapi -> recorder -> segments; "
+              f"Flight server at {service.location}; recording for {seconds:.0f} s ...")
         run_for(service, seconds)
-        feed.stop()
+        gateway.pause()
+        sent_tables = {t.value: gateway.sent(MNQ.contract_id, t) for t in TICK_TYPES}
+        sent = {name: _rows(table) for name, table in sent_tables.items()}
+        wait_for(lambda: sum(service.recorder.acknowledged.values()) >= sum(sent.values()))
         service.recorder.flush()
         acknowledged = {k.tick_type.value: n for k, n in service.recorder.acknowledged.items()}
+        print(f"gateway sent {sum(sent.values()):,} ticks over the wire; the recorder acknowledged "
+              f"{sum(acknowledged.values()):,}")
         with Client(service.location) as client:
             started = time.perf_counter()
             frames = client.ticks(MNQ.contract_id, [t.value for t in TICK_TYPES], from_us(history_end - 2 * US_PER_HOUR))
             elapsed = time.perf_counter() - started
             streams = client.streams()
-    return _report(frames, history, acknowledged, elapsed, streams)
+    live_exact = all(_same_ticks(frames[name].filter(pl.col("ts") >= from_us(history_end)), table)
+                     for name, table in sent_tables.items())
+    print(f"live ticks served equal the ticks the gateway sent, field by field: {'yes' if live_exact else 'NO'}")
+    return _report(frames, history, acknowledged, elapsed, streams) and live_exact
+
+
+def _same_ticks(served: pl.DataFrame, sent: pa.Table | None) -> bool:
+    """Every field but ``ts`` (the receive time, which only the recorder knows) is equal."""
+    if sent is None:
+        return served.height == 0
+    return served.drop("ts").equals(pl.from_arrow(sent).drop("ts"))
+
+
+def _rows(table: pa.Table | None) -> int:
+    return 0 if table is None else table.num_rows
 
 
 def _report(frames: dict[str, pl.DataFrame], history: dict[str, int], acknowledged: dict[str, int],

@@ -11,8 +11,43 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TickTypeName = Literal["bid_ask", "last", "all_last", "mid_point"]  # storage.schemas.TickType values
+
+
+class ContractSpec(BaseModel):
+    """One contract to record, by IB ``con_id`` or by symbol (resolved with ``reqContractDetails``).
+
+    JSON, e.g. ``{"con_id": 265598, "tick_types": ["bid_ask", "last"]}`` or
+    ``{"symbol": "MNQ", "sec_type": "FUT", "exchange": "CME", "expiry": "202612"}``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    con_id: int | None = Field(None, gt=0, description="IB contract id; enough on its own.")
+    symbol: str | None = Field(None, min_length=1, description="Symbol, e.g. AAPL or MNQ (when no con_id).")
+    sec_type: str = Field("STK", description="STK, FUT, CASH, IND, ... (with symbol).")
+    exchange: str = Field("", description="Exchange to subscribe on, e.g. SMART or CME; '' takes IB's.")
+    currency: str = Field("USD", description="Currency (with symbol).")
+    expiry: str = Field("", description="YYYYMM or YYYYMMDD for futures and options (with symbol).")
+    tick_types: tuple[TickTypeName, ...] = Field(
+        ("bid_ask", "last"), min_length=1,
+        description="Any of bid_ask, last, all_last, mid_point (IB's BidAsk, Last, AllLast, MidPoint).")
+
+    @model_validator(mode="after")
+    def _named(self) -> "ContractSpec":
+        if self.con_id is None and self.symbol is None:
+            raise ValueError("a contract needs a con_id (e.g. 265598) or a symbol (e.g. AAPL with sec_type STK)")
+        if len(set(self.tick_types)) != len(self.tick_types):
+            raise ValueError(f"tick_types lists a type twice: {list(self.tick_types)}")
+        return self
+
+    def describe(self) -> str:
+        if self.con_id is not None:
+            return f"conId {self.con_id}"
+        return " ".join(part for part in (self.symbol, self.sec_type, self.expiry, self.exchange, self.currency) if part)
 
 
 class Settings(BaseSettings):
@@ -64,6 +99,41 @@ class Settings(BaseSettings):
         description="Largest record batch the server sends, in rows: 32,768 bid_ask rows are ~2 MB, well under "
         "gRPC's default 4 MiB message limit of Go/Rust/Java clients.",
     )
+
+    ib_host: str = Field("127.0.0.1", description="Host of TWS / IB Gateway (or `ibstream simulate`).")
+    ib_port: int = Field(
+        4002, ge=1, le=65535,
+        description="API port: IB Gateway 4001 live / 4002 paper, TWS 7496 live / 7497 paper.")
+    ib_client_id: int = Field(
+        17, ge=0, description="API client id; must be unique per gateway (error 326 moves to the next one).")
+    contracts: tuple[ContractSpec, ...] = Field(
+        (ContractSpec(con_id=711280073), ContractSpec(con_id=265598)),
+        description="What to record, as JSON: IBSTREAM_CONTRACTS='[{\"con_id\": 265598, \"tick_types\": "
+        "[\"bid_ask\", \"last\"]}]'. Default: MNQ Dec-2026 and AAPL, bid_ask and last.")
+    ib_connect_timeout: timedelta = Field(
+        timedelta(seconds=10), description="Give up a connection attempt (handshake + nextValidId) after this.")
+    ib_reconnect_initial: timedelta = Field(
+        timedelta(seconds=1), description="First wait before reconnecting; doubles per failed attempt.")
+    ib_reconnect_max: timedelta = Field(timedelta(seconds=60), description="Longest wait between reconnects.")
+    ib_heartbeat: timedelta = Field(
+        timedelta(seconds=10),
+        description="After this long without any message, ask the gateway for its time; after 3x, reconnect.")
+    ib_resubscribe_pause: timedelta = Field(
+        timedelta(seconds=15),
+        description="Least time between two requests for the same stream (IB: one per instrument per 15 s).")
+    ib_limit_retry: timedelta = Field(
+        timedelta(seconds=60), description="Retry a stream refused with 10190 (tick-by-tick limit) after this.")
+    flush_interval: timedelta = Field(
+        timedelta(milliseconds=20), description="Group commit: received ticks are appended and fsynced this often.")
+
+    @field_validator("contracts")
+    @classmethod
+    def _distinct_contracts(cls, value: tuple[ContractSpec, ...]) -> tuple[ContractSpec, ...]:
+        names = [spec.describe() for spec in value]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"contracts lists {', '.join(twice)} more than once; merge their tick_types")
+        return value
 
     @field_validator("rotation_interval")
     @classmethod

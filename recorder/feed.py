@@ -10,6 +10,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Protocol
 
+from storage.index import ContractDetails
 from storage.schemas import TickType
 
 Size = int | Decimal
@@ -23,6 +24,12 @@ class TickSink(Protocol):
                  exchange: str, special_conditions: str, past_limit: bool, unreported: bool) -> None: ...
 
     def on_mid_point(self, contract_id: int, ib_time: int, mid_point: float) -> None: ...
+
+    def on_stream_state(self, contract_id: int, tick_type: TickType | str, recording: bool, reason: str) -> None:
+        """A stream started (``recording``) or stopped being received; ``reason`` names why."""
+
+    def on_contract_details(self, details: ContractDetails) -> None:
+        """The source described a contract (exchange, trading hours, time zone)."""
 
 
 class TickFeed(Protocol):

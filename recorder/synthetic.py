@@ -105,6 +105,10 @@ class SyntheticFeed:
 
     def start(self, sink: TickSink) -> None:
         self._stop.clear()
+        self._sink = sink
+        for contract in self.contracts:
+            for tick_type in self.tick_types:
+                sink.on_stream_state(contract.contract_id, tick_type, True, "subscribed")
         self._thread = threading.Thread(target=self._run, args=(sink,), name="synthetic-feed", daemon=True)
         self._thread.start()
 
@@ -113,6 +117,9 @@ class SyntheticFeed:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+            for contract in self.contracts:
+                for tick_type in self.tick_types:
+                    self._sink.on_stream_state(contract.contract_id, tick_type, False, "recorder_stopped")
 
     def _schedule(self, contract: SyntheticContract, tick_type: TickType):
         """Rows of one stream, endlessly, with ``ts`` as the time each is due (microseconds)."""

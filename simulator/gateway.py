@@ -478,6 +478,13 @@ class GatewaySimulator:
         """Answer requests for a contract with an error: 200 (no definition) or 354 (no permissions)."""
         self.refusals[contract_id] = code
 
+    def pause(self) -> None:
+        """Stop sending ticks (answers still flow); ticks due meanwhile are skipped, not sent later."""
+        self.data_paused = True
+
+    def resume(self) -> None:
+        self.data_paused = False
+
     def connectivity_lost(self) -> None:
         """IB's servers unreachable from the gateway: error 1100, no data until restored."""
         self.data_paused = True
