@@ -65,6 +65,7 @@ class _Stream:
     last_request: float = float("-inf")
     refused: str | None = None     # reason it is skipped until the next connection
     recording: bool = False
+    state: str = "waiting"         # 'recording' or why not (the coverage gap's reason)
 
 
 @dataclass
@@ -172,9 +173,7 @@ class IBFeed:
     def status(self) -> dict[tuple[str, str], str]:
         """Per (contract, tick type): 'recording', 'waiting' or why it is skipped."""
         with self._lock:
-            return {(s.spec.describe(), s.tick_type.value):
-                    "recording" if s.recording else (s.refused or self._resolutions[s.spec].failed or "waiting")
-                    for s in self._streams}
+            return {(s.spec.describe(), s.tick_type.value): s.state for s in self._streams}
 
     @property
     def malformed(self) -> int:
@@ -246,7 +245,8 @@ class IBFeed:
 
     def _disconnect(self, session: _Session, reason: str) -> None:
         with self._lock:
-            gap = "recorder_stopped" if self._stop.is_set() else "disconnected"
+            gap = ("recorder_stopped" if self._stop.is_set()
+                   else "gateway_silent" if reason == "gateway silent" else "disconnected")
             for stream in self._streams:
                 if stream.req_id is not None and session.isConnected():
                     session.cancelTickByTickData(stream.req_id)
@@ -351,6 +351,7 @@ class IBFeed:
             self._begin(stream)
 
     def _begin(self, stream: _Stream) -> None:
+        stream.state = "recording"
         if not stream.recording:
             stream.recording = True
             self.sink.on_stream_state(stream.spec.con_id, stream.tick_type, True, "subscribed")
@@ -363,6 +364,7 @@ class IBFeed:
         if stream.spec.con_id is not None and (stream.recording or not keep_request):
             self.sink.on_stream_state(stream.spec.con_id, stream.tick_type, False, reason)
         stream.recording = False
+        stream.state = reason
 
     def _resubscribe_all(self, session: _Session, reason: str, *, cancel: bool) -> None:
         for stream in self._streams:
@@ -411,7 +413,7 @@ class IBFeed:
                 self.client_id += 1
             elif code == 10190 and stream is not None:
                 retry = self.settings.ib_limit_retry.total_seconds()
-                log.error("IB %d on %s %s: %s IB limits simultaneous tick-by-tick subscriptions (3 on a base "
+                (log.debug if stream.state == "tick_by_tick_limit" else log.error)("IB %d on %s %s: %s IB limits simultaneous tick-by-tick subscriptions (3 on a base "
                           "account); retrying in %.0f s. Record fewer streams or add market data lines.",
                           code, stream.spec.describe(), stream.tick_type.value, message, retry)
                 self._end(stream, "tick_by_tick_limit")

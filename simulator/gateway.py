@@ -16,6 +16,7 @@ was sent with what the Flight server serves (:meth:`GatewaySimulator.sent`).
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import struct
 import threading
@@ -179,6 +180,16 @@ class _Session:
     def error(self, req_id: int, code: int, message: str | None = None) -> None:
         self.send(frame(IN.ERR_MSG, 2, req_id, code, message or MESSAGES.get(code, f"error {code}")))
 
+    def peer_gone(self) -> bool:
+        """Whether the client has closed its end, even with requests still unread (POLLRDHUP)."""
+        try:
+            poller = select.poll()
+            poller.register(self.sock, select.POLLRDHUP)
+            return any(events & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+                       for _, events in poller.poll(0))
+        except (OSError, ValueError):
+            return True
+
     def drop(self) -> None:
         """Server-side disconnect: everything already written is delivered, then EOF."""
         with self._send_lock:
@@ -213,6 +224,8 @@ class _Session:
             while not self.closed.is_set():
                 for payload in pending:
                     self.sim._wait_while_stalled(self)
+                    if self.closed.is_set():
+                        return
                     self._handle(payload)
                 data = self.sock.recv(65536)
                 if not data:
@@ -326,6 +339,9 @@ class _Session:
             with self._subs_lock:
                 subscriptions = list(self.subscriptions.values())
             seconds = int(time.time())
+            if subscriptions and self.peer_gone():
+                self.drop()  # never log ticks as sent to a client that already hung up
+                return
             for sub in subscriptions:
                 due = sub.due(now)
                 if due is None or silent or not sub.alive:
@@ -373,7 +389,12 @@ class GatewaySimulator:
 
     def stop(self) -> None:
         self._closed.set()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() (close alone does not)
+        except OSError:
+            pass
         self._listener.close()
+        self._accept_thread.join(timeout=5)
         self.drop_connections()
 
     def __enter__(self) -> "GatewaySimulator":
@@ -425,6 +446,9 @@ class GatewaySimulator:
 
     def _wait_while_stalled(self, session: _Session) -> None:
         while time.monotonic() < self.stalled_until and not session.closed.is_set():
+            if session.peer_gone():
+                session.drop()  # the client gave up on us meanwhile: nothing more is sent to it
+                return
             time.sleep(0.01)
 
     def _each_session(self) -> list[_Session]:

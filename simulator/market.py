@@ -149,7 +149,8 @@ def synthetic_tape(contract: SimContract, tick_type: TickType, *, seed: int = 0,
     origin = 0
     for round_ in itertools.count():
         table = synthetic_ticks(contract.market, tick_type, origin, chunk_rows, seed=seed + round_, rate_scale=speed)
-        yield table.set_column(0, "ts", table.column("ts").cast(pa.int64()))
+        table = table.set_column(0, "ts", table.column("ts").cast(pa.int64()))
+        yield table
         origin = table.column("ts")[-1].as_py()
 
 

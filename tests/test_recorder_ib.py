@@ -1,0 +1,323 @@
+"""The real ``ibapi`` client against the gateway simulator on loopback, served back over Flight.
+
+Every test compares what the simulator wrote to the socket with what the Flight server
+serves, field by field (all but ``ts``, the receive time only the recorder knows).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+import pytest
+from ibapi.client import EClient
+from ibapi.wrapper import EWrapper
+
+from conftest import utc
+from ibstream.app import RecordingService
+from ibstream.settings import ContractSpec, Settings
+from recorder.ib import IBFeed
+from simulator.gateway import MALFORMED_FRAMES, GatewaySimulator
+from simulator.market import SIM_AAPL, SIM_MNQ
+from storage.schemas import TickType
+
+MNQ, AAPL = SIM_MNQ.con_id, SIM_AAPL.con_id
+EVERYTHING = (utc(2000, 1, 1), utc(2100, 1, 1))
+TODAY = (datetime.now(UTC) - timedelta(days=1), datetime.now(UTC) + timedelta(days=1))  # within the span limit
+STREAMS = [(MNQ, "bid_ask"), (MNQ, "last"), (AAPL, "bid_ask"), (AAPL, "last")]
+
+
+def wait_until(condition, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def gateway():
+    with GatewaySimulator(speed=40, send_interval=0.005) as sim:
+        yield sim
+
+
+def ib_settings(tmp_path, gateway: GatewaySimulator, **overrides) -> Settings:
+    values = dict(
+        data_root=tmp_path / "data", flight_port=0, fsync="none", ib_port=gateway.port,
+        ib_heartbeat=timedelta(milliseconds=300), ib_reconnect_initial=timedelta(milliseconds=50),
+        ib_resubscribe_pause=timedelta(0), ib_limit_retry=timedelta(milliseconds=300),
+        ib_connect_timeout=timedelta(seconds=3),
+    )
+    return Settings(**(values | overrides))
+
+
+class Recording:
+    """Gateway simulator -> IBFeed -> Recorder -> Store -> Flight server, plus a client."""
+
+    def __init__(self, settings: Settings, gateway: GatewaySimulator):
+        from clients import Client
+
+        self.gateway = gateway
+        self.feed = IBFeed(settings)
+        self.service = RecordingService(settings, self.feed).__enter__()
+        self.client = Client(self.service.location)
+        self.sent_before = gateway.sent_count()  # sent to earlier recorders
+
+    @property
+    def acknowledged(self) -> int:
+        return sum(self.service.recorder.acknowledged.values())
+
+    def settle(self) -> None:
+        """Stop the market and wait until every tick sent is acknowledged."""
+        self.gateway.pause()
+        time.sleep(0.05)
+        wait_until(lambda: self.acknowledged == self.gateway.sent_count() - self.sent_before, what="all sent ticks acknowledged")
+
+    def wait_for_ticks(self, count: int) -> None:
+        start = self.acknowledged
+        wait_until(lambda: self.acknowledged >= start + count, what=f"{count} more ticks")
+
+    def status(self, contract_id: int, tick_type: str) -> str:
+        return next(state for (name, tt), state in self.feed.status().items()
+                    if name == f"conId {contract_id}" and tt == tick_type)
+
+    def coverage(self, contract_id: int, tick_type: str) -> list[tuple[str, str]]:
+        self.service.recorder.flush()
+        table = self.service.store.coverage(contract_id, tick_type, *EVERYTHING)
+        return list(zip(table.column("status").to_pylist(), table.column("reason").to_pylist()))
+
+    def assert_served_equals_sent(self, streams=STREAMS) -> None:
+        for contract_id, tick_type in streams:
+            served = self.client.ticks(contract_id, tick_type, *TODAY)
+            sent = self.gateway.sent(contract_id, tick_type)
+            assert sent is not None and sent.num_rows > 0, f"nothing sent on {contract_id} {tick_type}"
+            assert served.height == sent.num_rows, (contract_id, tick_type)
+            assert served.drop("ts").equals(pl.from_arrow(sent).drop("ts")), (contract_id, tick_type)
+            assert served["ts"].is_sorted()
+
+    def close(self) -> None:
+        self.client.close()
+        self.service.__exit__(None, None, None)
+
+
+@pytest.fixture
+def recording(tmp_path, gateway):
+    running = Recording(ib_settings(tmp_path, gateway), gateway)
+    yield running
+    running.close()
+
+
+def test_every_tick_sent_over_the_wire_is_served_exactly(recording):
+    recording.wait_for_ticks(1_000)
+    recording.settle()
+    recording.assert_served_equals_sent()
+    assert recording.feed.connections == 1
+    assert sorted(recording.gateway.subscriptions()) == sorted((c, TickType(t)) for c, t in STREAMS)
+    for contract_id, tick_type in STREAMS:
+        assert recording.coverage(contract_id, tick_type) == [("recorded", "subscribed")]
+
+
+def test_contract_details_are_recorded_with_hours_and_time_zone(recording):
+    wait_until(lambda: len(recording.service.store.contracts()) == 2, what="contract details")
+    details = {c.contract_id: c for c in recording.service.store.contracts()}
+    assert (details[MNQ].symbol, details[MNQ].sec_type, details[MNQ].exchange) == ("MNQ", "FUT", "CME")
+    assert details[MNQ].time_zone == "US/Central" and details[MNQ].last_trade_date == "20261218"
+    assert details[AAPL].time_zone == "US/Eastern" and details[AAPL].primary_exchange == "NASDAQ"
+    for c in details.values():
+        assert c.trading_hours.count(";") == 6 and c.liquid_hours.count(";") == 6
+    assert "-" in details[AAPL].liquid_hours.split(";")[0] or "CLOSED" in details[AAPL].liquid_hours
+
+
+def test_contract_given_by_symbol_is_resolved_to_its_con_id(tmp_path, gateway):
+    specs = (ContractSpec(symbol="AAPL", sec_type="STK", exchange="SMART", tick_types=("last",)),
+             ContractSpec(symbol="NOPE", sec_type="STK", tick_types=("last",)))
+    running = Recording(ib_settings(tmp_path, gateway, contracts=specs), gateway)
+    try:
+        running.wait_for_ticks(100)
+        running.settle()
+        running.assert_served_equals_sent([(AAPL, "last")])
+        assert running.feed.status()[("NOPE STK USD", "last")] == "no_security_definition"
+    finally:
+        running.close()
+
+
+def test_forced_disconnect_reconnects_resubscribes_once_and_coverage_shows_the_gap(recording):
+    recording.wait_for_ticks(300)
+    recording.gateway.drop_connections()
+    wait_until(lambda: recording.feed.connections == 2, what="reconnect")
+    recording.wait_for_ticks(300)
+    recording.settle()
+    recording.assert_served_equals_sent()
+    assert sorted(recording.gateway.subscriptions()) == sorted((c, TickType(t)) for c, t in STREAMS)
+    for contract_id, tick_type in STREAMS:
+        assert recording.coverage(contract_id, tick_type) == [
+            ("recorded", "subscribed"), ("gap", "disconnected"), ("recorded", "subscribed")]
+    table = recording.service.store.coverage(MNQ, "bid_ask", *EVERYTHING)
+    starts, ends = table.column("start").to_pylist(), table.column("end").to_pylist()
+    assert ends[0] == starts[1] and ends[1] == starts[2] and starts[1] < starts[2]
+
+
+def test_a_stalled_gateway_is_detected_and_reconnected(recording, caplog):
+    recording.wait_for_ticks(200)
+    recording.gateway.stall(2.0)
+    wait_until(lambda: recording.feed.connections == 2, what="reconnect after stall")
+    recording.wait_for_ticks(200)
+    recording.settle()
+    recording.assert_served_equals_sent()
+    assert ("gap", "gateway_silent") in recording.coverage(MNQ, "bid_ask")
+    assert "sent nothing for" in caplog.text
+
+
+def test_restart_with_the_gateway_down_backs_off_then_records(tmp_path):
+    with GatewaySimulator(speed=40) as probe:
+        port = probe.port
+    settings = Settings(data_root=tmp_path / "data", flight_port=0, fsync="none", ib_port=port,
+                        ib_reconnect_initial=timedelta(milliseconds=100), ib_resubscribe_pause=timedelta(0))
+    feed = IBFeed(settings)
+    with RecordingService(settings, feed) as service:
+        time.sleep(0.5)  # a few refused attempts
+        assert feed.connections == 0
+        with GatewaySimulator(port=port, speed=40) as gateway:
+            wait_until(lambda: sum(service.recorder.acknowledged.values()) > 100, what="ticks after start")
+            assert feed.connections == 1
+            table = service.store.coverage(MNQ, "last", *EVERYTHING)
+            assert table.column("status").to_pylist()[:2] == ["gap", "recorded"]
+            assert table.column("reason").to_pylist()[0] == "disconnected"
+            gateway.pause()
+
+
+# -- IB's status and error messages ---------------------------------------------------------------
+
+def test_1100_then_1102_keeps_the_subscriptions(recording):
+    recording.wait_for_ticks(200)
+    before = recording.gateway.subscriptions()
+    recording.gateway.connectivity_lost()
+    wait_until(lambda: recording.status(MNQ, "bid_ask") == "ib_connectivity_lost", what="1100 handled")
+    recording.gateway.connectivity_restored(data_lost=False)
+    wait_until(lambda: recording.status(MNQ, "bid_ask") == "recording", what="1102 handled")
+    recording.wait_for_ticks(200)
+    recording.settle()
+    recording.assert_served_equals_sent()
+    assert recording.gateway.subscriptions() == before
+    assert recording.coverage(MNQ, "bid_ask") == [
+        ("recorded", "subscribed"), ("gap", "ib_connectivity_lost"), ("recorded", "subscribed")]
+
+
+def test_1101_resubscribes_every_stream(recording):
+    recording.wait_for_ticks(200)
+    recording.gateway.connectivity_lost()
+    recording.gateway.connectivity_restored(data_lost=True)
+    wait_until(lambda: len(recording.gateway.subscriptions()) == 4, what="resubscription")
+    recording.wait_for_ticks(200)
+    recording.settle()
+    recording.assert_served_equals_sent()
+    assert recording.feed.connections == 1
+    assert recording.coverage(AAPL, "last")[-2:] == [("gap", "ib_connectivity_lost"), ("recorded", "subscribed")]
+
+
+def test_farm_flap_2103_2104_resubscribes_instead_of_staying_silent(recording):
+    recording.wait_for_ticks(200)
+    recording.gateway.farm_broken()
+    wait_until(lambda: recording.status(MNQ, "last") == "market_data_farm_broken", what="2103 handled")
+    recording.gateway.farm_restored()
+    wait_until(lambda: recording.status(MNQ, "last") == "recording", what="2104 handled")
+    recording.wait_for_ticks(300)  # only a resubscription brings ticks back after a flap
+    recording.settle()
+    recording.assert_served_equals_sent()
+    assert sorted(recording.gateway.subscriptions()) == sorted((c, TickType(t)) for c, t in STREAMS)
+    assert ("gap", "market_data_farm_broken") in recording.coverage(MNQ, "last")
+
+
+def test_10190_marks_one_stream_keeps_the_others_and_retries(tmp_path, gateway):
+    gateway.tick_by_tick_limit = 3
+    running = Recording(ib_settings(tmp_path, gateway), gateway)
+    try:
+        wait_until(lambda: "tick_by_tick_limit" in running.feed.status().values(), what="10190")
+        refused = [key for key, state in running.feed.status().items() if state == "tick_by_tick_limit"]
+        assert len(refused) == 1 and list(running.feed.status().values()).count("recording") == 3
+        gateway.tick_by_tick_limit = None
+        wait_until(lambda: set(running.feed.status().values()) == {"recording"}, what="retry after 10190")
+        running.wait_for_ticks(300)
+        running.settle()
+        running.assert_served_equals_sent()
+    finally:
+        running.close()
+
+
+@pytest.mark.parametrize(("code", "state"), [(354, "no_market_data_permissions"), (200, "no_security_definition")])
+def test_refused_contract_is_marked_and_the_others_keep_recording(tmp_path, gateway, code, state, caplog):
+    gateway.refuse(AAPL, code)
+    running = Recording(ib_settings(tmp_path, gateway), gateway)
+    try:
+        wait_until(lambda: running.status(AAPL, "bid_ask") == state, what=f"error {code}")
+        running.wait_for_ticks(300)
+        running.settle()
+        running.assert_served_equals_sent([(MNQ, "bid_ask"), (MNQ, "last")])
+        assert running.status(AAPL, "last") == state and running.status(MNQ, "last") == "recording"
+        assert gateway.sent(AAPL, "bid_ask") is None
+        assert f"cannot record conId {AAPL}" in caplog.text or f"IB {code} on conId {AAPL}" in caplog.text
+        if code == 354:
+            assert running.coverage(AAPL, "bid_ask")[-1] == ("gap", state)
+    finally:
+        running.close()
+
+
+def test_326_client_id_in_use_moves_to_the_next_id(tmp_path, gateway):
+    other = type("Other", (EWrapper, EClient), {"__init__": lambda self: EClient.__init__(self, self)})()
+    other.connect("127.0.0.1", gateway.port, 17)  # takes the recorder's default client id
+    try:
+        wait_until(lambda: gateway.session_count() == 1, what="first client")
+        time.sleep(0.1)
+        running = Recording(ib_settings(tmp_path, gateway), gateway)
+        try:
+            wait_until(lambda: running.feed.connections == 1, what="connection as client 18")
+            assert running.feed.client_id == 18
+            running.wait_for_ticks(100)
+        finally:
+            running.close()
+    finally:
+        other.disconnect()
+
+
+def test_informational_farm_messages_change_nothing(recording, caplog):
+    recording.wait_for_ticks(100)
+    caplog.set_level(logging.INFO, logger="recorder.ib")
+    for code in (2105, 2106, 2107, 2108):
+        recording.gateway.send_error(code)
+    recording.wait_for_ticks(200)
+    recording.settle()
+    recording.assert_served_equals_sent()
+    assert "historical data only" in caplog.text and "IB 2108" in caplog.text
+    assert set(recording.feed.status().values()) == {"recording"}
+
+
+def test_malformed_frames_are_skipped_without_dropping_the_session(recording, caplog):
+    recording.wait_for_ticks(200)
+    for data in MALFORMED_FRAMES:
+        recording.gateway.send_raw(data)
+    recording.wait_for_ticks(300)
+    recording.settle()
+    recording.assert_served_equals_sent()
+    assert recording.feed.connections == 1
+    assert recording.feed.malformed >= 3
+    assert "skipped a malformed message" in caplog.text
+
+
+def test_clean_stop_closes_coverage_and_a_restart_reopens_it(tmp_path, gateway):
+    settings = ib_settings(tmp_path, gateway)
+    first = Recording(settings, gateway)
+    first.wait_for_ticks(100)
+    first.settle()
+    first.close()
+    wait_until(lambda: gateway.session_count() == 0, what="the gateway to see the first recorder go")
+    gateway.resume()
+    second = Recording(settings, gateway)
+    try:
+        second.wait_for_ticks(100)
+        second.settle()
+        second.assert_served_equals_sent()
+        assert second.coverage(MNQ, "bid_ask") == [
+            ("recorded", "subscribed"), ("gap", "recorder_stopped"), ("recorded", "subscribed")]
+    finally:
+        second.close()
