@@ -77,7 +77,7 @@ class Recorder:
         self._changes: list[_StateChange | ContractDetails] = []
         self._last_ok: dict[StreamKey, int] = {}
         self._last_confirm = 0
-        closed = store.index.coverage_close_recorded("recorder_stopped")
+        closed = store.index.coverage_close_recorded("recorder_crashed")
         if closed:
             log.warning("%d stream(s) were being recorded when the last recorder stopped without closing them; "
                         "their coverage ends at the last confirmed flush", closed)
