@@ -1,0 +1,153 @@
+"""End-to-end ingest through the IB wire protocol: gateway simulator -> ibapi -> recorder -> store.
+
+The simulator runs as its own process (``ibstream simulate``), so it does not share the
+recorder's GIL; the recorder (``IBFeed`` + ``Recorder`` + ``Store``, fsync="batch") runs here.
+
+1. Sustained ingest: the simulated market is sped up until it offers far more than the
+   recorder can take (TCP back-pressure holds the simulator back); the figure is the rate of
+   acknowledged ticks over the measurement window. Target: >= 50,000 ticks/s.
+   The same overload is run once more with ibapi's stock EReader (quadratic buffer handling)
+   instead of ours, as the in-process baseline.
+2. The ``ibapi`` decoder alone, on the same kind of frames in memory (read_fields + Decoder
+   .interpret into a do-nothing wrapper): the ceiling the official client puts on any recorder.
+3. Tick-to-acknowledged latency at ~5,000 ticks/s: from the callback's receive stamp (``ts``)
+   to the moment ``Store.append`` returned (fsync'ed). Target: p99 < 50 ms.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import header, parse_args, target  # noqa: E402
+from ibstream.app import RecordingService  # noqa: E402
+from ibstream.settings import ContractSpec, Settings  # noqa: E402
+from recorder.ib import IBFeed  # noqa: E402
+from simulator.market import SIM_AAPL, SIM_MNQ  # noqa: E402
+from storage.times import now_us  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONTRACTS = (ContractSpec(con_id=SIM_MNQ.con_id, tick_types=("bid_ask", "last")),
+             ContractSpec(con_id=SIM_AAPL.con_id, tick_types=("bid_ask", "last")))
+TICKS_PER_SPEED = 17.0  # the four synthetic streams together average ~17 ticks/s at speed 1
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_simulator(speed: float) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "ibstream.cli", "--log-level", "WARNING", "simulate",
+                                "--port", str(port), "--speed", str(speed)], cwd=ROOT)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return process, port
+        except OSError:
+            if time.monotonic() > deadline:
+                process.kill()
+                raise RuntimeError("the simulator did not start") from None
+            time.sleep(0.1)
+
+
+def record(speed: float, seconds: float, warmup: float = 2.0, latency: bool = False, stock_reader: bool = False) -> dict:
+    """Run the recorder against a simulator at ``speed``; ticks/s acknowledged and ack latencies."""
+    import ibapi.client
+    import ibapi.reader
+
+    ours = ibapi.client.reader
+    if stock_reader:
+        ibapi.client.reader = ibapi.reader
+    simulator, port = start_simulator(speed)
+    delays: list[np.ndarray] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+            settings = Settings(data_root=Path(tmp) / "data", flight_port=0, ib_port=port, contracts=CONTRACTS,
+                                ib_resubscribe_pause=timedelta(0))
+            with RecordingService(settings, IBFeed(settings)) as service:
+                recorder = service.recorder
+                if latency:
+                    recorder.ack_listeners.append(lambda key, batch: delays.append(
+                        now_us() - batch.column("ts").cast("int64").to_numpy()))
+                time.sleep(warmup)
+                delays.clear()
+                start_count, started = sum(recorder.acknowledged.values()), time.perf_counter()
+                time.sleep(seconds)
+                count, elapsed = sum(recorder.acknowledged.values()) - start_count, time.perf_counter() - started
+                malformed = service.feed.malformed
+    finally:
+        ibapi.client.reader = ours
+        simulator.terminate()
+        simulator.wait()
+    result = {"rate": count / elapsed, "ticks": count, "malformed": malformed}
+    if latency and delays:
+        all_delays = np.concatenate(delays) / 1e3
+        result |= {f"p{q}": float(np.percentile(all_delays, q)) for q in (50, 90, 99)} | {"max": float(all_delays.max())}
+    return result
+
+
+def decoder_ceiling(count: int) -> float:
+    """Ticks/s that ibapi's read_fields + Decoder.interpret manage on BidAsk frames alone."""
+    from ibapi import comm
+    from ibapi.decoder import Decoder
+    from ibapi.wrapper import EWrapper
+
+    class Sink(EWrapper):
+        def tickByTickBidAsk(self, *args):
+            pass
+
+    decoder = Decoder(Sink(), 157)
+    texts = [f"99\0{1000 + i % 4}\0003\0{1_700_000_000 + i // 100}\0{21000 + (i % 40) * 0.25}\0"
+             f"{21000.25 + (i % 40) * 0.25}\0{1 + i % 30}\0{2 + i % 20}\0000\0".encode() for i in range(count)]
+    started = time.perf_counter()
+    for text in texts:
+        decoder.interpret(comm.read_fields(text))
+    return count / (time.perf_counter() - started)
+
+
+def main(quick: bool = False) -> dict:
+    logging.getLogger("recorder.recorder").setLevel(logging.ERROR)  # "flush took" warnings under overload
+    logging.getLogger("simulator.gateway").setLevel(logging.ERROR)
+    seconds = 4 if quick else 12
+    header(f"ingest through the IB wire protocol (simulator process -> ibapi -> recorder, fsync=batch), {seconds} s windows")
+    ceiling = decoder_ceiling(100_000 if quick else 400_000)
+    print(f"ibapi decoder alone (read_fields + interpret, BidAsk frames): {ceiling:,.0f} ticks/s")
+    print(f"{'offered (nominal)':>18} {'acknowledged/s':>15} {'of offered':>11} {'of decoder ceiling':>19}")
+    results = {"decoder_ceiling": ceiling}
+    for speed in ((3_000, 9_000) if quick else (3_000, 6_000, 12_000)):
+        offered = speed * TICKS_PER_SPEED
+        run = record(speed, seconds)
+        results[f"speed_{speed}"] = run
+        print(f"{offered:>18,.0f} {run['rate']:>15,.0f} {run['rate'] / offered:>10.0%} {run['rate'] / ceiling:>18.0%}")
+    stock = record(speed, seconds, stock_reader=True)
+    results["stock_reader"] = stock
+    print(f"{offered:>18,.0f} {stock['rate']:>15,.0f} {stock['rate'] / offered:>10.0%} {stock['rate'] / ceiling:>18.0%}"
+          f"   <- ibapi's stock EReader: ours is {run['rate'] / stock['rate']:.1f}x")
+    best = max(r["rate"] for k, r in results.items() if k.startswith("speed_"))
+    target(f">= 50,000 ticks/s sustained (best {best:,.0f})", best >= 50_000)
+
+    speed = 5_000 / TICKS_PER_SPEED
+    run = record(speed, seconds, latency=True)
+    results["latency"] = run
+    print(f"\ntick -> acknowledged at {run['rate']:,.0f} ticks/s ({run['ticks']:,} ticks; flush every 20 ms, fsync):"
+          f" p50 {run['p50']:.1f} ms, p90 {run['p90']:.1f} ms, p99 {run['p99']:.1f} ms, max {run['max']:.1f} ms")
+    target("p99 < 50 ms at 5,000 ticks/s", run["p99"] < 50)
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args(__doc__).quick)
