@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import ibapi.client
 from ibapi import comm
 from ibapi.client import EClient
-from ibapi.common import TickAttribBidAsk, TickAttribLast
+from ibapi.common import MAX_MSG_LEN, TickAttribBidAsk, TickAttribLast
 from ibapi.contract import Contract
 from ibapi.contract import ContractDetails as IBContractDetails
 from ibapi.reader import EReader
@@ -90,6 +90,11 @@ class _Reader(EReader):
                 offset = 0
                 while len(buffer) - offset >= 4:
                     size = int.from_bytes(buffer[offset:offset + 4], "big")
+                    if size > MAX_MSG_LEN:
+                        log.error("the gateway sent a frame of %d bytes (limit %d): the stream is out of step; "
+                                  "reconnecting", size, MAX_MSG_LEN)
+                        self.conn.disconnect()
+                        return
                     if len(buffer) - offset - 4 < size:
                         break
                     self.msg_queue.put(bytes(buffer[offset + 4:offset + 4 + size]))

@@ -81,7 +81,8 @@ TapeFactory = Callable[[SimContract, TickType, int], Tape]
 
 
 def _size_text(column: pa.ChunkedArray | pa.Array) -> list:
-    """Sizes as the 9.81 wire wants them: integers when whole, else plain decimals."""
+    """Sizes as integers when whole. Fractional sizes go out as plain decimals, which only API 163+
+    clients decode (ibapi 9.81 reads sizes with int() and skips such a message as malformed)."""
     try:
         return pc.cast(column, pa.int64()).to_pylist()
     except pa.ArrowInvalid:
