@@ -8,6 +8,7 @@ COPY storage storage
 COPY recorder recorder
 COPY flight_server flight_server
 COPY clients clients
+COPY simulator simulator
 RUN make install
 COPY tests tests
 COPY bench bench
@@ -16,5 +17,6 @@ ENV PATH=/app/.venv/bin:$PATH \
     IBSTREAM_FLIGHT_HOST=0.0.0.0
 VOLUME /data
 EXPOSE 8815
-# `docker run IMAGE` runs the demo; `docker run IMAGE ibstream serve` serves /data; `make test` runs the tests.
+# `docker run IMAGE` runs the demo; `ibstream record` records from IBSTREAM_IB_HOST:IBSTREAM_IB_PORT into /data;
+# `ibstream serve` serves /data; `make test` runs the tests.
 CMD ["ibstream", "demo"]
