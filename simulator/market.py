@@ -73,8 +73,8 @@ class SimContract:
     def hours(self, today: date, days: int = 7) -> tuple[str, str]:
         """(tradingHours, liquidHours) from ``today`` on, as IB formats them."""
         if self.calendar == "CMES":
-            return _globex_hours(today, days)
-        return _equity_hours(today, days)
+            return _hours("CMES", "America/Chicago", today, days, _globex_session)
+        return _hours("XNYS", "America/New_York", today, days, _equity_session)
 
 
 def _fmt(moment: datetime) -> str:
@@ -91,39 +91,37 @@ def _sessions(calendar_name: str, today: date, days: int):
     return {session.date(): (row["open"], row["close"]) for session, row in schedule.iterrows()}
 
 
-def _equity_hours(today: date, days: int) -> tuple[str, str]:
-    """US stock: 04:00-20:00 ET extended, regular hours from XNYS (holidays CLOSED, early closes)."""
-    zone = ZoneInfo("America/New_York")
-    sessions = _sessions("XNYS", today, days)
+def _hours(calendar_name: str, zone_name: str, today: date, days: int, session_hours) -> tuple[str, str]:
+    """IB's (tradingHours, liquidHours) strings; ``session_hours(day, open, close, zone)`` gives
+    ((trading open, trading close), (liquid open, liquid close)) for a day the calendar trades."""
+    zone = ZoneInfo(zone_name)
+    sessions = _sessions(calendar_name, today, days)
+    opening_days = {open_.tz_convert(zone).date() for open_, _ in sessions.values()}
     trading, liquid = [], []
     for day in (today + timedelta(days=i) for i in range(days)):
         if day not in sessions:
+            if day in opening_days:  # e.g. Sunday: Monday's Globex session opens that evening
+                continue
             trading.append(f"{day:%Y%m%d}:CLOSED")
             liquid.append(f"{day:%Y%m%d}:CLOSED")
             continue
         open_, close = (t.tz_convert(zone).to_pydatetime() for t in sessions[day])
-        extended_close = datetime.combine(day, time(20), zone) if close.hour >= 16 else close + timedelta(hours=4)
-        trading.append(f"{_fmt(datetime.combine(day, time(4), zone))}-{_fmt(extended_close)}")
-        liquid.append(f"{_fmt(open_)}-{_fmt(close)}")
+        (trade_open, trade_close), (liquid_open, liquid_close) = session_hours(day, open_, close, zone)
+        trading.append(f"{_fmt(trade_open)}-{_fmt(trade_close)}")
+        liquid.append(f"{_fmt(liquid_open)}-{_fmt(liquid_close)}")
     return ";".join(trading), ";".join(liquid)
 
 
-def _globex_hours(today: date, days: int) -> tuple[str, str]:
+def _equity_session(day: date, open_: datetime, close: datetime, zone: ZoneInfo):
+    """US stock: 04:00-20:00 ET extended (4 h after an early close), regular hours from XNYS."""
+    extended_close = datetime.combine(day, time(20), zone) if close.hour >= 16 else close + timedelta(hours=4)
+    return (datetime.combine(day, time(4), zone), extended_close), (open_, close)
+
+
+def _globex_session(day: date, open_: datetime, close: datetime, zone: ZoneInfo):
     """CME Globex equity futures: 17:00 CT (previous day) - 16:00 CT, RTH 08:30-15:00 CT."""
-    zone = ZoneInfo("America/Chicago")
-    sessions = _sessions("CMES", today, days)
-    trading, liquid = [], []
-    for day in (today + timedelta(days=i) for i in range(days)):
-        if day not in sessions:
-            trading.append(f"{day:%Y%m%d}:CLOSED")
-            liquid.append(f"{day:%Y%m%d}:CLOSED")
-            continue
-        open_, close = (t.tz_convert(zone).to_pydatetime() for t in sessions[day])
-        close = min(close, datetime.combine(day, time(16), zone))
-        trading.append(f"{_fmt(open_)}-{_fmt(close)}")
-        liquid_close = min(close, datetime.combine(day, time(15), zone))
-        liquid.append(f"{_fmt(datetime.combine(day, time(8, 30), zone))}-{_fmt(liquid_close)}")
-    return ";".join(trading), ";".join(liquid)
+    close = min(close, datetime.combine(day, time(16), zone))
+    return (open_, close), (datetime.combine(day, time(8, 30), zone), min(close, datetime.combine(day, time(15), zone)))
 
 
 SIM_MNQ = SimContract(

@@ -7,8 +7,9 @@ serves, field by field (all but ``ts``, the receive time only the recorder knows
 from __future__ import annotations
 
 import logging
+import re
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
 import pytest
@@ -124,9 +125,23 @@ def test_contract_details_are_recorded_with_hours_and_time_zone(recording):
     assert (details[MNQ].symbol, details[MNQ].sec_type, details[MNQ].exchange) == ("MNQ", "FUT", "CME")
     assert details[MNQ].time_zone == "US/Central" and details[MNQ].last_trade_date == "20261218"
     assert details[AAPL].time_zone == "US/Eastern" and details[AAPL].primary_exchange == "NASDAQ"
+    entry = re.compile(r"\d{8}:(CLOSED|\d{4}-\d{8}:\d{4})$")
     for c in details.values():
-        assert c.trading_hours.count(";") == 6 and c.liquid_hours.count(";") == 6
-    assert "-" in details[AAPL].liquid_hours.split(";")[0] or "CLOSED" in details[AAPL].liquid_hours
+        assert all(entry.match(part) for part in c.trading_hours.split(";") + c.liquid_hours.split(";")), c
+
+
+def test_simulated_hours_follow_the_exchange_calendars_thanksgiving_week():
+    """XNYS: Thanksgiving closed, 13:00 early close the day after; CME Globex: 12:00 halts, Sunday open."""
+    assert SIM_AAPL.hours(date(2026, 11, 25), days=6) == (
+        "20261125:0400-20261125:2000;20261126:CLOSED;20261127:0400-20261127:1700;20261128:CLOSED;"
+        "20261129:CLOSED;20261130:0400-20261130:2000",
+        "20261125:0930-20261125:1600;20261126:CLOSED;20261127:0930-20261127:1300;20261128:CLOSED;"
+        "20261129:CLOSED;20261130:0930-20261130:1600")
+    assert SIM_MNQ.hours(date(2026, 11, 25), days=6) == (
+        "20261124:1700-20261125:1600;20261125:1700-20261126:1200;20261126:1700-20261127:1200;20261128:CLOSED;"
+        "20261129:1700-20261130:1600",
+        "20261125:0830-20261125:1500;20261126:0830-20261126:1200;20261127:0830-20261127:1200;20261128:CLOSED;"
+        "20261130:0830-20261130:1500")
 
 
 def test_contract_given_by_symbol_is_resolved_to_its_con_id(tmp_path, gateway):
