@@ -244,11 +244,17 @@ class IBFeed:
             self._session = session
             connected_at = time.monotonic()
             reason = "disconnected"
-            if self._connect(session):
-                self.connections += 1
-                log.info("connected to %s:%d as client %d (server version %d)", self.settings.ib_host,
-                         self.settings.ib_port, self.client_id, session.serverVersion())
-                reason = self._watch(session)
+            try:
+                if self._connect(session):
+                    self.connections += 1
+                    log.info("connected to %s:%d as client %d (server version %d)", self.settings.ib_host,
+                             self.settings.ib_port, self.client_id, session.serverVersion())
+                    reason = self._watch(session)
+            except OSError as exc:  # a send on a socket the gateway closed: reconnect like any drop
+                reason = f"socket error: {exc}"
+            except Exception:  # never let the supervisor die: the recorder would stop for good
+                log.exception("the IB session failed unexpectedly; reconnecting")
+                reason = "unexpected error"
             self._disconnect(session, reason)
             if self._stop.is_set():
                 break
@@ -301,9 +307,12 @@ class IBFeed:
     def _disconnect(self, session: _Session, reason: str) -> None:
         with self._lock:
             if session.isConnected():
-                for stream in self._streams:
-                    if stream.req_id is not None:
-                        session.cancelTickByTickData(stream.req_id)
+                try:
+                    for stream in self._streams:
+                        if stream.req_id is not None:
+                            session.cancelTickByTickData(stream.req_id)
+                except OSError as exc:  # the gateway went first; nothing is left to cancel
+                    log.info("could not cancel subscriptions on a closed socket: %s", exc)
                 session.disconnect()
         if session.pump_thread.is_alive():  # decode what was received before the socket closed
             session.pump_thread.join(DRAIN_SECONDS)
