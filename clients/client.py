@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import datetime
-from typing import Literal, overload
+from datetime import date, datetime
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_server.commands import command
+from flight_server.commands import command, iso_time
 from ibstream.errors import (
     IbstreamError,
     InvalidRequestError,
@@ -21,6 +20,11 @@ from ibstream.errors import (
 )
 
 DEFAULT_LOCATION = "grpc://127.0.0.1:8815"
+
+
+def _frames(tables: dict[str, pa.Table], tick_types: TickTypes, as_pandas: bool):
+    frames = {name: (t.to_pandas() if as_pandas else pl.from_arrow(t)) for name, t in tables.items()}
+    return frames[tick_types] if isinstance(tick_types, str) else frames
 
 
 def _message(exc: Exception) -> str:
@@ -40,8 +44,20 @@ def _translate(exc: Exception) -> IbstreamError:
     return IbstreamError(message)
 
 
+Contracts = int | Sequence[int]
+TickTypes = str | Sequence[str]
+
+
 class Client:
-    """Reads ticks from an ibstream Flight server.
+    """Reads ticks and bars from an ibstream Flight server.
+
+    Every query names one contract (``711280073``) or several (``[711280073, 265598]``: the
+    result then has a ``contract_id`` column first, contracts in the order given, each in ``ts``
+    order), one tick type (a string: one DataFrame) or several (a list: ``{tick_type:
+    DataFrame}``), and a range given exactly one way: ``start`` (tz-aware) with an optional
+    ``end`` (``None``: now), a rolling ``window`` ending now (``"15m"``, ``"24h"``, ``"7d"``), or
+    a trading ``session`` (``"regular"``, ``"extended"``, ``"pre_market"``, ``"after_hours"``,
+    ``"full_day"``) on ``session_date`` (a date, ``"current"`` or ``"previous"``).
 
     Parameters
     ----------
@@ -52,47 +68,94 @@ class Client:
     --------
     >>> client = Client("grpc://127.0.0.1:8815")
     >>> quotes = client.ticks(711280073, "bid_ask", start=datetime(2025, 1, 10, 14, tzinfo=UTC))
+    >>> bars = client.bars(711280073, "last", "1m", window="7d")
+    >>> today = client.session(265598, "current", kind="regular", tick_types="last")
     """
 
     def __init__(self, location: str = DEFAULT_LOCATION, **kwargs):
         self.location = location
         self._flight = flight.connect(location, **kwargs)
 
-    @overload
-    def ticks(self, contract_id: int, tick_types: str, start: datetime, end: datetime | None = None,
-              *, as_pandas: Literal[False] = False) -> pl.DataFrame: ...
+    def ticks(self, contract_id: Contracts, tick_types: TickTypes, start: datetime | None = None,
+              end: datetime | None = None, *, window: str | None = None, session: str | None = None,
+              session_date: str | date | None = None, as_pandas: bool = False):
+        """Ticks with ``start <= ts < end`` (or of the window or session).
 
-    @overload
-    def ticks(self, contract_id: int, tick_types: Sequence[str], start: datetime, end: datetime | None = None,
-              *, as_pandas: Literal[False] = False) -> dict[str, pl.DataFrame]: ...
-
-    def ticks(self, contract_id, tick_types, start, end=None, *, as_pandas=False):
-        """Ticks with ``start <= ts < end`` (tz-aware datetimes; ``end=None`` means now).
-
-        One tick type (a string) gives one DataFrame; a list gives ``{tick_type: DataFrame}``.
         Columns and dtypes are those of :mod:`storage.schemas` (``ts``/``ib_time`` are
-        ``Datetime("us", "UTC")``, sizes ``Decimal(18, 8)``). An empty range gives an empty
-        DataFrame with those columns.
+        ``Datetime("us", "UTC")``, prices ``Float64``, sizes ``Decimal(18, 8)``). An empty range
+        gives an empty DataFrame with those columns.
         """
-        tables = self.tables(contract_id, tick_types, start, end)
-        frames = {name: (t.to_pandas() if as_pandas else pl.from_arrow(t)) for name, t in tables.items()}
-        return frames[tick_types] if isinstance(tick_types, str) else frames
+        tables = self.tables(contract_id, tick_types, start, end, window=window, session=session,
+                             session_date=session_date)
+        return _frames(tables, tick_types, as_pandas)
 
-    def tables(self, contract_id: int, tick_types: str | Sequence[str], start: datetime,
-               end: datetime | None = None) -> dict[str, pa.Table]:
-        """Like :meth:`ticks`, as Arrow tables keyed by tick type."""
+    def bars(self, contract_id: Contracts, tick_types: TickTypes, resolution: str, start: datetime | None = None,
+             end: datetime | None = None, *, window: str | None = None, session: str | None = None,
+             session_date: str | date | None = None, fill: bool = False, daily_session: str | None = None,
+             as_pandas: bool = False):
+        """Bars at ``resolution`` (``1s 5s 10s 30s 1m 5m 15m 30m 1h 1d``), labelled by their start.
+
+        Trades (``last``, ``all_last``): ``ts open high low close volume vwap trade_count``;
+        quotes (``bid_ask``): ``ts open high low close`` of the mid price, closing ``bid ask
+        bid_size ask_size``, ``mean_spread`` (per quote), ``quote_count``; ``mid_point``: ``ts open
+        high low close tick_count``. Prices ``Float64``, ``volume`` ``Decimal(38, 8)``, counts
+        ``Int64``. Sub-day bars are aligned in UTC; ``1d`` bars are one per trading session
+        (``daily_session``, default ``extended``: the whole trading day), ``ts`` is the session's
+        open and ``session_date`` its trading date. Bars without ticks are left out unless
+        ``fill`` (then counts and volume are 0 and prices null).
+        """
+        tables = self.tables(contract_id, tick_types, start, end, window=window, session=session,
+                             session_date=session_date, resolution=resolution, fill=fill,
+                             daily_session=daily_session)
+        return _frames(tables, tick_types, as_pandas)
+
+    def session(self, contract_id: Contracts, session_date: str | date = "current", *, kind: str = "regular",
+                tick_types: TickTypes = "bid_ask", resolution: str = "tick", as_pandas: bool = False):
+        """Ticks (or bars at ``resolution``) of a trading session: ``"current"`` (the latest that
+        has opened, up to now), ``"previous"``, or a trading date."""
+        if resolution == "tick":
+            return self.ticks(contract_id, tick_types, session=kind, session_date=session_date, as_pandas=as_pandas)
+        return self.bars(contract_id, tick_types, resolution, session=kind, session_date=session_date,
+                         as_pandas=as_pandas)
+
+    def tables(self, contract_id: Contracts, tick_types: TickTypes, start: datetime | None = None,
+               end: datetime | None = None, **query) -> dict[str, pa.Table]:
+        """Like :meth:`ticks` / :meth:`bars` (same keywords), as Arrow tables keyed by tick type."""
         try:
-            descriptor = flight.FlightDescriptor.for_command(command(contract_id, tick_types, start, end))
+            descriptor = flight.FlightDescriptor.for_command(
+                command(contract_id, tick_types, start=start, end=end, **query))
         except ValueError as exc:
             raise InvalidRequestError(str(exc)) from None
         info = self._call(self._flight.get_flight_info, descriptor)
-        tables = {}
+        parts: dict[str, list[pa.Table]] = {}
         for endpoint in info.endpoints:
             reader = self._call(self._flight.do_get, endpoint.ticket)
             table = self._call(reader.read_all)
-            name = table.schema.metadata[b"ibstream.tick_type"].decode()
-            tables[name] = table
-        return tables
+            metadata = table.schema.metadata
+            if not isinstance(contract_id, int):
+                column = pa.array([int(metadata[b"ibstream.contract_id"])] * table.num_rows, pa.int64())
+                table = table.add_column(0, "contract_id", column)
+            parts.setdefault(metadata[b"ibstream.tick_type"].decode(), []).append(table)
+        return {name: pa.concat_tables(tables) for name, tables in parts.items()}
+
+    def statistics(self, contract_id: int, tick_type: str | None = None) -> pl.DataFrame:
+        """Daily statistics from the index: one row per tick type and UTC date."""
+        return pl.from_arrow(self._action("statistics", contract_id=contract_id, tick_type=tick_type))
+
+    def sessions(self, contract_id: int, session_date: str | date = "current") -> pl.DataFrame:
+        """Every session kind of a contract on a trading date: ``kind trading_date open close source``."""
+        when = session_date.isoformat() if isinstance(session_date, date) else session_date
+        return pl.from_arrow(self._action("sessions", contract_id=contract_id, date=when))
+
+    def coverage(self, contract_id: int, tick_type: str, start: datetime, end: datetime | None = None) -> pl.DataFrame:
+        """When a stream was recorded (``status`` recorded) and when not (gap, with ``reason``)."""
+        return pl.from_arrow(self._action("coverage", contract_id=contract_id, tick_type=tick_type,
+                                          start=iso_time(start), end=None if end is None else iso_time(end)))
+
+    def _action(self, name: str, **body) -> pa.Table:
+        payload = json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+        results = self._call(lambda: list(self._flight.do_action(flight.Action(name, payload))))
+        return pa.ipc.open_stream(results[0].body).read_all()
 
     def streams(self) -> pl.DataFrame:
         """What the server stores: one row per contract and tick type."""

@@ -5,14 +5,17 @@ ticket of each endpoint. Documented in proto_docs/flight-protocol.md.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
-from typing import Literal
+from collections.abc import Sequence
+from datetime import UTC, date, datetime
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ValidationInfo, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ibstream.errors import InvalidRequestError
+from storage.bars import DAILY, TICK, parse_resolution, parse_window
 from storage.schemas import TickType
-from storage.times import iso, now_us, to_us
+from storage.sessions import normalize_kind
+from storage.times import iso, to_us
 
 COMMAND_VERSION = 1
 
@@ -26,26 +29,63 @@ def _format(exc: ValidationError, what: str) -> str:
         elif error["type"] == "missing":
             problems.append(f"missing field {where!r}")
         elif error["loc"]:
-            problems.append(f"{where}: {error['msg'].removeprefix('Value error, ')} (got {error.get('input')!r})")
+            message = error["msg"].removeprefix("Value error, ")
+            received = repr(error.get("input"))
+            problems.append(f"{where}: {message}" + ("" if received in message else f" (got {received})"))
         else:
             problems.append(error["msg"].removeprefix("Value error, "))
     return "; ".join(problems)
 
 
-class TicksCommand(BaseModel):
-    """A query for the ticks of one contract and some tick types over [start, end).
+def _window(value: str) -> str:
+    parse_window(value)
+    return value
 
-    ``start`` and ``end`` are ISO-8601 times with a UTC offset (``Z`` or ``+hh:mm``); ``end``
-    omitted means "now" at the moment the server plans the query.
+
+def _session_date(value: str) -> str:
+    if value not in ("current", "previous"):
+        try:
+            date.fromisoformat(value)
+        except ValueError:
+            raise ValueError("use a trading date YYYY-MM-DD, 'current' or 'previous'") from None
+    return value
+
+
+def _aware(value: datetime, info: ValidationInfo) -> datetime:
+    to_us(value, name=info.field_name)  # refuses naive times, saying how to give an offset
+    return value
+
+
+AwareTime = Annotated[datetime, AfterValidator(_aware)]
+Resolution = Annotated[str, AfterValidator(parse_resolution)]
+SessionKind = Annotated[str, AfterValidator(normalize_kind)]
+Window = Annotated[str, AfterValidator(_window)]
+SessionDate = Annotated[str, AfterValidator(_session_date)]
+
+
+class QueryCommand(BaseModel):
+    """A query: ticks or bars of one or more contracts and tick types over a time range.
+
+    The range is exactly one of: ``start`` (ISO-8601 with offset) and optional ``end`` (omitted:
+    now), ``window`` (a rolling window ending now, e.g. ``"15m"``, ``"24h"``, ``"7d"``), or
+    ``session`` (a trading session kind of each contract) with ``session_date`` (a date,
+    ``"current"`` or ``"previous"``; default ``"current"``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = 1
-    contract_id: int = Field(gt=0)
+    contract_id: int | None = Field(None, gt=0)
+    contract_ids: list[Annotated[int, Field(gt=0)]] | None = Field(None, min_length=1)
     tick_types: list[TickType] = Field(min_length=1)
-    start: datetime
-    end: datetime | None = None
+    start: AwareTime | None = None
+    end: AwareTime | None = None
+    window: Window | None = None
+    session: SessionKind | None = None
+    session_date: SessionDate | None = None
+    resolution: Resolution = TICK
+    fill: bool = False
+    daily_session: SessionKind | None = None
 
     @field_validator("tick_types", mode="before")
     @classmethod
@@ -55,38 +95,41 @@ class TicksCommand(BaseModel):
             for item in values:
                 if isinstance(item, str):
                     TickType.parse(item)  # the message lists the legal values
-            if len(set(values)) != len(values):
-                raise ValueError(f"tick_types lists a type twice: {values}")
+            _distinct("tick_types", values)
         return values
 
-    @field_validator("start", "end")
+    @field_validator("contract_ids")
     @classmethod
-    def _aware(cls, value: datetime | None, info) -> datetime | None:
-        if value is not None:
-            to_us(value, name=info.field_name)  # raises for naive times
-        return value
+    def _contract_ids(cls, value):
+        return value if value is None else _distinct("contract_ids", value)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "TicksCommand":
-        if self.end is not None and self.end <= self.start:
+    def _consistent(self) -> "QueryCommand":
+        if (self.contract_id is None) == (self.contract_ids is None):
+            raise ValueError("give exactly one of contract_id (one contract) or contract_ids (a list)")
+        given = [name for name in ("start", "window", "session") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give the range exactly one way: start (with an optional end), window (e.g. '24h') or session "
+                f"(e.g. 'regular', with session_date); got {' and '.join(given) if given else 'none of them'}")
+        if self.end is not None and self.start is None:
+            raise ValueError("end needs start; a window or a session already fixes the end")
+        if self.session_date is not None and self.session is None:
+            raise ValueError("session_date needs session, e.g. \"session\": \"regular\"")
+        if self.start is not None and self.end is not None and self.end <= self.start:
             raise ValueError(
                 f"range is empty or inverted: start {self.start.isoformat()} is not before end "
                 f"{self.end.isoformat()}; the range is [start, end)"
             )
+        if self.fill and self.resolution == TICK:
+            raise ValueError("fill applies to bars; give a resolution such as '1m'")
+        if self.daily_session is not None and self.resolution != DAILY:
+            raise ValueError(f"daily_session applies to resolution '1d' only (resolution was {self.resolution!r})")
         return self
 
     @classmethod
-    def parse(cls, raw: bytes) -> "TicksCommand":
-        try:
-            payload = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidRequestError(
-                f"command is not valid JSON ({exc}); expected an object such as "
-                '{"version": 1, "contract_id": 711280073, "tick_types": ["bid_ask"], '
-                '"start": "2025-01-10T14:30:00Z", "end": "2025-01-10T15:00:00Z"}'
-            ) from None
-        if not isinstance(payload, dict):
-            raise InvalidRequestError(f"command must be a JSON object; got {type(payload).__name__}")
+    def parse(cls, raw: bytes) -> "QueryCommand":
+        payload = _json_object(raw, "command", EXAMPLE_COMMAND)
         if payload.get("version", COMMAND_VERSION) != COMMAND_VERSION:
             raise InvalidRequestError(
                 f"command version was {payload.get('version')!r}; this server speaks version {COMMAND_VERSION}"
@@ -99,8 +142,34 @@ class TicksCommand(BaseModel):
     def to_bytes(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
 
-    def range_us(self) -> tuple[int, int]:
-        return to_us(self.start, name="start"), now_us() if self.end is None else to_us(self.end, name="end")
+    @property
+    def contracts(self) -> list[int]:
+        return [self.contract_id] if self.contract_id is not None else list(self.contract_ids)
+
+    @property
+    def day_kind(self) -> str:
+        """The session kind daily bars are built from."""
+        return self.daily_session or self.session or "extended"
+
+
+def _distinct(name: str, values: list) -> list:
+    if len(set(values)) != len(values):
+        raise ValueError(f"{name} lists a value twice: {values}")
+    return values
+
+
+def _json_object(raw: bytes, what: str, example: str) -> dict:
+    try:
+        payload = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequestError(f"{what} is not valid JSON ({exc}); expected an object such as {example}") from None
+    if not isinstance(payload, dict):
+        raise InvalidRequestError(f"{what} must be a JSON object; got {type(payload).__name__}")
+    return payload
+
+
+EXAMPLE_COMMAND = ('{"version": 1, "contract_id": 711280073, "tick_types": ["bid_ask"], '
+                   '"start": "2025-01-10T14:30:00Z", "end": "2025-01-10T15:00:00Z"}')
 
 
 class Ticket(BaseModel):
@@ -113,6 +182,9 @@ class Ticket(BaseModel):
     tick_type: TickType
     start_us: int
     end_us: int
+    resolution: Resolution = TICK
+    fill: bool = False
+    daily_session: SessionKind | None = None
 
     @model_validator(mode="after")
     def _ordered(self) -> "Ticket":
@@ -130,18 +202,67 @@ class Ticket(BaseModel):
             ) from None
 
     def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
+        return self.model_dump_json(exclude_none=True).encode()
 
 
-def command(contract_id: int, tick_types: list[str] | str, start: datetime, end: datetime | None = None) -> bytes:
-    """The command bytes for a query (what :class:`clients.Client` sends)."""
-    types = [tick_types] if isinstance(tick_types, str) else list(tick_types)
-    payload = {"version": COMMAND_VERSION, "contract_id": contract_id, "tick_types": types, "start": _iso(start)}
-    if end is not None:
-        payload["end"] = _iso(end)
+def command(contract_ids: int | Sequence[int], tick_types: str | Sequence[str], *, start: datetime | None = None,
+            end: datetime | None = None, window: str | None = None, session: str | None = None,
+            session_date: str | date | None = None, resolution: str = TICK, fill: bool = False,
+            daily_session: str | None = None) -> bytes:
+    """The command bytes for a query (what :class:`clients.Client` sends); ``None`` fields are left out."""
+    payload: dict = {"version": COMMAND_VERSION}
+    if isinstance(contract_ids, int):
+        payload["contract_id"] = contract_ids
+    else:
+        payload["contract_ids"] = list(contract_ids)
+    payload["tick_types"] = [tick_types] if isinstance(tick_types, str) else list(tick_types)
+    optional = {"start": None if start is None else iso_time(start), "end": None if end is None else iso_time(end),
+                "window": window, "session": session,
+                "session_date": session_date.isoformat() if isinstance(session_date, date) else session_date,
+                "resolution": None if resolution == TICK else resolution, "fill": fill or None,
+                "daily_session": daily_session}
+    payload |= {name: value for name, value in optional.items() if value is not None}
     return json.dumps(payload).encode()
 
 
-def _iso(value: datetime) -> str:
+def iso_time(value: datetime) -> str:
     to_us(value)  # refuse naive times before they leave the client
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+# -- do_action bodies --------------------------------------------------------------------------
+
+class ActionBody(BaseModel):
+    """The JSON body of a ``do_action`` call; each action's fields are below."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    contract_id: int = Field(gt=0)
+
+    @classmethod
+    def parse(cls, raw: bytes, action: str) -> "ActionBody":
+        payload = _json_object(raw or b"{}", f"the body of action {action!r}", '{"contract_id": 711280073}')
+        try:
+            return cls.model_validate(payload)
+        except ValidationError as exc:
+            raise InvalidRequestError(f"invalid body for action {action!r}: {_format(exc, 'body')}") from None
+
+
+class StatisticsBody(ActionBody):
+    """``statistics``: the daily statistics of a contract (all its tick types, or one)."""
+
+    tick_type: TickType | None = None
+
+
+class SessionsBody(ActionBody):
+    """``sessions``: every session kind of a contract on a trading date (or current / previous)."""
+
+    date: SessionDate = "current"
+
+
+class CoverageBody(ActionBody):
+    """``coverage``: when a stream was recorded and when not (and why) over [start, end)."""
+
+    tick_type: TickType
+    start: AwareTime
+    end: AwareTime | None = None

@@ -1,8 +1,9 @@
 """The Arrow Flight server: FlightDescriptor commands in, record batches out.
 
-RPCs: ``get_flight_info`` / ``get_schema`` plan a :class:`~flight_server.commands.TicksCommand`
-into one endpoint per tick type; ``do_get`` streams an endpoint's ticket; ``list_flights``
-lists what is stored. Errors reach the caller as the matching Arrow/Flight error type:
+RPCs: ``get_flight_info`` / ``get_schema`` plan a :class:`~flight_server.commands.QueryCommand`
+into one endpoint per contract and tick type; ``do_get`` streams an endpoint's ticket (ticks,
+or bars); ``list_flights`` lists what is stored; ``do_action`` answers ``statistics``,
+``sessions`` and ``coverage`` with one Arrow IPC stream each (``list_actions`` describes them). Errors reach the caller as the matching Arrow/Flight error type:
 
 =============================  =======================  ==================
 ibstream error                 raised as                gRPC status
@@ -20,18 +21,24 @@ import functools
 import json
 import logging
 from collections.abc import Callable
+from datetime import date
 
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_server.commands import Ticket, TicksCommand
+from flight_server.commands import CoverageBody, QueryCommand, SessionsBody, StatisticsBody, Ticket
 from ibstream.errors import InvalidRequestError, NotFoundError, RequestTooLargeError
 from ibstream.settings import Settings
+from storage.bars import BAR_RESOLUTIONS, DAILY, PREAGGREGATE_US, TICK, bar_schema, parse_window, partial_step_us
+from storage.index import DailyStatistics
 from storage.schemas import schema_for
+from storage.sessions import ContractSessions, Session
 from storage.store import Store
-from storage.times import duration_us, iso, to_us
+from storage.times import duration_us, from_us, iso, now_us, to_us
 
 log = logging.getLogger(__name__)
+
+MAX_BATCH_BYTES = 2 * 1024 * 1024  # bar batches: well under gRPC's default 4 MiB message limit
 
 
 def _flight_errors(handler: Callable) -> Callable:
@@ -56,6 +63,17 @@ def _flight_errors(handler: Callable) -> Callable:
     return wrapper
 
 
+ACTIONS = {
+    "statistics": "Daily statistics of a contract from the index (data_statistics), one row per tick type and "
+                  "UTC date. Body: {\"contract_id\": int, \"tick_type\": optional}. Result: one Arrow IPC stream.",
+    "sessions": "Trading sessions of a contract on a trading date, one row per kind (regular, extended, "
+                "pre_market, after_hours, full_day). Body: {\"contract_id\": int, \"date\": \"YYYY-MM-DD\" | "
+                "\"current\" | \"previous\"}. Result: one Arrow IPC stream.",
+    "coverage": "When a stream was recorded and when not (and why). Body: {\"contract_id\": int, \"tick_type\": str, "
+                "\"start\": ISO time, \"end\": optional ISO time}. Result: one Arrow IPC stream.",
+}
+
+
 class FlightServer(flight.FlightServerBase):
     """Serves a :class:`~storage.store.Store` over Arrow Flight.
 
@@ -76,12 +94,15 @@ class FlightServer(flight.FlightServerBase):
         tickets = self._tickets(query)
         plans = [self.store.plan(t.contract_id, t.tick_type, t.start_us, t.end_us) for t in tickets]
         rows = sum(p.estimated_rows() for p in plans)
-        if rows > self.settings.max_query_rows:
+        if _reads_raw_ticks(query.resolution) and rows > self.settings.max_query_rows:
             raise RequestTooLargeError(
                 f"request too large: about {rows:,} ticks, over the limit of {self.settings.max_query_rows:,} "
-                "(IBSTREAM_MAX_QUERY_ROWS); split the range"
+                "(IBSTREAM_MAX_QUERY_ROWS); split the range" + ("" if query.resolution == TICK else
+                                                                " or use a resolution of 1m or more")
             )
         endpoints = [flight.FlightEndpoint(t.to_bytes(), []) for t in tickets]
+        if query.resolution != TICK:
+            return flight.FlightInfo(_info_schema(query), descriptor, endpoints, -1, -1)
         return flight.FlightInfo(
             _info_schema(query), descriptor, endpoints, rows, sum(p.estimated_bytes() for p in plans)
         )
@@ -93,8 +114,20 @@ class FlightServer(flight.FlightServerBase):
     @_flight_errors
     def do_get(self, context, ticket: flight.Ticket) -> flight.FlightDataStream:
         parsed = Ticket.parse(ticket.ticket)
-        plan = self.store.plan(parsed.contract_id, parsed.tick_type, parsed.start_us, parsed.end_us)
-        return flight.GeneratorStream(plan.schema, _streamed(plan.batches(), parsed))
+        metadata = {"ibstream.contract_id": str(parsed.contract_id)}
+        if parsed.resolution == TICK:
+            ticks = self.store.ticks(parsed.contract_id, parsed.tick_type, parsed.start_us, parsed.end_us)
+            if isinstance(ticks, pa.Table):  # a closed range, from the cache
+                return flight.RecordBatchStream(_with_metadata(ticks, metadata))
+            schema = _with_metadata(ticks.schema, metadata)
+            return flight.GeneratorStream(schema, _streamed(ticks.batches(), parsed))
+        sessions = None
+        if parsed.resolution == DAILY:
+            sessions = self.store.sessions(parsed.contract_id).sessions(
+                parsed.daily_session or "extended", parsed.start_us, parsed.end_us)
+        bars = self.store.bars(parsed.contract_id, parsed.tick_type, parsed.start_us, parsed.end_us,
+                               parsed.resolution, fill=parsed.fill, sessions=sessions)
+        return flight.RecordBatchStream(_with_metadata(_chunked(bars, self.settings.batch_rows), metadata))
 
     @_flight_errors
     def list_flights(self, context, criteria: bytes):
@@ -116,34 +149,113 @@ class FlightServer(flight.FlightServerBase):
                 info.tick_count, -1,
             )
 
+    def list_actions(self, context):
+        return list(ACTIONS.items())
+
+    @_flight_errors
+    def do_action(self, context, action: flight.Action):
+        if action.type not in ACTIONS:
+            raise InvalidRequestError(f"action was {action.type!r}; use any of {', '.join(ACTIONS)} (see list_actions)")
+        body = action.body.to_pybytes() if action.body is not None else b""
+        table = getattr(self, f"_action_{action.type}")(body)
+        return [flight.Result(_ipc_bytes(table))]
+
+    # -- actions -------------------------------------------------------------------------------
+
+    def _action_statistics(self, body: bytes) -> pa.Table:
+        request = StatisticsBody.parse(body, "statistics")
+        self._check_stored([request.contract_id])
+        rows = self.store.statistics(request.contract_id, request.tick_type and request.tick_type.value)
+        return statistics_table(rows)
+
+    def _action_sessions(self, body: bytes) -> pa.Table:
+        request = SessionsBody.parse(body, "sessions")
+        sessions = self.store.sessions(request.contract_id)
+        trading_date = _trading_date(sessions, "regular", request.date)
+        return sessions_table(sessions.day(trading_date))
+
+    def _action_coverage(self, body: bytes) -> pa.Table:
+        request = CoverageBody.parse(body, "coverage")
+        end = request.end or from_us(now_us())
+        return self.store.coverage(request.contract_id, request.tick_type, request.start, end)
+
     # -- helpers -------------------------------------------------------------------------------
 
-    def _command(self, descriptor: flight.FlightDescriptor) -> TicksCommand:
+    def _command(self, descriptor: flight.FlightDescriptor) -> QueryCommand:
         if descriptor.descriptor_type != flight.DescriptorType.CMD:
             raise InvalidRequestError(
                 "descriptor must be a command (FlightDescriptor.for_command with a JSON query); "
                 "path descriptors are not served"
             )
-        return TicksCommand.parse(descriptor.command)
+        return QueryCommand.parse(descriptor.command)
 
-    def _tickets(self, query: TicksCommand) -> list[Ticket]:
-        start_us, end_us = query.range_us()
+    def _tickets(self, query: QueryCommand) -> list[Ticket]:
+        self._check_stored(query.contracts)
+        tickets = []
+        for contract_id in query.contracts:
+            start_us, end_us = self._range(query, contract_id)
+            self._check_span(query, start_us, end_us)
+            tickets += [Ticket(contract_id=contract_id, tick_type=t, start_us=start_us, end_us=end_us,
+                               resolution=query.resolution, fill=query.fill,
+                               daily_session=query.day_kind if query.resolution == DAILY else None)
+                        for t in query.tick_types]
+        return tickets
+
+    def _range(self, query: QueryCommand, contract_id: int) -> tuple[int, int]:
+        """[start_us, end_us) of the query for one contract (sessions differ per contract)."""
+        now = now_us()
+        if query.window is not None:
+            return now - parse_window(query.window), now
+        if query.session is not None:
+            sessions = self.store.sessions(contract_id)
+            session = _session(sessions, query.session, query.session_date or "current", now)
+            return session.open_us, session.close_us
+        start_us = to_us(query.start, name="start")
+        end_us = now if query.end is None else to_us(query.end, name="end")
         if end_us <= start_us:
             raise InvalidRequestError(f"range is empty: start {iso(start_us)} is not before now ({iso(end_us)})")
-        span = duration_us(self.settings.max_query_span)
-        if end_us - start_us > span:
+        return start_us, end_us
+
+    def _check_span(self, query: QueryCommand, start_us: int, end_us: int) -> None:
+        limit = self.settings.max_query_span if query.resolution == TICK else self.settings.max_bar_span
+        if end_us - start_us > duration_us(limit):
+            setting = "IBSTREAM_MAX_QUERY_SPAN" if query.resolution == TICK else "IBSTREAM_MAX_BAR_SPAN"
             raise RequestTooLargeError(
-                f"request too large: range [{iso(start_us)}, {iso(end_us)}) spans more than "
-                f"{self.settings.max_query_span} (IBSTREAM_MAX_QUERY_SPAN); split the range"
+                f"request too large: range [{iso(start_us)}, {iso(end_us)}) spans more than {limit} ({setting}); "
+                "split the range" + (" or ask for bars (resolution)" if query.resolution == TICK else "")
             )
-        if query.contract_id not in self.store.contract_ids():
+        if query.resolution not in (TICK, DAILY):
+            bars = (end_us - start_us) // BAR_RESOLUTIONS[query.resolution]
+            if bars > self.settings.max_bars:
+                raise RequestTooLargeError(
+                    f"request too large: about {bars:,} bars of {query.resolution}, over the limit of "
+                    f"{self.settings.max_bars:,} (IBSTREAM_MAX_BARS); use a coarser resolution or split the range")
+
+    def _check_stored(self, contract_ids: list[int]) -> None:
+        stored = self.store.contract_ids()
+        missing = [c for c in contract_ids if c not in stored]
+        if missing:
             raise NotFoundError(
-                f"contract_id {query.contract_id} is not stored; list_flights shows the stored contracts"
+                f"contract_id {', '.join(map(str, missing))} is not stored; list_flights shows the stored contracts"
             )
-        return [
-            Ticket(contract_id=query.contract_id, tick_type=t, start_us=start_us, end_us=end_us)
-            for t in query.tick_types
-        ]
+
+
+def _reads_raw_ticks(resolution: str) -> bool:
+    """Whether a query at ``resolution`` reads every raw tick of its range (ticks and sub-minute bars)."""
+    return resolution == TICK or partial_step_us(resolution) < PREAGGREGATE_US
+
+
+def _session(sessions: ContractSessions, kind: str, when: str, now: int) -> Session:
+    if when == "current":
+        return sessions.current(kind, now)
+    if when == "previous":
+        return sessions.previous(kind, now)
+    return sessions.session(kind, date.fromisoformat(when))
+
+
+def _trading_date(sessions: ContractSessions, kind: str, when: str) -> date:
+    return _session(sessions, kind, when, now_us()).trading_date if when in ("current", "previous") \
+        else date.fromisoformat(when)
 
 
 def _streamed(batches, ticket: Ticket):
@@ -156,12 +268,61 @@ def _streamed(batches, ticket: Ticket):
                                          f"{type(exc).__name__}: {exc}") from None
 
 
-def _info_schema(query: TicksCommand) -> pa.Schema:
+def _with_metadata(value, extra: dict[str, str]):
+    """A schema or table with ``extra`` added to its schema metadata (no data copied)."""
+    schema = value if isinstance(value, pa.Schema) else value.schema
+    merged = {**(schema.metadata or {}), **{k.encode(): v.encode() for k, v in extra.items()}}
+    return value.with_metadata(merged) if isinstance(value, pa.Schema) else value.replace_schema_metadata(merged)
+
+
+def _chunked(table: pa.Table, batch_rows: int) -> pa.Table:
+    """``table`` in batches of at most ``batch_rows`` rows and about 2 MiB (under gRPC's 4 MiB)."""
+    if table.num_rows == 0:
+        return table
+    rows = max(1, min(batch_rows, int(MAX_BATCH_BYTES * table.num_rows / max(table.nbytes, 1))))
+    return pa.Table.from_batches(table.to_batches(max_chunksize=rows), schema=table.schema)
+
+
+def _info_schema(query: QueryCommand) -> pa.Schema:
     """The schema all endpoints share, or an empty schema when the tick types differ in shape
     (each endpoint's stream then carries its own schema)."""
-    schemas = [schema_for(t) for t in query.tick_types]
+    if query.resolution == TICK:
+        schemas = [schema_for(t) for t in query.tick_types]
+    else:
+        schemas = [bar_schema(t, query.resolution) for t in query.tick_types]
     first = schemas[0]
     if all(s.equals(first, check_metadata=True) for s in schemas[1:]):
         return first
     return pa.schema([], metadata={"ibstream.tick_types": ",".join(t.value for t in query.tick_types)})
 
+
+def _ipc_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def statistics_table(rows: list[DailyStatistics]) -> pa.Table:
+    """Daily statistics as a table (the ``statistics`` action's result)."""
+    schema = pa.schema([
+        ("contract_id", pa.int64()), ("tick_type", pa.string()), ("date", pa.date32()),
+        ("total_ticks", pa.int64()), ("unique_prices", pa.int64()), ("total_volume", pa.float64()),
+        ("vwap", pa.float64()), ("high_price", pa.float64()), ("low_price", pa.float64()),
+    ])
+    columns = {name: [getattr(r, name) for r in rows] for name in schema.names}
+    columns["date"] = [date.fromisoformat(d) for d in columns["date"]]
+    return pa.table(columns, schema=schema)
+
+
+def sessions_table(sessions: list[Session]) -> pa.Table:
+    """Sessions as a table (the ``sessions`` action's result); open and close are UTC."""
+    stamp = pa.timestamp("us", tz="UTC")
+    return pa.table({
+        "contract_id": pa.array([s.contract_id for s in sessions], pa.int64()),
+        "kind": pa.array([s.kind for s in sessions], pa.string()),
+        "trading_date": pa.array([s.trading_date for s in sessions], pa.date32()),
+        "open": pa.array([s.open_us for s in sessions], pa.int64()).cast(stamp),
+        "close": pa.array([s.close_us for s in sessions], pa.int64()).cast(stamp),
+        "source": pa.array([s.source for s in sessions], pa.string()),
+    })

@@ -94,6 +94,15 @@ class Settings(BaseSettings):
     max_query_rows: int = Field(
         200_000_000, gt=0, description="Largest estimated row count a single query may return."
     )
+    max_bar_span: timedelta = Field(
+        timedelta(days=366), description="Longest [start, end) a query for bars (any resolution but tick) may cover.")
+    max_bars: int = Field(
+        10_000_000, gt=0, description="Most bars one query may ask for: span / resolution (and filled rows).")
+    cache_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=0,
+        description="Size bound of the result cache (Arrow bytes) for queries over archived (closed) ranges; 0 "
+        "disables it. One result is cached only if it takes at most a quarter of this.")
+    cache_ttl: timedelta = Field(timedelta(minutes=5), description="A cached result is dropped this long after it was computed.")
     batch_rows: int = Field(
         32_768, gt=0,
         description="Largest record batch the server sends, in rows: 32,768 bid_ask rows are ~2 MB, well under "

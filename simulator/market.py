@@ -20,7 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from recorder.synthetic import AAPL, MNQ, SyntheticContract, synthetic_ticks
+from storage.index import ContractDetails
 from storage.schemas import TickType
+from storage.times import to_us
 
 Tape = Iterator[pa.Table]
 
@@ -69,6 +71,19 @@ class SimContract:
         return (symbol.upper() == self.symbol and sec_type.upper() in ("", self.sec_type)
                 and self.expiry.startswith(expiry) and exchange.upper() in ("", self.exchange, self.primary_exchange)
                 and currency.upper() in ("", self.currency))
+
+    def details(self, today: date, days: int = 7) -> ContractDetails:
+        """What the recorder stores after resolving this contract on ``today`` (IB reports
+        ``days`` days of hours from then)."""
+        trading, liquid = self.hours(today, days)
+        return ContractDetails(
+            contract_id=self.con_id, symbol=self.symbol, sec_type=self.sec_type, exchange=self.exchange,
+            primary_exchange=self.primary_exchange, currency=self.currency, local_symbol=self.local_symbol,
+            trading_class=self.trading_class, last_trade_date=self.expiry, multiplier=self.multiplier,
+            min_tick=self.market.tick_size, long_name=self.long_name, time_zone=self.time_zone,
+            trading_hours=trading, liquid_hours=liquid,
+            updated_at=to_us(datetime.combine(today, time(), ZoneInfo("UTC"))),
+        )
 
     def hours(self, today: date, days: int = 7) -> tuple[str, str]:
         """(tradingHours, liquidHours) from ``today`` on, as IB formats them."""

@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ibstream.settings import Settings
+from storage.bars import PREAGGREGATE_US, ipc_bytes, partial_bars
 from storage.failpoints import failpoint
 from storage.index import ArchiveEntry, DailyStatistics, Index
 from storage.schemas import TickType
@@ -172,7 +173,8 @@ class Archiver:
             arrow_size_bytes=table.nbytes,
         )
         statistics = self._statistics_with(key, hour, path)
-        self.index.publish(entry, statistics)
+        minute_bars = ipc_bytes(partial_bars(table, key.tick_type, PREAGGREGATE_US))
+        self.index.publish(entry, statistics, minute_bars)
         failpoint("archive.after_publish")
         self.writer.forget_segments(key, segments)
         log.info(

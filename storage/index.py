@@ -44,6 +44,16 @@ CREATE TABLE IF NOT EXISTS data_statistics (
     PRIMARY KEY (contract_id, tick_type, date)
 );
 
+-- Per archived hour, its 1-minute partial bars (storage.bars) as Arrow IPC stream bytes: bars
+-- from 1m up over archived hours roll these up instead of rescanning the hour's ticks.
+CREATE TABLE IF NOT EXISTS hour_bars (
+    contract_id INTEGER NOT NULL,
+    tick_type TEXT NOT NULL,
+    hour_start INTEGER NOT NULL,          -- UTC hour, microseconds (as in tick_archives)
+    bars BLOB NOT NULL,
+    PRIMARY KEY (contract_id, tick_type, hour_start)
+);
+
 CREATE TABLE IF NOT EXISTS contracts (
     contract_id INTEGER PRIMARY KEY,      -- IB conId
     symbol TEXT NOT NULL,
@@ -163,11 +173,12 @@ class Index:
 
     # -- archive -------------------------------------------------------------------------------
 
-    def publish(self, entry: ArchiveEntry, statistics: DailyStatistics) -> None:
-        """Record an archived hour and its day's statistics in one transaction."""
+    def publish(self, entry: ArchiveEntry, statistics: DailyStatistics, minute_bars: bytes) -> None:
+        """Record an archived hour, its 1-minute partial bars and its day's statistics in one transaction."""
         conn = self._connection()
         conn.execute("BEGIN IMMEDIATE")
         try:
+            self._put_hour_bars(conn, entry.contract_id, entry.tick_type, entry.hour_start, minute_bars)
             conn.execute(
                 "INSERT INTO tick_archives (contract_id, tick_type, hour_start, start_time, end_time, "
                 "file_path, tick_count, file_size_bytes, arrow_size_bytes, compression_ratio) "
@@ -201,6 +212,23 @@ class Index:
             (contract_id, tick_type, end_us, start_us),
         ).fetchall()
         return [ArchiveEntry(*row) for row in rows]
+
+    def hour_bars(self, contract_id: int, tick_type: str, start_us: int, end_us: int) -> dict[int, bytes]:
+        """The 1-minute partial bars of archived hours starting in [start_us, end_us), by hour."""
+        rows = self._connection().execute(
+            "SELECT hour_start, bars FROM hour_bars WHERE contract_id = ? AND tick_type = ? "
+            "AND hour_start >= ? AND hour_start < ?", (contract_id, tick_type, start_us, end_us))
+        return dict(rows)
+
+    def put_hour_bars(self, contract_id: int, tick_type: str, hour_start: int, minute_bars: bytes) -> None:
+        """Keep the partial bars of an hour archived before they existed (computed on first use)."""
+        self._put_hour_bars(self._connection(), contract_id, tick_type, hour_start, minute_bars)
+
+    @staticmethod
+    def _put_hour_bars(conn: sqlite3.Connection, contract_id: int, tick_type: str, hour_start: int,
+                       minute_bars: bytes) -> None:
+        conn.execute("INSERT OR REPLACE INTO hour_bars VALUES (?, ?, ?, ?)",
+                     (contract_id, tick_type, hour_start, minute_bars))
 
     def all_archive_paths(self) -> set[str]:
         return {row[0] for row in self._connection().execute("SELECT file_path FROM tick_archives")}
@@ -242,6 +270,10 @@ class Index:
         marks = ", ".join("?" * len(ContractDetails.__dataclass_fields__))
         self._connection().execute(f"INSERT OR REPLACE INTO contracts ({names}) VALUES ({marks})",
                                    tuple(details.__dict__.values()))
+
+    def contract(self, contract_id: int) -> ContractDetails | None:
+        row = self._connection().execute("SELECT * FROM contracts WHERE contract_id = ?", (contract_id,)).fetchone()
+        return None if row is None else ContractDetails(*row)
 
     def contracts(self) -> list[ContractDetails]:
         rows = self._connection().execute("SELECT * FROM contracts ORDER BY contract_id").fetchall()

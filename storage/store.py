@@ -15,8 +15,11 @@ from ibstream.errors import StorageError
 from ibstream.settings import Settings
 from storage.archive import Archiver, recover_archive
 from storage.index import ArchiveEntry, ContractDetails, DailyStatistics, Index
+from storage.cache import ResultCache
 from storage.planner import Plan, Planner
+from storage.query import read_bars
 from storage.schemas import TickType
+from storage.sessions import ContractSessions, Session, no_calendar_error
 from storage.segments import SegmentWriter, StreamKey, list_segments, list_streams, segment_start_us, stream_dir
 from storage.times import US_PER_HOUR, from_us, hour_floor, to_us
 
@@ -57,6 +60,7 @@ class Store:
             self.writer = SegmentWriter(self.settings, sealed)
             self.archiver = Archiver(self.settings, self.index, self.writer)
         self.planner = Planner(self.index, self.settings.buffer_root, self.settings.archive_root, self.writer)
+        self.cache = ResultCache(self.settings.cache_max_bytes, self.settings.cache_ttl.total_seconds())
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -93,6 +97,42 @@ class Store:
     def read(self, contract_id: int, tick_type: TickType | str, start: datetime, end: datetime) -> pa.Table:
         """All ticks of a stream with ``start <= ts < end`` (tz-aware datetimes)."""
         return self.plan(contract_id, tick_type, to_us(start, name="start"), to_us(end, name="end")).read_all()
+
+    def is_closed(self, contract_id: int, tick_type: TickType | str, end_us: int) -> bool:
+        """Whether nothing can change before ``end_us`` any more: every hour up to it is archived
+        (the writer refuses ticks for archived hours), so results over it may be cached."""
+        until = self.index.archived_until().get((int(contract_id), TickType.parse(str(tick_type)).value))
+        return until is not None and end_us <= until
+
+    def ticks(self, contract_id: int, tick_type: TickType | str, start_us: int, end_us: int) -> pa.Table | Plan:
+        """The ticks of a range: a cached table when the range is closed (see :meth:`is_closed`),
+        else the plan to stream them from (never stale)."""
+        plan = self.plan(contract_id, tick_type, start_us, end_us)
+        if not self.is_closed(contract_id, tick_type, end_us):
+            return plan
+        key = ("ticks", int(contract_id), plan.key.tick_type.value, start_us, end_us)
+        return self.cache.get_or_compute(key, plan.read_all)
+
+    def bars(self, contract_id: int, tick_type: TickType | str, start_us: int, end_us: int, resolution: str, *,
+             fill: bool = False, sessions: list[Session] | None = None) -> pa.Table:
+        """Bars of a stream over ``[start_us, end_us)`` (see :mod:`storage.bars`); daily bars need the
+        trading ``sessions`` to build. Cached when the range is closed."""
+        key = StreamKey(int(contract_id), TickType.parse(str(tick_type)))
+
+        def compute() -> pa.Table:
+            return read_bars(self, key, start_us, end_us, resolution, fill=fill, sessions=sessions)
+
+        if not self.is_closed(contract_id, tick_type, end_us):
+            return compute()
+        days = tuple((s.open_us, s.close_us) for s in sessions or ())
+        return self.cache.get_or_compute(("bars", key, start_us, end_us, resolution, fill, days), compute)
+
+    def sessions(self, contract_id: int) -> ContractSessions:
+        """The trading sessions of a contract, from the details the recorder stored for it."""
+        details = self.index.contract(int(contract_id))
+        if details is None:
+            raise no_calendar_error(int(contract_id))
+        return ContractSessions.from_details(details)
 
     def streams(self) -> list[StreamInfo]:
         """Every stored stream with its first/last tick time and counts."""

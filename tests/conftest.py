@@ -13,7 +13,7 @@ import pytest
 from clients import Client
 from flight_server import FlightServer
 from ibstream.settings import Settings
-from recorder.synthetic import MNQ, synthetic_ticks
+from recorder.synthetic import MNQ, SyntheticContract, synthetic_ticks
 from storage import Store
 from storage.times import to_us
 
@@ -30,6 +30,15 @@ def between(table: pa.Table, start: datetime, end: datetime) -> pa.Table:
 
 def ticks(start: datetime, count: int, tick_type: str = "bid_ask", *, seed: int = 0, rate_scale: float = 1.0) -> pa.Table:
     return synthetic_ticks(MNQ, tick_type, to_us(start), count, seed=seed, rate_scale=rate_scale)
+
+
+def market(contract: SyntheticContract, tick_type: str, start: datetime, end: datetime, per_second: float,
+           *, seed: int = 0) -> pa.Table:
+    """Synthetic ticks of ``contract`` at about ``per_second`` over [start, end)."""
+    base = contract.quotes_per_second if tick_type in ("bid_ask", "mid_point") else contract.trades_per_second
+    count = int((end - start).total_seconds() * per_second * 1.5) + 10
+    table = synthetic_ticks(contract, tick_type, to_us(start), count, seed=seed, rate_scale=per_second / base)
+    return between(table, start, end)
 
 
 def append_in_batches(store: Store, table: pa.Table, batch: int = 997, contract_id: int = MNQ.contract_id) -> None:

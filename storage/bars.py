@@ -1,0 +1,227 @@
+"""Bars: ticks downsampled to OHLC bars, through decomposable *partial* bars.
+
+Every bar is computed in two steps. Ticks become **partial bars** (open, high, low, close,
+sums and counts at some resolution); partial bars **roll up** into coarser partial bars
+(the first non-null open, max high, min low, last non-null close, sums of sums); a last step
+**finishes** them into the served columns (``vwap = notional / volume``, ``mean_spread =
+spread_sum / two_sided``). Because every partial is decomposable, bars rolled up from the
+archive's per-hour 1-minute pre-aggregates equal bars computed from the raw ticks: OHLC,
+counts and (decimal) volumes exactly; ``vwap`` and ``mean_spread`` up to float summation order.
+
+Served bar columns (``ts`` is the bar's start, UTC; bars are left-closed ``[ts, ts + res)``):
+
+=============  ===============================================================================
+trades         ``last``/``all_last``: open, high, low, close (trade prices), volume (exact
+               decimal sum of sizes), vwap, trade_count
+quotes         ``bid_ask``: open, high, low, close of the mid price ``(bid + ask) / 2`` over
+               two-sided quotes (bid > 0 and ask > 0); the closing bid, ask, bid_size, ask_size
+               (last quote of the bar); mean_spread (mean of ``ask - bid`` over the bar's
+               two-sided quotes: a per-quote mean, not time-weighted); quote_count (all quotes)
+mid_point      open, high, low, close of ``mid_point``; tick_count
+=============  ===============================================================================
+
+Daily (``1d``) bars add ``session_date`` (the trading date) after ``ts``, which is the
+session's open.
+"""
+
+from __future__ import annotations
+
+import re
+
+import polars as pl
+import pyarrow as pa
+
+from ibstream.errors import InvalidRequestError
+from storage.schemas import PRICE, SIZE, TIMESTAMP, TickType
+from storage.times import US_PER_HOUR, US_PER_SECOND
+
+TICK = "tick"
+DAILY = "1d"
+US_PER_MINUTE = 60 * US_PER_SECOND
+BAR_RESOLUTIONS: dict[str, int] = {
+    "1s": US_PER_SECOND, "5s": 5 * US_PER_SECOND, "10s": 10 * US_PER_SECOND, "30s": 30 * US_PER_SECOND,
+    "1m": US_PER_MINUTE, "5m": 5 * US_PER_MINUTE, "15m": 15 * US_PER_MINUTE, "30m": 30 * US_PER_MINUTE,
+    "1h": US_PER_HOUR, DAILY: 24 * US_PER_HOUR,
+}
+RESOLUTIONS = (TICK, *BAR_RESOLUTIONS)
+PREAGGREGATE_US = US_PER_MINUTE  # archived hours keep 1-minute partial bars
+VOLUME = pa.decimal128(38, 8)
+
+
+def parse_resolution(value: str) -> str:
+    """``value`` if it is a known resolution, else an error listing the legal ones."""
+    if value not in RESOLUTIONS:
+        raise InvalidRequestError(f"resolution was {value!r}; use any of {', '.join(RESOLUTIONS)}")
+    return value
+
+
+def partial_step_us(resolution: str) -> int:
+    """The resolution partial bars are computed at: the bar's own below one minute, else 1 minute
+    (every resolution from 1m up, and session boundaries, are whole minutes)."""
+    return min(BAR_RESOLUTIONS[resolution], PREAGGREGATE_US)
+
+
+_WINDOW = re.compile(r"^([1-9][0-9]*)([smhdw])$")
+_UNIT_US = {"s": US_PER_SECOND, "m": US_PER_MINUTE, "h": US_PER_HOUR, "d": 24 * US_PER_HOUR, "w": 7 * 24 * US_PER_HOUR}
+
+
+def parse_window(value: str) -> int:
+    """Microseconds of a rolling window such as ``15m``, ``24h``, ``7d``, ``2w``."""
+    match = _WINDOW.match(value)
+    if match is None:
+        raise InvalidRequestError(
+            f"window was {value!r}; use a whole number and a unit s, m, h, d or w, e.g. '15m', '24h', '7d'")
+    return int(match.group(1)) * _UNIT_US[match.group(2)]
+
+
+# -- schemas -----------------------------------------------------------------------------------
+
+def _ohlc(null_ok: bool = False) -> list[pa.Field]:
+    return [pa.field(name, PRICE, nullable=null_ok) for name in ("open", "high", "low", "close")]
+
+
+_PARTIAL = {
+    "trades": _ohlc() + [pa.field("volume", VOLUME), pa.field("notional", PRICE), pa.field("trade_count", pa.int64())],
+    "quotes": _ohlc(True) + [
+        pa.field("bid", PRICE), pa.field("ask", PRICE), pa.field("bid_size", SIZE), pa.field("ask_size", SIZE),
+        pa.field("spread_sum", PRICE), pa.field("two_sided", pa.int64()), pa.field("quote_count", pa.int64())],
+    "mid": _ohlc() + [pa.field("tick_count", pa.int64())],
+}
+_INTERNAL = {"notional", "spread_sum", "two_sided"}
+
+
+def _family(tick_type: TickType) -> str:
+    return {TickType.BID_ASK: "quotes", TickType.MID_POINT: "mid"}.get(tick_type, "trades")
+
+
+def partial_schema(tick_type: TickType) -> pa.Schema:
+    return pa.schema([pa.field("ts", TIMESTAMP, nullable=False), *_PARTIAL[_family(tick_type)]])
+
+
+def bar_schema(tick_type: TickType, resolution: str) -> pa.Schema:
+    """The served schema of bars of ``tick_type`` at ``resolution``."""
+    fields = [f for f in _PARTIAL[_family(tick_type)] if f.name not in _INTERNAL]
+    family = _family(tick_type)
+    if family == "trades":
+        fields.insert(5, pa.field("vwap", PRICE))
+    elif family == "quotes":
+        fields.insert(8, pa.field("mean_spread", PRICE))
+    head = [pa.field("ts", TIMESTAMP, nullable=False)]
+    if resolution == DAILY:
+        head.append(pa.field("session_date", pa.date32(), nullable=False))
+    metadata = {"ibstream.tick_type": tick_type.value, "ibstream.resolution": resolution}
+    return pa.schema(head + [f.with_nullable(True) for f in fields], metadata=metadata)
+
+
+# -- ticks -> partial bars ---------------------------------------------------------------------
+
+def _tick_aggregations(tick_type: TickType) -> list[pl.Expr]:
+    family = _family(tick_type)
+    if family == "trades":
+        price = pl.col("price")
+        return [*_ohlc_of(price), pl.col("size").sum().cast(pl.Decimal(38, 8)).alias("volume"),
+                (price * pl.col("size").cast(pl.Float64)).sum().alias("notional"),
+                pl.len().cast(pl.Int64).alias("trade_count")]
+    if family == "mid":
+        return [*_ohlc_of(pl.col("mid_point")), pl.len().cast(pl.Int64).alias("tick_count")]
+    bid, ask = pl.col("bid_price"), pl.col("ask_price")
+    two_sided = (bid > 0) & (ask > 0)
+    mid = pl.when(two_sided).then((bid + ask) / 2)
+    return [*_ohlc_of(mid), bid.last().alias("bid"), ask.last().alias("ask"),
+            pl.col("bid_size").last(), pl.col("ask_size").last(),
+            pl.when(two_sided).then(ask - bid).sum().alias("spread_sum"),
+            two_sided.sum().cast(pl.Int64).alias("two_sided"), pl.len().cast(pl.Int64).alias("quote_count")]
+
+
+def _ohlc_of(price: pl.Expr) -> list[pl.Expr]:
+    return [price.drop_nulls().first().alias("open"), price.max().alias("high"), price.min().alias("low"),
+            price.drop_nulls().last().alias("close")]
+
+
+def _floor(step_us: int) -> pl.Expr:
+    micros = pl.col("ts").cast(pl.Int64)
+    return (micros - micros % step_us).cast(pl.Datetime("us", "UTC")).alias("ts")
+
+
+def partial_bars(ticks: pa.Table | pl.DataFrame, tick_type: TickType, step_us: int) -> pl.DataFrame:
+    """Partial bars of ``step_us`` (UTC epoch-aligned) over ts-ordered ticks of one stream."""
+    frame = ticks if isinstance(ticks, pl.DataFrame) else pl.from_arrow(ticks)
+    if frame.height == 0:
+        return pl.from_arrow(partial_schema(tick_type).empty_table())
+    return frame.group_by(_floor(step_us), maintain_order=True).agg(_tick_aggregations(tick_type))
+
+
+# -- partial bars -> coarser partial bars -------------------------------------------------------
+
+def _rollup_aggregations(tick_type: TickType) -> list[pl.Expr]:
+    first_last = {"bid", "ask", "bid_size", "ask_size"}
+    exprs = [pl.col("open").drop_nulls().first(), pl.col("high").max(), pl.col("low").min(),
+             pl.col("close").drop_nulls().last()]
+    for field in _PARTIAL[_family(tick_type)][4:]:
+        exprs.append(pl.col(field.name).last() if field.name in first_last else pl.col(field.name).sum())
+    return exprs
+
+
+def rollup(partials: pl.DataFrame, tick_type: TickType, step_us: int) -> pl.DataFrame:
+    """Merge ts-ordered partial bars into bars of ``step_us`` (also merges equal starts)."""
+    if partials.height == 0:
+        return partials
+    return partials.group_by(_floor(step_us), maintain_order=True).agg(_rollup_aggregations(tick_type))
+
+
+def rollup_sessions(partials: pl.DataFrame, tick_type: TickType, sessions: list) -> pl.DataFrame:
+    """Merge partial bars into one bar per session (``storage.sessions.Session``), labelled by the
+    session's open, with its ``session_date``; partials outside every session are dropped."""
+    opens = pl.Series("open_us", [s.open_us for s in sessions], pl.Int64)
+    closes = pl.Series("close_us", [s.close_us for s in sessions], pl.Int64)
+    micros = partials.get_column("ts").cast(pl.Int64)
+    slot = (opens.search_sorted(micros, side="right") - 1).cast(pl.Int64)
+    inside = (slot >= 0) & (micros < closes.gather(slot.clip(0, None)).fill_null(0))
+    frame = partials.with_columns(slot.alias("_slot")).filter(inside)
+    bars = frame.group_by("_slot", maintain_order=True).agg(_rollup_aggregations(tick_type))
+    labels = pl.DataFrame({
+        "_slot": pl.Series(range(len(sessions)), dtype=pl.Int64),
+        "ts": opens.cast(pl.Datetime("us", "UTC")),
+        "session_date": pl.Series([s.trading_date for s in sessions], dtype=pl.Date),
+    })
+    return labels.join(bars, on="_slot", how="inner", maintain_order="left").drop("_slot")
+
+
+# -- partial bars -> served bars ---------------------------------------------------------------
+
+def finish(partials: pl.DataFrame, tick_type: TickType, resolution: str) -> pa.Table:
+    """Served bars (see the module docstring) from rolled-up partial bars."""
+    schema = bar_schema(tick_type, resolution)
+    family = _family(tick_type)
+    if family == "trades":
+        volume = pl.col("volume").cast(pl.Float64)
+        partials = partials.with_columns(pl.when(volume > 0).then(pl.col("notional") / volume).alias("vwap"))
+    elif family == "quotes":
+        partials = partials.with_columns(
+            pl.when(pl.col("two_sided") > 0).then(pl.col("spread_sum") / pl.col("two_sided")).alias("mean_spread"))
+    table = partials.select(schema.names).to_arrow()
+    return table.cast(schema) if table.num_rows else schema.empty_table()
+
+
+def fill_grid(bars: pa.Table, grid: pa.Table) -> pa.Table:
+    """``bars`` with a row for every bar start in ``grid`` (its ``ts`` and, for daily bars,
+    ``session_date``): empty bars have zero counts and volume and null prices."""
+    schema = bars.schema
+    counts = [f.name for f in schema if f.name.endswith("_count") or f.name == "volume"]
+    keys = [name for name in ("ts", "session_date") if name in schema.names]
+    full = pl.from_arrow(grid.select(keys)).join(pl.from_arrow(bars), on=keys, how="left", maintain_order="left")
+    full = full.with_columns(pl.col(name).fill_null(0) for name in counts)
+    return full.to_arrow().cast(schema)
+
+
+def ipc_bytes(frame: pl.DataFrame) -> bytes:
+    """Arrow IPC stream bytes of a frame (how pre-aggregates are kept in the index)."""
+    table = frame.to_arrow()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def from_ipc_bytes(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(data).read_all()

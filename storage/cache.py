@@ -1,0 +1,53 @@
+"""Result cache: query results over *closed* ranges, LRU with a byte bound and a TTL.
+
+A range is closed when every hour it touches is published in the archive: the writer refuses
+ticks for sealed hours, so such a result can never change. Ranges that reach into the buffer
+(closed or open segments) are never cached, so they are never served stale.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable
+
+import pyarrow as pa
+from cachetools import TTLCache
+
+
+class ResultCache:
+    """Thread-safe LRU of Arrow tables bounded by ``max_bytes`` (their buffers' size), each
+    entry dropped ``ttl_seconds`` after it was stored. ``max_bytes=0`` disables caching."""
+
+    def __init__(self, max_bytes: int, ttl_seconds: float):
+        self.max_bytes = max_bytes
+        self._tables: TTLCache = TTLCache(maxsize=max(max_bytes, 1), ttl=ttl_seconds, getsizeof=_size)
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get_or_compute(self, key: Hashable, compute: Callable[[], pa.Table]) -> pa.Table:
+        """The cached table of ``key``, or ``compute()``'s, kept if it fits in a quarter of the cache."""
+        with self._lock:
+            table = self._tables.get(key)
+            if table is not None:
+                self.hits += 1
+                return table
+            self.misses += 1
+        table = compute()
+        if 0 < _size(table) <= self.max_bytes // 4:
+            with self._lock:
+                self._tables[key] = table
+        return table
+
+    @property
+    def current_bytes(self) -> int:
+        with self._lock:
+            return int(self._tables.currsize)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tables.clear()
+
+
+def _size(table: pa.Table) -> int:
+    return max(table.nbytes, 1)

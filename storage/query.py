@@ -1,0 +1,142 @@
+"""Bar queries over every layer: archived hours' 1-minute pre-aggregates plus raw ticks.
+
+For a stream and ``[start, end)`` at a bar resolution, partial bars (see :mod:`storage.bars`)
+come from two kinds of piece, in time order:
+
+* an archived hour lying wholly inside the range, at a step of one minute: its pre-aggregated
+  1-minute partial bars from the index (``hour_bars``), computed once when the hour was
+  archived (or on first use for hours archived before pre-aggregates existed);
+* everything else (the range's cut edges, unarchived hours, the buffer and the in-memory
+  tail, and every hour for sub-minute resolutions): the raw ticks through the query planner,
+  aggregated chunk by chunk so memory stays bounded.
+
+The pieces are rolled up into bars of the resolution, or into one bar per trading session
+for ``1d``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.bars import (
+    BAR_RESOLUTIONS,
+    DAILY,
+    PREAGGREGATE_US,
+    fill_grid,
+    finish,
+    from_ipc_bytes,
+    ipc_bytes,
+    partial_bars,
+    partial_schema,
+    partial_step_us,
+    rollup,
+    rollup_sessions,
+)
+from storage.schemas import TIMESTAMP
+from storage.segments import StreamKey
+from storage.times import US_PER_HOUR
+
+if TYPE_CHECKING:
+    from storage.sessions import Session
+    from storage.store import Store
+
+log = logging.getLogger(__name__)
+
+CHUNK_ROWS = 1 << 20  # raw ticks aggregated at a time
+
+
+def read_bars(store: "Store", key: StreamKey, start_us: int, end_us: int, resolution: str, *,
+              fill: bool = False, sessions: list["Session"] | None = None) -> pa.Table:
+    """Bars of one stream over ``[start_us, end_us)``; ``sessions`` (required for ``1d``) are
+    the trading sessions whose bars are wanted, oldest first."""
+    step = partial_step_us(resolution)
+    if resolution == DAILY:
+        if not sessions:
+            return finish(_empty(key), key.tick_type, resolution)
+        start_us, end_us = max(start_us, sessions[0].open_us), min(end_us, sessions[-1].close_us)
+    partials = _partials(store, key, start_us, end_us, step) if start_us < end_us else _empty(key)
+    if resolution == DAILY:
+        bars = finish(rollup_sessions(partials, key.tick_type, sessions), key.tick_type, resolution)
+    else:
+        bars = finish(rollup(partials, key.tick_type, BAR_RESOLUTIONS[resolution]), key.tick_type, resolution)
+    if fill:
+        bars = fill_grid(bars, _grid(start_us, end_us, resolution, sessions))
+    return bars
+
+
+def _grid(start_us: int, end_us: int, resolution: str, sessions: list["Session"] | None) -> pa.Table:
+    """Every bar start of the range (or every session, for daily bars)."""
+    if resolution == DAILY:
+        return pa.table({"ts": pa.array([s.open_us for s in sessions], pa.int64()).cast(TIMESTAMP),
+                         "session_date": pa.array([s.trading_date for s in sessions], pa.date32())})
+    step = BAR_RESOLUTIONS[resolution]
+    return pa.table({"ts": pa.array(np.arange(start_us - start_us % step, end_us, step)).cast(TIMESTAMP)})
+
+
+def _empty(key: StreamKey) -> pl.DataFrame:
+    return pl.from_arrow(partial_schema(key.tick_type).empty_table())
+
+
+def _partials(store: "Store", key: StreamKey, start_us: int, end_us: int, step: int) -> pl.DataFrame:
+    """Partial bars of ``step`` over the range, from pre-aggregates where possible."""
+    whole = _preaggregated_hours(store, key, start_us, end_us) if step == PREAGGREGATE_US else {}
+    pieces: list[pa.Table] = []
+    cursor = start_us
+    for hour in sorted(whole):
+        if cursor < hour:
+            pieces.extend(_raw_partials(store, key, cursor, hour, step))
+        pieces.append(whole[hour])
+        cursor = hour + US_PER_HOUR
+    if cursor < end_us:
+        pieces.extend(_raw_partials(store, key, cursor, end_us, step))
+    if not pieces:
+        return _empty(key)
+    schema = partial_schema(key.tick_type)
+    frame = pl.from_arrow(pa.concat_tables([piece.cast(schema) for piece in pieces]))
+    return rollup(frame, key.tick_type, step)  # merges bars split between two pieces or chunks
+
+
+def _raw_partials(store: "Store", key: StreamKey, start_us: int, end_us: int, step: int) -> Iterator[pa.Table]:
+    batches, rows = [], 0
+    for batch in store.plan(key.contract_id, key.tick_type, start_us, end_us).batches():
+        batches.append(batch)
+        rows += batch.num_rows
+        if rows >= CHUNK_ROWS:
+            yield partial_bars(pa.Table.from_batches(batches), key.tick_type, step).to_arrow()
+            batches, rows = [], 0
+    if batches:
+        yield partial_bars(pa.Table.from_batches(batches), key.tick_type, step).to_arrow()
+
+
+def _preaggregated_hours(store: "Store", key: StreamKey, start_us: int, end_us: int) -> dict[int, pa.Table]:
+    """1-minute partial bars of each archived hour wholly inside the range, by hour start."""
+    tick_type = key.tick_type.value
+    entries = [e for e in store.index.archives(key.contract_id, tick_type, start_us, end_us)
+               if e.hour_start >= start_us and e.hour_start + US_PER_HOUR <= end_us]
+    if not entries:
+        return {}
+    stored = store.index.hour_bars(key.contract_id, tick_type, entries[0].hour_start, entries[-1].hour_start + 1)
+    hours = {}
+    for entry in entries:
+        blob = stored.get(entry.hour_start)
+        if blob is None:
+            blob = _backfill(store, key, entry.hour_start, entry.file_path)
+        hours[entry.hour_start] = from_ipc_bytes(blob)
+    return hours
+
+
+def _backfill(store: "Store", key: StreamKey, hour: int, file_path: str) -> bytes:
+    """Pre-aggregates of an hour archived before they existed; kept if this store may write."""
+    ticks = pq.read_table(store.settings.archive_root / file_path)
+    blob = ipc_bytes(partial_bars(ticks, key.tick_type, PREAGGREGATE_US))
+    if not store.read_only:
+        store.index.put_hour_bars(key.contract_id, key.tick_type.value, hour, blob)
+        log.info("computed the 1-minute pre-aggregates of %s hour %d (archived before they existed)", key, hour)
+    return blob

@@ -1,0 +1,215 @@
+"""Bars over Flight equal a plain polars ``group_by_dynamic`` over the same raw ticks.
+
+The store holds five hours of three streams: the first three hours archived (so bars from 1m
+up come from the per-hour 1-minute pre-aggregates), the rest in segments and the open tail.
+Ranges are drawn at random, cut mid-bar, and span archive and buffer.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, example, given, settings as hypothesis_settings, strategies as st
+from polars.testing import assert_frame_equal
+
+from conftest import Served, append_in_batches, ticks, utc
+from ibstream.errors import InvalidRequestError
+from ibstream.settings import Settings
+from recorder.synthetic import MNQ
+from storage import Store
+from storage.bars import BAR_RESOLUTIONS, partial_bars, PREAGGREGATE_US, from_ipc_bytes
+from storage.times import US_PER_HOUR, to_us
+
+T0 = utc(2025, 1, 10, 12)
+ARCHIVED_UNTIL = utc(2025, 1, 10, 15)
+SUB_DAY = [r for r in BAR_RESOLUTIONS if r != "1d"]
+TICK_TYPES = ["bid_ask", "last", "mid_point"]
+APPROXIMATE = {"vwap", "mean_spread"}  # float sums: equal up to summation order
+
+
+def reference_bars(raw: pl.DataFrame, tick_type: str, resolution: str) -> pl.DataFrame:
+    """What bars mean, written the plain way: polars group_by_dynamic over the raw ticks."""
+    if tick_type in ("last", "all_last"):
+        size = pl.col("size").cast(pl.Float64)
+        aggs = [pl.col("price").first().alias("open"), pl.col("price").max().alias("high"),
+                pl.col("price").min().alias("low"), pl.col("price").last().alias("close"),
+                pl.col("size").sum().alias("volume"),
+                ((pl.col("price") * size).sum() / size.sum()).alias("vwap"),
+                pl.len().cast(pl.Int64).alias("trade_count")]
+    elif tick_type == "bid_ask":
+        two_sided = (pl.col("bid_price") > 0) & (pl.col("ask_price") > 0)
+        mid = pl.when(two_sided).then((pl.col("bid_price") + pl.col("ask_price")) / 2)
+        spread = pl.when(two_sided).then(pl.col("ask_price") - pl.col("bid_price"))
+        aggs = [mid.drop_nulls().first().alias("open"), mid.max().alias("high"), mid.min().alias("low"),
+                mid.drop_nulls().last().alias("close"), pl.col("bid_price").last().alias("bid"),
+                pl.col("ask_price").last().alias("ask"), pl.col("bid_size").last(), pl.col("ask_size").last(),
+                spread.mean().alias("mean_spread"), pl.len().cast(pl.Int64).alias("quote_count")]
+    else:
+        aggs = [pl.col("mid_point").first().alias("open"), pl.col("mid_point").max().alias("high"),
+                pl.col("mid_point").min().alias("low"), pl.col("mid_point").last().alias("close"),
+                pl.len().cast(pl.Int64).alias("tick_count")]
+    return raw.group_by_dynamic("ts", every=resolution).agg(aggs)  # polars: "1m" is a minute
+
+
+def assert_bars_equal(served: pl.DataFrame, expected: pl.DataFrame) -> None:
+    assert served.columns == expected.columns
+    exact = [c for c in served.columns if c not in APPROXIMATE]
+    assert_frame_equal(served.select(exact), expected.select(exact), check_dtypes=False, check_exact=True)
+    approximate = [c for c in served.columns if c in APPROXIMATE]
+    if approximate:
+        assert_frame_equal(served.select(approximate), expected.select(approximate), check_exact=False, rel_tol=1e-9)
+
+
+def one_sided(table: pa.Table, every: int) -> pa.Table:
+    """Quotes with every ``every``-th bid withdrawn (bid 0), as IB sends one-sided books."""
+    bids = table.column("bid_price").to_numpy().copy()
+    bids[::every] = 0.0
+    return table.set_column(table.schema.get_field_index("bid_price"), "bid_price", pa.array(bids))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A store with 5 hours of bid_ask, last and mid_point (3 archived), served over Flight."""
+    root = tmp_path_factory.mktemp("bars")
+    settings = Settings(data_root=root / "data", rotation_interval=timedelta(minutes=5), archive_delay=timedelta(0),
+                        flight_port=0, fsync="none")
+    raw = {}
+    with Store(settings) as store:
+        for tick_type, count, every in (("bid_ask", 60_000, 7), ("last", 9_000, 0), ("mid_point", 30_000, 0)):
+            table = ticks(T0, count, tick_type, seed=3, rate_scale=count / 5 / 3600 / 17)
+            table = one_sided(table, every) if every else table
+            append_in_batches(store, table)
+            raw[tick_type] = table
+        store.archive(now=ARCHIVED_UNTIL)
+        served = Served(store)
+        yield store, served, {k: pl.from_arrow(v) for k, v in raw.items()}
+        served.close()
+
+
+def test_the_world_spans_archive_and_buffer(world):
+    store, _, raw = world
+    for tick_type, frame in raw.items():
+        last = frame.get_column("ts").max()
+        assert last > ARCHIVED_UNTIL + timedelta(hours=1), tick_type  # ticks remain in the buffer
+        assert store.index.archived_until()[(MNQ.contract_id, tick_type)] == to_us(ARCHIVED_UNTIL)
+
+
+@given(tick_type=st.sampled_from(TICK_TYPES), resolution=st.sampled_from(SUB_DAY),
+       start_s=st.integers(0, 5 * 3600), length_s=st.integers(1, 5 * 3600), micros=st.integers(0, 999_999))
+@example(tick_type="bid_ask", resolution="1m", start_s=0, length_s=5 * 3600, micros=0)       # everything
+@example(tick_type="last", resolution="1h", start_s=3600, length_s=2 * 3600, micros=0)       # whole archived hours
+@example(tick_type="last", resolution="5m", start_s=2 * 3600 + 1799, length_s=3 * 3600, micros=1)  # cut, across
+@example(tick_type="mid_point", resolution="30s", start_s=3 * 3600 - 7, length_s=14, micros=500_000)  # at the seam
+@hypothesis_settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_bars_equal_a_plain_polars_group_by(world, tick_type, resolution, start_s, length_s, micros):
+    _, served, raw = world
+    start = T0 + timedelta(seconds=start_s, microseconds=micros)
+    end = start + timedelta(seconds=length_s)
+    bars = served.client.bars(MNQ.contract_id, tick_type, resolution, start, end)
+    expected = reference_bars(raw[tick_type].filter((pl.col("ts") >= start) & (pl.col("ts") < end)), tick_type,
+                              resolution)
+    assert_bars_equal(bars, expected)
+
+
+@given(seed=st.integers(0, 10_000), count=st.integers(1, 2_500), tick_type=st.sampled_from(TICK_TYPES),
+       resolution=st.sampled_from(SUB_DAY), archive_hours=st.integers(0, 3))
+@hypothesis_settings(max_examples=15, deadline=None)
+def test_bars_of_random_tick_sets(seed, count, tick_type, resolution, archive_hours):
+    """Random tick sets (sizes, one-sided books, bursts), some hours archived, the rest buffered."""
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(data_root=Path(tmp) / "data", rotation_interval=timedelta(minutes=5),
+                            archive_delay=timedelta(0), flight_port=0, fsync="none")
+        table = ticks(T0, count, tick_type, seed=seed, rate_scale=count / 4 / 3600 / 17)
+        if tick_type == "bid_ask":
+            table = one_sided(table, 1 + seed % 5)
+        with Store(settings) as store:
+            append_in_batches(store, table, batch=101)
+            store.archive(now=T0 + timedelta(hours=archive_hours))
+            served = Served(store)
+            try:
+                start, end = T0, T0 + timedelta(hours=5)
+                bars = served.client.bars(MNQ.contract_id, tick_type, resolution, start, end)
+            finally:
+                served.close()
+        raw = pl.from_arrow(table).filter((pl.col("ts") >= start) & (pl.col("ts") < end))
+        assert_bars_equal(bars, reference_bars(raw, tick_type, resolution))
+
+
+def test_preaggregates_equal_the_hours_raw_ticks(world):
+    store, _, raw = world
+    hour = to_us(T0) + US_PER_HOUR
+    for tick_type in TICK_TYPES:
+        blobs = store.index.hour_bars(MNQ.contract_id, tick_type, hour, hour + 1)
+        ticks_of_hour = store.read(MNQ.contract_id, tick_type, T0 + timedelta(hours=1), T0 + timedelta(hours=2))
+        expected = partial_bars(ticks_of_hour, store.plan(MNQ.contract_id, tick_type, 0, 1).key.tick_type,
+                                PREAGGREGATE_US)
+        assert_frame_equal(pl.from_arrow(from_ipc_bytes(blobs[hour])), expected)
+
+
+def test_hours_archived_before_preaggregates_are_backfilled(tmp_path, settings):
+    table = ticks(T0, 20_000, "last", seed=9, rate_scale=20_000 / 3 / 3600 / 17)
+    with Store(settings) as store:
+        append_in_batches(store, table)
+        store.archive(now=T0 + timedelta(hours=2))
+        with_preaggregates = store.bars(MNQ.contract_id, "last", to_us(T0), to_us(T0) + 3 * US_PER_HOUR, "5m")
+        store.index._connection().execute("DELETE FROM hour_bars")  # as an older version left the index
+        store.cache.clear()
+        backfilled = store.bars(MNQ.contract_id, "last", to_us(T0), to_us(T0) + 3 * US_PER_HOUR, "5m")
+        assert backfilled.equals(with_preaggregates)
+        assert len(store.index.hour_bars(MNQ.contract_id, "last", 0, 2**62)) == 2  # kept for next time
+
+
+def test_fill_gives_every_bar_of_the_range(world):
+    _, served, raw = world
+    start, end = T0 + timedelta(minutes=59, seconds=30), T0 + timedelta(hours=1, minutes=10)
+    quiet = raw["last"].filter((pl.col("ts") >= start) & (pl.col("ts") < end))
+    bars = served.client.bars(MNQ.contract_id, "last", "5s", start, end, fill=True)
+    assert bars.height == (10 * 60 + 30) // 5
+    assert bars.get_column("ts").to_list()[0] == start
+    assert bars.get_column("trade_count").sum() == quiet.height
+    empty = bars.filter(pl.col("trade_count") == 0)
+    assert empty.height > 0 and empty.get_column("close").null_count() == empty.height
+    assert empty.get_column("volume").cast(pl.Float64).sum() == 0
+
+
+def test_several_contracts_and_tick_types(world):
+    _, served, raw = world
+    start, end = T0 + timedelta(minutes=170), T0 + timedelta(minutes=190)
+    frames = served.client.bars([MNQ.contract_id], ["bid_ask", "last"], "1m", start, end)
+    assert set(frames) == {"bid_ask", "last"}
+    assert frames["last"].columns[0] == "contract_id"
+    assert frames["last"].get_column("contract_id").unique().to_list() == [MNQ.contract_id]
+    expected = reference_bars(raw["last"].filter((pl.col("ts") >= start) & (pl.col("ts") < end)), "last", "1m")
+    assert_bars_equal(frames["last"].drop("contract_id"), expected)
+
+
+def test_closed_ranges_are_cached_and_open_ones_never_stale(world, settings):
+    store, served, _ = world
+    closed = (to_us(T0), to_us(ARCHIVED_UNTIL))
+    store.cache.clear()
+    first = store.bars(MNQ.contract_id, "last", *closed, "1m")
+    hits = store.cache.hits
+    assert store.bars(MNQ.contract_id, "last", *closed, "1m") is first and store.cache.hits == hits + 1
+    assert store.ticks(MNQ.contract_id, "last", *closed).num_rows == first.column("trade_count").to_numpy().sum()
+
+    with Store(settings) as fresh:  # a stream still being written: never cached, never stale
+        table = ticks(T0, 2_000, "last", seed=1)
+        append_in_batches(fresh, table.slice(0, 1_000))
+        span = (to_us(T0), to_us(T0) + 10 * US_PER_HOUR)
+        assert fresh.bars(MNQ.contract_id, "last", *span, "1h").column("trade_count").to_pylist() == [1_000]
+        append_in_batches(fresh, table.slice(1_000))
+        assert fresh.bars(MNQ.contract_id, "last", *span, "1h").column("trade_count").to_pylist() == [2_000]
+        assert fresh.cache.hits == 0 and fresh.cache.current_bytes == 0
+
+
+@pytest.mark.parametrize("resolution", ["2m", "1M", "tick!", ""])
+def test_unknown_resolution_is_refused(world, resolution):
+    _, served, _ = world
+    with pytest.raises(InvalidRequestError, match=f"resolution was {resolution!r}; use any of tick, 1s, 5s"):
+        served.client.bars(MNQ.contract_id, "last", resolution, T0, T0 + timedelta(hours=1))
