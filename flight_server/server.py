@@ -3,7 +3,8 @@
 RPCs: ``get_flight_info`` / ``get_schema`` plan a :class:`~flight_server.commands.QueryCommand`
 into one endpoint per contract and tick type; ``do_get`` streams an endpoint's ticket (ticks,
 or bars); ``list_flights`` lists what is stored; ``do_action`` answers ``statistics``,
-``sessions`` and ``coverage`` with one Arrow IPC stream each (``list_actions`` describes them). Errors reach the caller as the matching Arrow/Flight error type:
+``sessions`` and ``coverage`` with one Arrow IPC stream each (``list_actions`` describes them).
+Errors reach the caller as the matching Arrow/Flight error type:
 
 =============================  =======================  ==================
 ibstream error                 raised as                gRPC status
@@ -26,10 +27,24 @@ from datetime import date
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_server.commands import CoverageBody, QueryCommand, SessionsBody, StatisticsBody, Ticket
+from flight_server.commands import (
+    CoverageBody,
+    QueryCommand,
+    SessionsBody,
+    StatisticsBody,
+    Ticket,
+)
 from ibstream.errors import InvalidRequestError, NotFoundError, RequestTooLargeError
 from ibstream.settings import Settings
-from storage.bars import BAR_RESOLUTIONS, DAILY, PREAGGREGATE_US, TICK, bar_schema, parse_window, partial_step_us
+from storage.bars import (
+    BAR_RESOLUTIONS,
+    DAILY,
+    PREAGGREGATE_US,
+    TICK,
+    bar_schema,
+    parse_window,
+    partial_step_us,
+)
 from storage.index import DailyStatistics
 from storage.schemas import schema_for
 from storage.sessions import ContractSessions, Session

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -14,16 +15,27 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from ibstream.errors import StorageError
 from ibstream.settings import Settings
 from storage.archive import Archiver, recover_archive
-from storage.index import ArchiveEntry, ContractDetails, DailyStatistics, Index
 from storage.cache import ResultCache
+from storage.index import ArchiveEntry, ContractDetails, DailyStatistics, Index
 from storage.planner import Plan, Planner
 from storage.query import read_bars
 from storage.schemas import TickType
+from storage.segments import (
+    SegmentWriter,
+    StreamKey,
+    list_segments,
+    list_streams,
+    segment_start_us,
+    stream_dir,
+)
 from storage.sessions import ContractSessions, Session, no_calendar_error
-from storage.segments import SegmentWriter, StreamKey, list_segments, list_streams, segment_start_us, stream_dir
 from storage.times import US_PER_HOUR, from_us, hour_floor, to_us
 
 log = logging.getLogger(__name__)
+
+# Sessions per contract details (new details from the recorder make a new entry): keeps the
+# per-date hours computed across queries.
+_sessions_of = functools.lru_cache(maxsize=256)(ContractSessions.from_details)
 
 
 @dataclass(frozen=True)
@@ -132,7 +144,7 @@ class Store:
         details = self.index.contract(int(contract_id))
         if details is None:
             raise no_calendar_error(int(contract_id))
-        return ContractSessions.from_details(details)
+        return _sessions_of(details)
 
     def streams(self) -> list[StreamInfo]:
         """Every stored stream with its first/last tick time and counts."""

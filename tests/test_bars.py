@@ -11,19 +11,20 @@ import tempfile
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
-from hypothesis import HealthCheck, example, given, settings as hypothesis_settings, strategies as st
+from conftest import Served, append_in_batches, ticks, utc
+from hypothesis import HealthCheck, example, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-from conftest import Served, append_in_batches, ticks, utc
 from ibstream.errors import InvalidRequestError
 from ibstream.settings import Settings
 from recorder.synthetic import MNQ
 from storage import Store
-from storage.bars import BAR_RESOLUTIONS, partial_bars, PREAGGREGATE_US, from_ipc_bytes
+from storage.bars import BAR_RESOLUTIONS, PREAGGREGATE_US, from_ipc_bytes, partial_bars
 from storage.times import US_PER_HOUR, to_us
 
 T0 = utc(2025, 1, 10, 12)

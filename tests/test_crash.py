@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import append_in_batches, ticks, utc
+from conftest import ticks, utc
 from ibstream.settings import Settings
 from recorder.synthetic import MNQ
 from storage import Store

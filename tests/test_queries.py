@@ -9,14 +9,14 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
-
 from conftest import Served, append_in_batches, between, market, utc
+from test_bars import assert_bars_equal
+
 from ibstream.errors import InvalidRequestError, NotFoundError, RequestTooLargeError
 from recorder.synthetic import AAPL, MNQ
 from simulator.market import SIM_AAPL, SIM_MNQ
 from storage.sessions import ContractSessions
 from storage.times import from_us, to_us
-from test_bars import assert_bars_equal
 
 FETCHED = date(2026, 11, 23)  # the Monday of Thanksgiving week 2026, when the recorder resolved the contracts
 HISTORY = (utc(2026, 11, 24, 12), utc(2026, 12, 1, 12))

@@ -35,15 +35,7 @@ def local(zone: ZoneInfo, *args: int) -> int:
 
 def details(sim: SimContract, fetched: date = FETCHED, days: int = 7, **changes) -> ContractDetails:
     """What the recorder stores after resolving ``sim`` on ``fetched``."""
-    trading, liquid = sim.hours(fetched, days)
-    stored = ContractDetails(
-        contract_id=sim.con_id, symbol=sim.symbol, sec_type=sim.sec_type, exchange=sim.exchange,
-        primary_exchange=sim.primary_exchange, currency=sim.currency, local_symbol=sim.local_symbol,
-        trading_class=sim.trading_class, last_trade_date=sim.expiry, multiplier=sim.multiplier, min_tick=0.01,
-        long_name=sim.long_name, time_zone=sim.time_zone, trading_hours=trading, liquid_hours=liquid,
-        updated_at=to_us(datetime.combine(fetched, datetime.min.time(), UTC)),
-    )
-    return dataclasses.replace(stored, **changes)
+    return dataclasses.replace(sim.details(fetched, days), **changes)
 
 
 def sessions_of(sim: SimContract, fetched: date = FETCHED, days: int = 7) -> ContractSessions:
