@@ -23,7 +23,7 @@ DEFAULT_LOCATION = "grpc://127.0.0.1:8815"
 
 
 def _frames(tables: dict[str, pa.Table], tick_types: TickTypes, as_pandas: bool):
-    frames = {name: (t.to_pandas() if as_pandas else pl.from_arrow(t)) for name, t in tables.items()}
+    frames = {name: (t.to_pandas() if as_pandas else pl.from_arrow(t, rechunk=False)) for name, t in tables.items()}
     return frames[tick_types] if isinstance(tick_types, str) else frames
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import threading
 from collections.abc import Callable
 from datetime import date
 
@@ -100,6 +101,7 @@ class FlightServer(flight.FlightServerBase):
         self.store = store
         self.settings: Settings = store.settings
         super().__init__(location or self.settings.flight_location, **kwargs)
+        threading.Thread(target=store.warm_sessions, name="warm-sessions", daemon=True).start()
 
     # -- RPCs ----------------------------------------------------------------------------------
 

@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     max_bars: int = Field(
         10_000_000, gt=0, description="Most bars one query may ask for: span / resolution (and filled rows).")
     cache_max_bytes: int = Field(
-        256 * 1024 * 1024, ge=0,
+        1024 * 1024 * 1024, ge=0,
         description="Size bound of the result cache (Arrow bytes) for queries over archived (closed) ranges; 0 "
         "disables it. One result is cached only if it takes at most a quarter of this.")
     cache_ttl: timedelta = Field(timedelta(minutes=5), description="A cached result is dropped this long after it was computed.")

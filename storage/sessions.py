@@ -474,7 +474,7 @@ class ContractSessions:
                          for s, side in ((before, "before"), (after, "after")) if s)
         return InvalidRequestError(
             f"{self._label} has no {kind} session on {day} ({day:%A}): {self._why_none(kind, day)}; "
-            f"nearest dates with a {kind} session: {near or f'none within {_SEARCH_DAYS} days'}; "
+            f"nearest dates with one: {near or f'none within {_SEARCH_DAYS} days'}; "
             "ask for one of those, or query by start/end"
         )
 

@@ -120,7 +120,7 @@ class Store:
         """The ticks of a range: a cached table when the range is closed (see :meth:`is_closed`),
         else the plan to stream them from (never stale)."""
         plan = self.plan(contract_id, tick_type, start_us, end_us)
-        if not self.is_closed(contract_id, tick_type, end_us):
+        if not self.cache.max_bytes or not self.is_closed(contract_id, tick_type, end_us):
             return plan
         key = ("ticks", int(contract_id), plan.key.tick_type.value, start_us, end_us)
         return self.cache.get_or_compute(key, plan.read_all)
@@ -138,6 +138,15 @@ class Store:
             return compute()
         days = tuple((s.open_us, s.close_us) for s in sessions or ())
         return self.cache.get_or_compute(("bars", key, start_us, end_us, resolution, fill, days), compute)
+
+    def warm_sessions(self) -> None:
+        """Build the sessions of every contract with details (loads their exchange calendars, which
+        takes a few hundred ms once per process), so the first session query is fast."""
+        try:
+            for details in self.contracts():
+                _sessions_of(details)
+        except Exception as exc:  # a bad hours string, say: the query that needs it will say so
+            log.warning("could not prepare trading sessions ahead of queries: %s", exc)
 
     def sessions(self, contract_id: int) -> ContractSessions:
         """The trading sessions of a contract, from the details the recorder stored for it."""

@@ -1,0 +1,137 @@
+"""Bars and sessions over Flight: a month of 1-minute bars, a full MNQ session of ticks, cache hits.
+
+Setup: 30 archived days of synthetic MNQ quotes (1.5M bid_ask a day, 45M ticks, 720 hourly
+Parquet files with their 1-minute pre-aggregates), built once and kept in
+bench/results/bars-store-<days>d/ (delete it to rebuild), with the MNQ contract details the
+recorder stores (CME Globex hours). Every figure is wall time of a Client call (get_flight_info
++ do_get + read_all + to polars) from a client in the same process.
+
+* cold: a fresh read-only Store and server (empty caches, new SQLite connections; the OS page
+  cache is warm, since we cannot drop it here), after the server's start-up warming of the
+  contract's exchange calendar (timed on its own);
+* warm: the same query again with the result cache off (IBSTREAM_CACHE_MAX_BYTES=0): what any
+  new range costs;
+* hit: the result cache on, the range asked before.
+
+Baseline, same process: the same month of 1-minute bars computed the plain way from the raw
+ticks (polars scan_parquet over the archive + group_by_dynamic).
+Targets: month of 1m bars < 300 ms warm and < 2 s cold; a full MNQ session at tick resolution
+< 150 ms; a cache hit < 5 ms.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from datetime import date, timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import polars as pl  # noqa: E402
+
+from clients import Client  # noqa: E402
+from common import (  # noqa: E402
+    DAY_START, DAY_START_US, append_batches, day_ticks, header, our_server, parse_args, percentiles, serving,
+    settings, target, timed,
+)
+from recorder.synthetic import MNQ  # noqa: E402
+from simulator.market import SIM_MNQ  # noqa: E402
+from storage import Store  # noqa: E402
+from storage.times import US_PER_HOUR  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def build(days: int) -> Path:
+    """The bench store (built once): ``days`` archived days of MNQ bid_ask from DAY_START."""
+    root = RESULTS / f"bars-store-{days}d"
+    if (root / "complete").exists():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    started = time.perf_counter()
+    with Store(settings(root, fsync="none")) as store:
+        store.index.upsert_contract(SIM_MNQ.details((DAY_START + timedelta(days=days)).date()))
+        for day in range(days):
+            start_us = DAY_START_US + day * 24 * US_PER_HOUR
+            append_batches(store, day_ticks("bid_ask", start_us=start_us, seed=day), 10_000)
+            store.archive(now=DAY_START + timedelta(days=day + 1, minutes=1))
+            print(f"  built day {day + 1}/{days} ({time.perf_counter() - started:.0f} s)", end="\r", flush=True)
+    (root / "complete").touch()
+    print(f"  built {days} days in {time.perf_counter() - started:.0f} s" + " " * 20)
+    return root
+
+
+def measure(name: str, query, repeats: int) -> dict:
+    samples, rows = [], 0
+    for _ in range(repeats):
+        seconds, rows = timed(query)
+        samples.append(seconds)
+    stats = percentiles(samples)
+    print(f"{name:<58} {rows:>10,} {stats['p50']:>9.2f} {stats['max']:>9.2f}")
+    return stats
+
+
+def served(root: Path, **overrides):
+    store = Store(settings(root, **overrides), read_only=True)
+    return store, serving(our_server(store))
+
+
+def main(quick: bool = False) -> dict:
+    days = 3 if quick else 30
+    repeats = 3 if quick else 5
+    root = build(days)
+    start, end = DAY_START, DAY_START + timedelta(days=days)
+    month = lambda client: len(client.bars(MNQ.contract_id, "bid_ask", "1m", start, end))  # noqa: E731
+    session_day = (DAY_START + timedelta(weeks=(days - 2) // 7)).date()  # a Friday: a whole Globex day
+    session = lambda client: len(client.session(  # noqa: E731
+        MNQ.contract_id, session_day, kind="extended", tick_types="bid_ask"))
+    header(f"bars: {days} archived days of MNQ bid_ask ({days * 1.5:.0f}M ticks, {days * 24} hourly files)")
+    print(f"{'query':<58} {'rows':>10} {'p50 ms':>9} {'max ms':>9}")
+    results = {}
+
+    store, running = served(root, cache_max_bytes=0)
+    with running as location, Client(location) as client:
+        seconds, _ = timed(store.warm_sessions)  # what the server does on a thread at start
+        print(f"{'loading the CMES calendar (once per process, at server start)':<58} {'':>10} {seconds * 1e3:>9.2f}")
+        results["cold"] = measure(f"{days} days of 1m bars, cold (fresh store and server)", lambda: month(client), 1)
+        results["warm"] = measure(f"{days} days of 1m bars, warm (result cache off)", lambda: month(client), repeats)
+        measure("  same, in-process Store.bars (no Flight)",
+                lambda: store.bars(MNQ.contract_id, "bid_ask", DAY_START_US, DAY_START_US + days * 24 * US_PER_HOUR,
+                                   "1m").num_rows, repeats)
+        results["session"] = measure(f"session {session_day} extended (17:00-16:00 CT) ticks, cache off",
+                                     lambda: session(client), repeats)
+    store.close()
+
+    store, running = served(root)
+    with running as location, Client(location) as client:
+        month(client), session(client)
+        results["hit"] = measure(f"{days} days of 1m bars, result cache hit", lambda: month(client), repeats * 4)
+        results["session_hit"] = measure("session ticks, result cache hit", lambda: session(client), repeats)
+        print(f"  cache: {store.cache.current_bytes / 2**20:.1f} MiB held, {store.cache.hits} hits, "
+              f"{store.cache.misses} misses")
+    store.close()
+
+    def raw_month() -> int:
+        ticks = pl.scan_parquet(root / "data/archive/tick_type=bid_ask/", hive_partitioning=True)
+        mid = (pl.col("bid_price") + pl.col("ask_price")) / 2
+        bars = ticks.select("ts", "bid_price", "ask_price").sort("ts").group_by_dynamic("ts", every="1m").agg(
+            mid.first().alias("open"), mid.max().alias("high"), mid.min().alias("low"), mid.last().alias("close"),
+            pl.col("bid_price").last(), pl.col("ask_price").last(), (pl.col("ask_price") - pl.col("bid_price")).mean().alias("spread"),
+            pl.len())
+        return bars.collect().height
+
+    results["raw"] = measure("baseline: raw ticks -> polars group_by_dynamic (in-process)", raw_month, 2)
+    print(f"ratio warm / raw baseline: {results['warm']['p50'] / results['raw']['p50']:.3f} "
+          f"({results['raw']['p50'] / results['warm']['p50']:.0f}x faster)")
+    target(f"month of 1m bars < 300 ms warm ({results['warm']['p50']:.0f} ms) and < 2 s cold "
+           f"({results['cold']['p50']:.0f} ms)", results["warm"]["p50"] < 300 and results["cold"]["p50"] < 2000)
+    target(f"full MNQ session at tick resolution < 150 ms ({results['session']['p50']:.0f} ms)",
+           results["session"]["p50"] < 150)
+    target(f"cache hit < 5 ms ({results['hit']['p50']:.2f} ms)", results["hit"]["p50"] < 5)
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args(__doc__).quick)
