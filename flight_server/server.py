@@ -48,6 +48,7 @@ from storage.bars import (
 )
 from storage.index import DailyStatistics
 from storage.schemas import schema_for
+from storage.segments import ipc_bytes
 from storage.sessions import ContractSessions, Session
 from storage.store import Store
 from storage.times import duration_us, from_us, iso, now_us, to_us
@@ -109,19 +110,20 @@ class FlightServer(flight.FlightServerBase):
     def get_flight_info(self, context, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         query = self._command(descriptor)
         tickets = self._tickets(query)
+        if not _reads_raw_ticks(query.resolution):  # bars from 1m up: pre-aggregates, no tick estimate
+            return flight.FlightInfo(_info_schema(query), descriptor, _endpoints(tickets), -1, -1)
         plans = [self.store.plan(t.contract_id, t.tick_type, t.start_us, t.end_us) for t in tickets]
         rows = sum(p.estimated_rows() for p in plans)
-        if _reads_raw_ticks(query.resolution) and rows > self.settings.max_query_rows:
+        if rows > self.settings.max_query_rows:
             raise RequestTooLargeError(
                 f"request too large: about {rows:,} ticks, over the limit of {self.settings.max_query_rows:,} "
                 "(IBSTREAM_MAX_QUERY_ROWS); split the range" + ("" if query.resolution == TICK else
                                                                 " or use a resolution of 1m or more")
             )
-        endpoints = [flight.FlightEndpoint(t.to_bytes(), []) for t in tickets]
         if query.resolution != TICK:
-            return flight.FlightInfo(_info_schema(query), descriptor, endpoints, -1, -1)
+            return flight.FlightInfo(_info_schema(query), descriptor, _endpoints(tickets), -1, -1)
         return flight.FlightInfo(
-            _info_schema(query), descriptor, endpoints, rows, sum(p.estimated_bytes() for p in plans)
+            _info_schema(query), descriptor, _endpoints(tickets), rows, sum(p.estimated_bytes() for p in plans)
         )
 
     @_flight_errors
@@ -175,7 +177,7 @@ class FlightServer(flight.FlightServerBase):
             raise InvalidRequestError(f"action was {action.type!r}; use any of {', '.join(ACTIONS)} (see list_actions)")
         body = action.body.to_pybytes() if action.body is not None else b""
         table = getattr(self, f"_action_{action.type}")(body)
-        return [flight.Result(_ipc_bytes(table))]
+        return [flight.Result(ipc_bytes(table))]
 
     # -- actions -------------------------------------------------------------------------------
 
@@ -257,6 +259,10 @@ class FlightServer(flight.FlightServerBase):
             )
 
 
+def _endpoints(tickets: list[Ticket]) -> list[flight.FlightEndpoint]:
+    return [flight.FlightEndpoint(t.to_bytes(), []) for t in tickets]
+
+
 def _reads_raw_ticks(resolution: str) -> bool:
     """Whether a query at ``resolution`` reads every raw tick of its range (ticks and sub-minute bars)."""
     return resolution == TICK or partial_step_us(resolution) < PREAGGREGATE_US
@@ -311,13 +317,6 @@ def _info_schema(query: QueryCommand) -> pa.Schema:
     if all(s.equals(first, check_metadata=True) for s in schemas[1:]):
         return first
     return pa.schema([], metadata={"ibstream.tick_types": ",".join(t.value for t in query.tick_types)})
-
-
-def _ipc_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
 
 
 def statistics_table(rows: list[DailyStatistics]) -> pa.Table:

@@ -28,11 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ibstream.settings import Settings
-from storage.bars import PREAGGREGATE_US, ipc_bytes, partial_bars
+from storage.bars import PREAGGREGATE_US, partial_table
 from storage.failpoints import failpoint
 from storage.index import ArchiveEntry, DailyStatistics, Index
 from storage.schemas import TickType
-from storage.segments import SegmentWriter, StreamKey, fsync_dir, read_segment, segment_start_us
+from storage.segments import SegmentWriter, StreamKey, fsync_dir, ipc_bytes, read_segment, segment_start_us
 from storage.times import US_PER_HOUR, duration_us, from_us, hour_floor, iso, now_us
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class Archiver:
             arrow_size_bytes=table.nbytes,
         )
         statistics = self._statistics_with(key, hour, path)
-        minute_bars = ipc_bytes(partial_bars(table, key.tick_type, PREAGGREGATE_US))
+        minute_bars = ipc_bytes(partial_table(table, key.tick_type, PREAGGREGATE_US))
         self.index.publish(entry, statistics, minute_bars)
         failpoint("archive.after_publish")
         self.writer.forget_segments(key, segments)

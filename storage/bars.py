@@ -95,7 +95,8 @@ def _family(tick_type: TickType) -> str:
 
 
 def partial_schema(tick_type: TickType) -> pa.Schema:
-    return pa.schema([pa.field("ts", TIMESTAMP, nullable=False), *_PARTIAL[_family(tick_type)]])
+    """Columns of partial bars (as polars produces them: every field nullable)."""
+    return pa.schema([pa.field("ts", TIMESTAMP), *(f.with_nullable(True) for f in _PARTIAL[_family(tick_type)])])
 
 
 def bar_schema(tick_type: TickType, resolution: str) -> pa.Schema:
@@ -149,6 +150,16 @@ def partial_bars(ticks: pa.Table | pl.DataFrame, tick_type: TickType, step_us: i
     if frame.height == 0:
         return pl.from_arrow(partial_schema(tick_type).empty_table())
     return frame.group_by(_floor(step_us), maintain_order=True).agg(_tick_aggregations(tick_type))
+
+
+def partial_table(ticks: pa.Table, tick_type: TickType, step_us: int) -> pa.Table:
+    """:func:`partial_bars` as an Arrow table of exactly :func:`partial_schema` (how pieces are
+    kept and concatenated)."""
+    return conform(partial_bars(ticks, tick_type, step_us).to_arrow(), partial_schema(tick_type))
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    return table if table.schema.equals(schema) else table.cast(schema)
 
 
 # -- partial bars -> coarser partial bars -------------------------------------------------------
@@ -212,16 +223,3 @@ def fill_grid(bars: pa.Table, grid: pa.Table) -> pa.Table:
     full = pl.from_arrow(grid.select(keys)).join(pl.from_arrow(bars), on=keys, how="left", maintain_order="left")
     full = full.with_columns(pl.col(name).fill_null(0) for name in counts)
     return full.to_arrow().cast(schema)
-
-
-def ipc_bytes(frame: pl.DataFrame) -> bytes:
-    """Arrow IPC stream bytes of a frame (how pre-aggregates are kept in the index)."""
-    table = frame.to_arrow()
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def from_ipc_bytes(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(data).read_all()

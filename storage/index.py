@@ -241,6 +241,13 @@ class Index:
         )
         return {(cid, tt): until for cid, tt, until in rows}
 
+    def archived_until_of(self, contract_id: int, tick_type: str) -> int | None:
+        """The end of a stream's newest archived hour (microseconds), None if none is archived."""
+        row = self._connection().execute(
+            "SELECT MAX(hour_start) + 3600000000 FROM tick_archives WHERE contract_id = ? AND tick_type = ?",
+            (contract_id, tick_type)).fetchone()
+        return row[0]
+
     def archive_summary(self) -> dict[tuple[int, str], tuple[int, int, int, int]]:
         """Per stream: (first ts, last ts, ticks, bytes on disk) over the archive."""
         rows = self._connection().execute(

@@ -29,18 +29,17 @@ from storage.bars import (
     BAR_RESOLUTIONS,
     DAILY,
     PREAGGREGATE_US,
+    conform,
     fill_grid,
     finish,
-    from_ipc_bytes,
-    ipc_bytes,
-    partial_bars,
     partial_schema,
+    partial_table,
     partial_step_us,
     rollup,
     rollup_sessions,
 )
 from storage.schemas import TIMESTAMP
-from storage.segments import StreamKey
+from storage.segments import StreamKey, from_ipc_bytes, ipc_bytes
 from storage.times import US_PER_HOUR
 
 if TYPE_CHECKING:
@@ -63,9 +62,10 @@ def read_bars(store: "Store", key: StreamKey, start_us: int, end_us: int, resolu
         start_us, end_us = max(start_us, sessions[0].open_us), min(end_us, sessions[-1].close_us)
     partials = _partials(store, key, start_us, end_us, step) if start_us < end_us else _empty(key)
     if resolution == DAILY:
-        bars = finish(rollup_sessions(partials, key.tick_type, sessions), key.tick_type, resolution)
-    else:
-        bars = finish(rollup(partials, key.tick_type, BAR_RESOLUTIONS[resolution]), key.tick_type, resolution)
+        partials = rollup_sessions(partials, key.tick_type, sessions)
+    elif BAR_RESOLUTIONS[resolution] != step:
+        partials = rollup(partials, key.tick_type, BAR_RESOLUTIONS[resolution])
+    bars = finish(partials, key.tick_type, resolution)
     if fill:
         bars = fill_grid(bars, _grid(start_us, end_us, resolution, sessions))
     return bars
@@ -99,7 +99,7 @@ def _partials(store: "Store", key: StreamKey, start_us: int, end_us: int, step: 
     if not pieces:
         return _empty(key)
     schema = partial_schema(key.tick_type)
-    frame = pl.from_arrow(pa.concat_tables([piece.cast(schema) for piece in pieces]))
+    frame = pl.from_arrow(pa.concat_tables([conform(piece, schema) for piece in pieces]).combine_chunks())
     return rollup(frame, key.tick_type, step)  # merges bars split between two pieces or chunks
 
 
@@ -109,10 +109,10 @@ def _raw_partials(store: "Store", key: StreamKey, start_us: int, end_us: int, st
         batches.append(batch)
         rows += batch.num_rows
         if rows >= CHUNK_ROWS:
-            yield partial_bars(pa.Table.from_batches(batches), key.tick_type, step).to_arrow()
+            yield partial_table(pa.Table.from_batches(batches), key.tick_type, step)
             batches, rows = [], 0
     if batches:
-        yield partial_bars(pa.Table.from_batches(batches), key.tick_type, step).to_arrow()
+        yield partial_table(pa.Table.from_batches(batches), key.tick_type, step)
 
 
 def _preaggregated_hours(store: "Store", key: StreamKey, start_us: int, end_us: int) -> dict[int, pa.Table]:
@@ -135,7 +135,7 @@ def _preaggregated_hours(store: "Store", key: StreamKey, start_us: int, end_us: 
 def _backfill(store: "Store", key: StreamKey, hour: int, file_path: str) -> bytes:
     """Pre-aggregates of an hour archived before they existed; kept if this store may write."""
     ticks = pq.read_table(store.settings.archive_root / file_path)
-    blob = ipc_bytes(partial_bars(ticks, key.tick_type, PREAGGREGATE_US))
+    blob = ipc_bytes(partial_table(ticks, key.tick_type, PREAGGREGATE_US))
     if not store.read_only:
         store.index.put_hour_bars(key.contract_id, key.tick_type.value, hour, blob)
         log.info("computed the 1-minute pre-aggregates of %s hour %d (archived before they existed)", key, hour)

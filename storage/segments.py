@@ -382,3 +382,15 @@ def _as_batch(data: pa.RecordBatch | pa.Table, schema: pa.Schema) -> pa.RecordBa
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
             raise ValueError(f"batch does not fit the stored schema: {exc}") from exc
     return data
+
+
+def ipc_bytes(table: pa.Table) -> bytes:
+    """One Arrow IPC stream of ``table``, as bytes (pre-aggregates in the index, action results)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def from_ipc_bytes(data: bytes) -> pa.Table:
+    return pa.ipc.open_stream(data).read_all()

@@ -113,7 +113,7 @@ class Store:
     def is_closed(self, contract_id: int, tick_type: TickType | str, end_us: int) -> bool:
         """Whether nothing can change before ``end_us`` any more: every hour up to it is archived
         (the writer refuses ticks for archived hours), so results over it may be cached."""
-        until = self.index.archived_until().get((int(contract_id), TickType.parse(str(tick_type)).value))
+        until = self.index.archived_until_of(int(contract_id), TickType.parse(str(tick_type)).value)
         return until is not None and end_us <= until
 
     def ticks(self, contract_id: int, tick_type: TickType | str, start_us: int, end_us: int) -> pa.Table | Plan:

@@ -24,7 +24,9 @@ from ibstream.errors import InvalidRequestError
 from ibstream.settings import Settings
 from recorder.synthetic import MNQ
 from storage import Store
-from storage.bars import BAR_RESOLUTIONS, PREAGGREGATE_US, from_ipc_bytes, partial_bars
+from storage.bars import BAR_RESOLUTIONS, PREAGGREGATE_US, partial_bars
+from storage.schemas import TickType
+from storage.segments import from_ipc_bytes
 from storage.times import US_PER_HOUR, to_us
 
 T0 = utc(2025, 1, 10, 12)
@@ -148,8 +150,7 @@ def test_preaggregates_equal_the_hours_raw_ticks(world):
     for tick_type in TICK_TYPES:
         blobs = store.index.hour_bars(MNQ.contract_id, tick_type, hour, hour + 1)
         ticks_of_hour = store.read(MNQ.contract_id, tick_type, T0 + timedelta(hours=1), T0 + timedelta(hours=2))
-        expected = partial_bars(ticks_of_hour, store.plan(MNQ.contract_id, tick_type, 0, 1).key.tick_type,
-                                PREAGGREGATE_US)
+        expected = partial_bars(ticks_of_hour, TickType(tick_type), PREAGGREGATE_US)
         assert_frame_equal(pl.from_arrow(from_ipc_bytes(blobs[hour])), expected)
 
 
