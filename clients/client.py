@@ -143,7 +143,8 @@ class Client:
         return pl.from_arrow(self._action("statistics", contract_id=contract_id, tick_type=tick_type))
 
     def sessions(self, contract_id: int, session_date: str | date = "current") -> pl.DataFrame:
-        """Every session kind of a contract on a trading date: ``kind trading_date open close source``."""
+        """Every session kind of a contract on a trading date (``"current"``: the trading day whose
+        extended hours have opened): ``contract_id kind trading_date open close source``."""
         when = session_date.isoformat() if isinstance(session_date, date) else session_date
         return pl.from_arrow(self._action("sessions", contract_id=contract_id, date=when))
 

@@ -190,7 +190,7 @@ class FlightServer(flight.FlightServerBase):
     def _action_sessions(self, body: bytes) -> pa.Table:
         request = SessionsBody.parse(body, "sessions")
         sessions = self.store.sessions(request.contract_id)
-        trading_date = _trading_date(sessions, "regular", request.date)
+        trading_date = _trading_date(sessions, "extended", request.date)  # the trading day that has opened
         return sessions_table(sessions.day(trading_date))
 
     def _action_coverage(self, body: bytes) -> pa.Table:

@@ -98,10 +98,25 @@ def _run(settings: Settings, gateway: GatewaySimulator, seconds: float) -> bool:
             frames = client.ticks(MNQ.contract_id, [t.value for t in TICK_TYPES], from_us(history_end - 2 * US_PER_HOUR))
             elapsed = time.perf_counter() - started
             streams = client.streams()
+            bars = client.bars(MNQ.contract_id, "last", "1m", from_us(history_end - 2 * US_PER_HOUR))
+            sessions = client.sessions(MNQ.contract_id)
+    bars_exact = _report_bars(bars, frames["last"], sessions)
     live_exact = all(_same_ticks(frames[name].filter(pl.col("ts") >= from_us(history_end)), table)
                      for name, table in sent_tables.items())
     print(f"live ticks served equal the ticks the gateway sent, field by field: {'yes' if live_exact else 'NO'}")
-    return _report(frames, history, acknowledged, elapsed, streams) and live_exact
+    return _report(frames, history, acknowledged, elapsed, streams) and live_exact and bars_exact
+
+
+def _report_bars(bars: pl.DataFrame, trades: pl.DataFrame, sessions: pl.DataFrame) -> bool:
+    """1-minute bars of the same trades: counts and volume add up to the ticks served."""
+    exact = (bars["trade_count"].sum() == trades.height and bars["volume"].sum() == trades["size"].sum())
+    with pl.Config(tbl_rows=6, tbl_cols=8, tbl_width_chars=140):
+        print(f"\n1-minute trade bars over Flight: {bars.height} bars of {bars['trade_count'].sum():,} trades "
+              f"(= the trades served: {'yes' if exact else 'NO'}); latest:")
+        print(bars.tail(3))
+        print("\nMNQ sessions of the current trading day, from the hours the gateway reported (reqContractDetails):")
+        print(sessions)
+    return exact
 
 
 def _same_ticks(served: pl.DataFrame, sent: pa.Table | None) -> bool:
