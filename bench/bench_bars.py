@@ -24,7 +24,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from datetime import date, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,8 +34,8 @@ import pyarrow.flight as flight  # noqa: E402
 
 from clients import Client  # noqa: E402
 from common import (  # noqa: E402
-    DAY_START, DAY_START_US, BareServer, append_batches, day_ticks, header, our_server, parse_args, percentiles,
-    serving, settings, target, timed,
+    DAY_START, DAY_START_US, MEASURE_HEADER, BareServer, append_batches, day_ticks, header, measure, our_server,
+    parse_args, serving, settings, target, timed,
 )
 from recorder.synthetic import MNQ  # noqa: E402
 from simulator.market import SIM_MNQ  # noqa: E402
@@ -64,16 +64,6 @@ def build(days: int) -> Path:
     return root
 
 
-def measure(name: str, query, repeats: int) -> dict:
-    samples, rows = [], 0
-    for _ in range(repeats):
-        seconds, rows = timed(query)
-        samples.append(seconds)
-    stats = percentiles(samples)
-    print(f"{name:<58} {rows:>10,} {stats['p50']:>9.2f} {stats['max']:>9.2f}")
-    return stats
-
-
 def served(root: Path, **overrides):
     store = Store(settings(root, **overrides), read_only=True)
     return store, serving(our_server(store))
@@ -89,27 +79,27 @@ def main(quick: bool = False) -> dict:
     session = lambda client: len(client.session(  # noqa: E731
         MNQ.contract_id, session_day, kind="extended", tick_types="bid_ask"))
     header(f"bars: {days} archived days of MNQ bid_ask ({days * 1.5:.0f}M ticks, {days * 24} hourly files)")
-    print(f"{'query':<58} {'rows':>10} {'p50 ms':>9} {'max ms':>9}")
+    print(MEASURE_HEADER)
     results = {}
 
     store, running = served(root, cache_max_bytes=0)
     with running as location, Client(location) as client:
         seconds, _ = timed(store.warm_sessions)  # what the server does on a thread at start
-        print(f"{'loading the CMES calendar (once per process, at server start)':<58} {'':>10} {seconds * 1e3:>9.2f}")
-        results["cold"] = measure(f"{days} days of 1m bars, cold (fresh store and server)", lambda: month(client), 1)
-        results["warm"] = measure(f"{days} days of 1m bars, warm (result cache off)", lambda: month(client), repeats)
-        measure("  same, in-process Store.bars (no Flight)",
+        print(f"{'loading the CMES calendar (once per process, at server start)':<76} {seconds * 1e3:>9.2f}")
+        results["cold"] = measure(f"{days} days of 1m bars, cold (fresh store and server)", 1, lambda: month(client),
+                                  warm_up=False)
+        results["warm"] = measure(f"{days} days of 1m bars, warm (result cache off)", repeats, lambda: month(client))
+        measure("  same, in-process Store.bars (no Flight)", repeats,
                 lambda: store.bars(MNQ.contract_id, "bid_ask", DAY_START_US, DAY_START_US + days * 24 * US_PER_HOUR,
-                                   "1m").num_rows, repeats)
+                                   "1m").num_rows)
         results["session"] = measure(f"session {session_day} extended (17:00-16:00 CT) ticks, cache off",
-                                     lambda: session(client), repeats)
+                                     repeats, lambda: session(client))
     store.close()
 
     store, running = served(root)
     with running as location, Client(location) as client:
-        month(client), session(client)
-        results["hit"] = measure(f"{days} days of 1m bars, result cache hit", lambda: month(client), repeats * 4)
-        results["session_hit"] = measure("session ticks, result cache hit", lambda: session(client), repeats)
+        results["hit"] = measure(f"{days} days of 1m bars, result cache hit", repeats * 4, lambda: month(client))
+        results["session_hit"] = measure("session ticks, result cache hit", repeats, lambda: session(client))
         print(f"  cache: {store.cache.current_bytes / 2**20:.1f} MiB held, {store.cache.hits} hits, "
               f"{store.cache.misses} misses")
         same_bars = client.tables(MNQ.contract_id, "bid_ask", start, end, resolution="1m")["bid_ask"]
@@ -117,19 +107,20 @@ def main(quick: bool = False) -> dict:
     with serving(BareServer(same_bars)) as location:
         bare = flight.connect(location)
         ticket = flight.Ticket(b"bars")
-        results["bare"] = measure("  floor: bare pyarrow.flight do_get of the same bars", lambda: len(
-            pl.from_arrow(bare.do_get(ticket).read_all(), rechunk=False)), repeats * 4)
+        results["bare"] = measure("  floor: bare pyarrow.flight do_get of the same bars", repeats * 4, lambda: len(
+            pl.from_arrow(bare.do_get(ticket).read_all(), rechunk=False)))
 
     def raw_month() -> int:
         ticks = pl.scan_parquet(root / "data/archive/tick_type=bid_ask/", hive_partitioning=True)
         mid = (pl.col("bid_price") + pl.col("ask_price")) / 2
         bars = ticks.select("ts", "bid_price", "ask_price").sort("ts").group_by_dynamic("ts", every="1m").agg(
             mid.first().alias("open"), mid.max().alias("high"), mid.min().alias("low"), mid.last().alias("close"),
-            pl.col("bid_price").last(), pl.col("ask_price").last(), (pl.col("ask_price") - pl.col("bid_price")).mean().alias("spread"),
-            pl.len())
+            pl.col("bid_price").last(), pl.col("ask_price").last(),
+            (pl.col("ask_price") - pl.col("bid_price")).mean().alias("spread"), pl.len())
         return bars.collect().height
 
-    results["raw"] = measure("baseline: raw ticks -> polars group_by_dynamic (in-process)", raw_month, 2)
+    results["raw"] = measure("baseline: raw ticks -> polars group_by_dynamic (in-process)", 2, raw_month,
+                             warm_up=False)
     print(f"ratio warm / raw baseline: {results['warm']['p50'] / results['raw']['p50']:.3f} "
           f"({results['raw']['p50'] / results['warm']['p50']:.0f}x faster)")
     target(f"month of 1m bars < 300 ms warm ({results['warm']['p50']:.0f} ms) and < 2 s cold "

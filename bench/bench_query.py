@@ -21,23 +21,12 @@ import pyarrow as pa  # noqa: E402
 from clients import Client  # noqa: E402
 from common import (  # noqa: E402
     DAY_START, DAY_START_US, QUICK_HOURS, append_batches, archived_store, day_ticks, header, our_server,
-    parse_args, percentiles, serving, target, timed,
+    MEASURE_HEADER, measure, parse_args, serving, target,
 )
 from recorder.synthetic import MNQ  # noqa: E402
 from storage.times import US_PER_HOUR, from_us  # noqa: E402
 
 LIVE_BATCH = 50  # ticks per live append (a few seconds of quotes)
-
-
-def measure(name: str, repeats: int, query, rows_expected: int | None = None) -> dict:
-    query()  # warm up
-    samples, rows = [], 0
-    for _ in range(repeats):
-        seconds, rows = timed(query)
-        samples.append(seconds)
-    stats = percentiles(samples)
-    print(f"{name:<44} {repeats:>4} {rows:>10,} {stats['p50']:>9.2f} {stats['p90']:>9.2f} {stats['max']:>9.2f}")
-    return stats
 
 
 def main(quick: bool = False) -> dict:
@@ -57,7 +46,7 @@ def main(quick: bool = False) -> dict:
         header(f"query: {day.num_rows:,} archived ticks in {len(entries)} hourly files; live hour of "
                f"{live.num_rows:,} ticks in {len(snapshot.closed)} closed segments + {len(snapshot.open_batches)} "
                f"open batches of {LIVE_BATCH}")
-        print(f"{'query':<44} {'reps':>4} {'rows':>10} {'p50 ms':>9} {'p90 ms':>9} {'max ms':>9}")
+        print(MEASURE_HEADER)
         results = {}
         with serving(our_server(store)) as location, Client(location) as client:
             def over_flight(window):

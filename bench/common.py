@@ -112,6 +112,22 @@ def timed(function, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
+MEASURE_HEADER = f"{'query':<60} {'reps':>4} {'rows':>10} {'p50 ms':>9} {'p90 ms':>9} {'max ms':>9}"
+
+
+def measure(name: str, repeats: int, query, *, warm_up: bool = True) -> dict[str, float]:
+    """Run ``query`` (returning a row count) ``repeats`` times; print and return its percentiles."""
+    if warm_up:
+        query()
+    samples, rows = [], 0
+    for _ in range(repeats):
+        seconds, rows = timed(query)
+        samples.append(seconds)
+    stats = percentiles(samples)
+    print(f"{name:<60} {repeats:>4} {rows:>10,} {stats['p50']:>9.2f} {stats['p90']:>9.2f} {stats['max']:>9.2f}")
+    return stats
+
+
 def percentiles(seconds: list[float]) -> dict[str, float]:
     """p50 / p90 / max in milliseconds."""
     ordered = sorted(seconds)

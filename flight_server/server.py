@@ -46,8 +46,7 @@ from storage.bars import (
     parse_window,
     partial_step_us,
 )
-from storage.index import DailyStatistics
-from storage.schemas import schema_for
+from storage.schemas import SESSIONS_SCHEMA, STATISTICS_SCHEMA, records_table, schema_for
 from storage.segments import ipc_bytes
 from storage.sessions import ContractSessions, Session
 from storage.store import Store
@@ -185,13 +184,13 @@ class FlightServer(flight.FlightServerBase):
         request = StatisticsBody.parse(body, "statistics")
         self._check_stored([request.contract_id])
         rows = self.store.statistics(request.contract_id, request.tick_type and request.tick_type.value)
-        return statistics_table(rows)
+        return records_table(rows, STATISTICS_SCHEMA)
 
     def _action_sessions(self, body: bytes) -> pa.Table:
         request = SessionsBody.parse(body, "sessions")
         sessions = self.store.sessions(request.contract_id)
         trading_date = _trading_date(sessions, "extended", request.date)  # the trading day that has opened
-        return sessions_table(sessions.day(trading_date))
+        return records_table(sessions.day(trading_date), SESSIONS_SCHEMA, {"open": "open_us", "close": "close_us"})
 
     def _action_coverage(self, body: bytes) -> pa.Table:
         request = CoverageBody.parse(body, "coverage")
@@ -317,28 +316,3 @@ def _info_schema(query: QueryCommand) -> pa.Schema:
     if all(s.equals(first, check_metadata=True) for s in schemas[1:]):
         return first
     return pa.schema([], metadata={"ibstream.tick_types": ",".join(t.value for t in query.tick_types)})
-
-
-def statistics_table(rows: list[DailyStatistics]) -> pa.Table:
-    """Daily statistics as a table (the ``statistics`` action's result)."""
-    schema = pa.schema([
-        ("contract_id", pa.int64()), ("tick_type", pa.string()), ("date", pa.date32()),
-        ("total_ticks", pa.int64()), ("unique_prices", pa.int64()), ("total_volume", pa.float64()),
-        ("vwap", pa.float64()), ("high_price", pa.float64()), ("low_price", pa.float64()),
-    ])
-    columns = {name: [getattr(r, name) for r in rows] for name in schema.names}
-    columns["date"] = [date.fromisoformat(d) for d in columns["date"]]
-    return pa.table(columns, schema=schema)
-
-
-def sessions_table(sessions: list[Session]) -> pa.Table:
-    """Sessions as a table (the ``sessions`` action's result); open and close are UTC."""
-    stamp = pa.timestamp("us", tz="UTC")
-    return pa.table({
-        "contract_id": pa.array([s.contract_id for s in sessions], pa.int64()),
-        "kind": pa.array([s.kind for s in sessions], pa.string()),
-        "trading_date": pa.array([s.trading_date for s in sessions], pa.date32()),
-        "open": pa.array([s.open_us for s in sessions], pa.int64()).cast(stamp),
-        "close": pa.array([s.close_us for s in sessions], pa.int64()).cast(stamp),
-        "source": pa.array([s.source for s in sessions], pa.string()),
-    })

@@ -92,3 +92,29 @@ def schema_for(tick_type: TickType | str) -> pa.Schema:
 def price_column(tick_type: TickType) -> str:
     """The column daily statistics treat as the price of a tick type."""
     return {TickType.BID_ASK: "mid", TickType.MID_POINT: "mid_point"}.get(tick_type, "price")
+
+
+# -- results of the server's actions (one row per record) ----------------------------------------
+
+STATISTICS_SCHEMA = pa.schema([
+    ("contract_id", pa.int64()), ("tick_type", pa.string()), ("date", pa.date32()), ("total_ticks", pa.int64()),
+    ("unique_prices", pa.int64()), ("total_volume", pa.float64()), ("vwap", pa.float64()),
+    ("high_price", pa.float64()), ("low_price", pa.float64()),
+])
+SESSIONS_SCHEMA = pa.schema([
+    ("contract_id", pa.int64()), ("kind", pa.string()), ("trading_date", pa.date32()), ("open", TIMESTAMP),
+    ("close", TIMESTAMP), ("source", pa.string()),
+])
+COVERAGE_SCHEMA = pa.schema([
+    ("contract_id", pa.int64()), ("tick_type", pa.string()), ("status", pa.string()), ("reason", pa.string()),
+    ("start", TIMESTAMP), ("end", TIMESTAMP), ("open", pa.bool_()),
+])
+
+
+def records_table(records: list, schema: pa.Schema, attributes: dict[str, str] | None = None) -> pa.Table:
+    """A table of records (dataclasses): column ``name`` holds attribute ``attributes.get(name, name)``,
+    cast to the schema's type (microsecond ints become timestamps, ISO dates dates)."""
+    attributes = attributes or {}
+    columns = {f.name: pa.array([getattr(r, attributes.get(f.name, f.name)) for r in records]).cast(f.type)
+               for f in schema}
+    return pa.table(columns, schema=schema)

@@ -19,7 +19,7 @@ from storage.cache import ResultCache
 from storage.index import ArchiveEntry, ContractDetails, DailyStatistics, Index
 from storage.planner import Plan, Planner
 from storage.query import read_bars
-from storage.schemas import TickType
+from storage.schemas import COVERAGE_SCHEMA, TickType, records_table
 from storage.segments import (
     SegmentWriter,
     StreamKey,
@@ -192,16 +192,7 @@ class Store:
         the recorder confirmed every received tick acknowledged.
         """
         rows = self.index.coverage(contract_id, TickType(tick_type).value, to_us(start), to_us(end))
-        stamp = pa.timestamp("us", tz="UTC")
-        return pa.table({
-            "contract_id": pa.array([r.contract_id for r in rows], pa.int64()),
-            "tick_type": pa.array([r.tick_type for r in rows], pa.string()),
-            "status": pa.array([r.status for r in rows], pa.string()),
-            "reason": pa.array([r.reason for r in rows], pa.string()),
-            "start": pa.array([r.start_time for r in rows], pa.int64()).cast(stamp),
-            "end": pa.array([r.end_time for r in rows], pa.int64()).cast(stamp),
-            "open": pa.array([r.is_open for r in rows], pa.bool_()),
-        })
+        return records_table(rows, COVERAGE_SCHEMA, {"start": "start_time", "end": "end_time", "open": "is_open"})
 
     def close(self) -> None:
         if self._scheduler is not None:
