@@ -40,7 +40,7 @@ def _format(exc: ValidationError, what: str) -> str:
         elif error["loc"]:
             message = error["msg"].removeprefix("Value error, ")
             received = repr(error.get("input"))
-            problems.append(f"{where}: {message}" + ("" if received in message else f" (got {received})"))
+            problems.append(f"{where}: {message}" + ("" if f"was {received}" in message else f" (got {received})"))
         else:
             problems.append(error["msg"].removeprefix("Value error, "))
     return "; ".join(problems)
@@ -130,10 +130,10 @@ class QueryCommand(BaseModel):
                 f"range is empty or inverted: start {self.start.isoformat()} is not before end "
                 f"{self.end.isoformat()}; the range is [start, end)"
             )
-        if self.fill and self.resolution == TICK:
-            raise ValueError("fill applies to bars; give a resolution such as '1m'")
-        if self.daily_session is not None and self.resolution != DAILY:
-            raise ValueError(f"daily_session applies to resolution '1d' only (resolution was {self.resolution!r})")
+        _check_bar_options(self.resolution, self.fill, self.daily_session)
+        if self.session is not None and self.daily_session not in (None, self.session):
+            raise ValueError(f"daily_session {self.daily_session!r} differs from session {self.session!r}; daily bars "
+                             "of a session query are that session's: leave daily_session out")
         return self
 
     @classmethod
@@ -159,6 +159,13 @@ class QueryCommand(BaseModel):
     def day_kind(self) -> str:
         """The session kind daily bars are built from."""
         return self.daily_session or self.session or "extended"
+
+
+def _check_bar_options(resolution: str, fill: bool, daily_session: str | None) -> None:
+    if fill and resolution == TICK:
+        raise ValueError("fill applies to bars; give a resolution such as '1m'")
+    if daily_session is not None and resolution != DAILY:
+        raise ValueError(f"daily_session applies to resolution '1d' only (resolution was {resolution!r})")
 
 
 def _distinct(name: str, values: list) -> list:
@@ -199,6 +206,7 @@ class Ticket(BaseModel):
     def _ordered(self) -> "Ticket":
         if self.end_us <= self.start_us:
             raise ValueError(f"ticket range is empty: [{iso(self.start_us)}, {iso(self.end_us)})")
+        _check_bar_options(self.resolution, self.fill, self.daily_session)
         return self
 
     @classmethod

@@ -182,19 +182,24 @@ class FlightServer(flight.FlightServerBase):
 
     def _action_statistics(self, body: bytes) -> pa.Table:
         request = StatisticsBody.parse(body, "statistics")
-        self._check_stored([request.contract_id])
+        self._check_known(request.contract_id)
         rows = self.store.statistics(request.contract_id, request.tick_type and request.tick_type.value)
         return records_table(rows, STATISTICS_SCHEMA)
 
     def _action_sessions(self, body: bytes) -> pa.Table:
         request = SessionsBody.parse(body, "sessions")
+        self._check_known(request.contract_id)
         sessions = self.store.sessions(request.contract_id)
         trading_date = _trading_date(sessions, "extended", request.date)  # the trading day that has opened
         return records_table(sessions.day(trading_date), SESSIONS_SCHEMA, {"open": "open_us", "close": "close_us"})
 
     def _action_coverage(self, body: bytes) -> pa.Table:
         request = CoverageBody.parse(body, "coverage")
+        self._check_known(request.contract_id)
         end = request.end or from_us(now_us())
+        if end <= request.start:
+            raise InvalidRequestError(f"range is empty or inverted: start {request.start.isoformat()} is not before "
+                                      f"end {end.isoformat()}; the range is [start, end)")
         return self.store.coverage(request.contract_id, request.tick_type, request.start, end)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -209,19 +214,21 @@ class FlightServer(flight.FlightServerBase):
 
     def _tickets(self, query: QueryCommand) -> list[Ticket]:
         self._check_stored(query.contracts)
+        now = now_us()  # one "now" for every contract of the query
         tickets = []
         for contract_id in query.contracts:
-            start_us, end_us = self._range(query, contract_id)
+            start_us, end_us = self._range(query, contract_id, now)
             self._check_span(query, start_us, end_us)
+            if query.resolution == DAILY:
+                self.store.sessions(contract_id)  # refuse a contract without trading hours now, not at do_get
             tickets += [Ticket(contract_id=contract_id, tick_type=t, start_us=start_us, end_us=end_us,
                                resolution=query.resolution, fill=query.fill,
                                daily_session=query.day_kind if query.resolution == DAILY else None)
                         for t in query.tick_types]
         return tickets
 
-    def _range(self, query: QueryCommand, contract_id: int) -> tuple[int, int]:
+    def _range(self, query: QueryCommand, contract_id: int, now: int) -> tuple[int, int]:
         """[start_us, end_us) of the query for one contract (sessions differ per contract)."""
-        now = now_us()
         if query.window is not None:
             return now - parse_window(query.window), now
         if query.session is not None:
@@ -243,11 +250,18 @@ class FlightServer(flight.FlightServerBase):
                 "split the range" + (" or ask for bars (resolution)" if query.resolution == TICK else "")
             )
         if query.resolution not in (TICK, DAILY):
-            bars = (end_us - start_us) // BAR_RESOLUTIONS[query.resolution]
+            step = BAR_RESOLUTIONS[query.resolution]
+            bars = -(-(end_us - (start_us - start_us % step)) // step)  # bar starts in the range, as fill makes them
             if bars > self.settings.max_bars:
                 raise RequestTooLargeError(
                     f"request too large: about {bars:,} bars of {query.resolution}, over the limit of "
                     f"{self.settings.max_bars:,} (IBSTREAM_MAX_BARS); use a coarser resolution or split the range")
+
+    def _check_known(self, contract_id: int) -> None:
+        """For actions: the contract has ticks, details or coverage (the recorder has seen it)."""
+        if contract_id not in self.store.known_contract_ids():
+            raise NotFoundError(f"contract_id {contract_id} is unknown here: no ticks, contract details or coverage "
+                                "are stored for it; list_flights shows the stored contracts")
 
     def _check_stored(self, contract_ids: list[int]) -> None:
         stored = self.store.contract_ids()

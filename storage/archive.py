@@ -10,8 +10,8 @@ each point:
 
 1. write ``data.parquet.tmp`` and fsync it                -> segments (tmp removed on start)
 2. rename to ``data.parquet``, fsync the folder          -> segments (file not in the index: removed on start)
-3. commit the ``tick_archives`` row + day statistics     -> the Parquet file (segments of the hour are skipped
-                                                            by readers and deleted on start)
+3. commit the ``tick_archives`` row, the hour's 1-minute  -> the Parquet file (segments of the hour are skipped
+   pre-aggregates (``hour_bars``) + day statistics           by readers and deleted on start)
 4. delete the hour's segments
 """
 

@@ -282,6 +282,11 @@ class Index:
         row = self._connection().execute("SELECT * FROM contracts WHERE contract_id = ?", (contract_id,)).fetchone()
         return None if row is None else ContractDetails(*row)
 
+    def contract_ids_with_details_or_coverage(self) -> set[int]:
+        rows = self._connection().execute(
+            "SELECT contract_id FROM contracts UNION SELECT DISTINCT contract_id FROM coverage")
+        return {row[0] for row in rows}
+
     def contracts(self) -> list[ContractDetails]:
         rows = self._connection().execute("SELECT * FROM contracts ORDER BY contract_id").fetchall()
         return [ContractDetails(*row) for row in rows]

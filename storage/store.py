@@ -120,7 +120,8 @@ class Store:
         """The ticks of a range: a cached table when the range is closed (see :meth:`is_closed`),
         else the plan to stream them from (never stale)."""
         plan = self.plan(contract_id, tick_type, start_us, end_us)
-        if not self.cache.max_bytes or not self.is_closed(contract_id, tick_type, end_us):
+        cacheable = plan.estimated_bytes() <= self.cache.max_bytes // 4  # else stream it: memory stays bounded
+        if not cacheable or not self.is_closed(contract_id, tick_type, end_us):
             return plan
         key = ("ticks", int(contract_id), plan.key.tick_type.value, start_us, end_us)
         return self.cache.get_or_compute(key, plan.read_all)
@@ -177,6 +178,10 @@ class Store:
 
     def contract_ids(self) -> set[int]:
         return {k.contract_id for k in list_streams(self.settings.buffer_root)} | self.index.contract_ids()
+
+    def known_contract_ids(self) -> set[int]:
+        """Contracts with ticks, contract details or coverage rows (say, one IB refused)."""
+        return self.contract_ids() | self.index.contract_ids_with_details_or_coverage()
 
     def statistics(self, contract_id: int, tick_type: str | None = None) -> list[DailyStatistics]:
         return self.index.statistics(contract_id, tick_type)

@@ -23,7 +23,7 @@ from polars.testing import assert_frame_equal
 from ibstream.errors import InvalidRequestError
 from ibstream.settings import Settings
 from recorder.synthetic import MNQ
-from storage import Store
+from storage import Plan, Store
 from storage.bars import BAR_RESOLUTIONS, PREAGGREGATE_US, partial_bars
 from storage.schemas import TickType
 from storage.segments import from_ipc_bytes
@@ -215,3 +215,15 @@ def test_unknown_resolution_is_refused(world, resolution):
     _, served, _ = world
     with pytest.raises(InvalidRequestError, match=f"resolution was {resolution!r}; use any of tick, 1s, 5s"):
         served.client.bars(MNQ.contract_id, "last", resolution, T0, T0 + timedelta(hours=1))
+
+
+def test_closed_ranges_too_big_to_cache_are_streamed(tmp_path):
+    settings = Settings(data_root=tmp_path / "data", archive_delay=timedelta(0), flight_port=0, fsync="none",
+                        cache_max_bytes=2_000_000)  # one result may take 500 kB: an hour, not three
+    with Store(settings) as store:
+        append_in_batches(store, ticks(T0, 20_000, "last", seed=2, rate_scale=20_000 / 2 / 3600 / 1.5))
+        store.archive(now=T0 + timedelta(hours=3))
+        small, large = (to_us(T0), to_us(T0) + US_PER_HOUR), (to_us(T0), to_us(T0) + 3 * US_PER_HOUR)
+        assert isinstance(store.ticks(MNQ.contract_id, "last", *small), pa.Table)  # cached, materialised
+        assert isinstance(store.ticks(MNQ.contract_id, "last", *large), Plan)  # over a quarter of the cache
+        assert store.ticks(MNQ.contract_id, "last", *large).read_all().num_rows > 5_000

@@ -187,6 +187,10 @@ GOOD = {"version": 1, "contract_id": MNQ.contract_id, "tick_types": ["last"], "s
      "request too large: about 31,449,600 bars of 1s, over the limit of 10,000,000 (IBSTREAM_MAX_BARS)"),
     ({"resolution": "1m", "start": "2024-01-01T00:00:00Z"}, pa.ArrowInvalid,
      "spans more than 366 days, 0:00:00 (IBSTREAM_MAX_BAR_SPAN)"),
+    ({"start": None, "end": None, "session": "regular", "resolution": "1d", "daily_session": "extended"},
+     pa.ArrowInvalid, "daily_session 'extended' differs from session 'regular'; daily bars of a session query are "
+                      "that session's: leave daily_session out"),
+    ({"contract_id": 0}, pa.ArrowInvalid, "contract_id: Input should be greater than 0 (got 0)"),
 ])
 def test_bad_queries_get_a_precise_error(week, change, error, message):
     _, served, _ = week
@@ -215,13 +219,34 @@ def test_a_session_of_a_contract_without_details_is_refused(tmp_path, settings):
             served.close()
 
 
+def test_one_now_for_every_contract_of_a_window(week):
+    _, served, _ = week
+    command = {"version": 1, "contract_ids": [MNQ.contract_id, AAPL.contract_id], "tick_types": ["last"],
+               "window": "1h"}
+    info = served.client._flight.get_flight_info(flight.FlightDescriptor.for_command(json.dumps(command).encode()))
+    ranges = {(t["start_us"], t["end_us"]) for t in (json.loads(e.ticket.ticket) for e in info.endpoints)}
+    assert len(ranges) == 1
+
+
+def test_a_forged_ticket_with_bar_options_on_ticks_is_refused(week):
+    _, served, _ = week
+    ticket = {"version": 1, "contract_id": MNQ.contract_id, "tick_type": "last", "start_us": 0, "end_us": 1,
+              "fill": True}
+    with pytest.raises(pa.ArrowInvalid, match="invalid ticket: fill applies to bars"):
+        served.client._flight.do_get(flight.Ticket(json.dumps(ticket).encode())).read_all()
+
+
 def test_bad_action_calls_are_refused(week):
     _, served, _ = week
+    for action in ("statistics", "sessions"):
+        with pytest.raises(NotFoundError, match="contract_id 42 is unknown here: no ticks, contract details or "
+                                                "coverage are stored for it"):
+            served.client._action(action, contract_id=42)
+    with pytest.raises(InvalidRequestError, match="range is empty or inverted: start 2026-11-30T00:00:00"):
+        served.client.coverage(MNQ.contract_id, "last", utc(2026, 11, 30), utc(2026, 11, 29))
     with pytest.raises(InvalidRequestError, match="action was 'stats'; use any of statistics, sessions, coverage"):
         served.client._action("stats", contract_id=MNQ.contract_id)
     with pytest.raises(InvalidRequestError, match="invalid body for action 'coverage': missing field 'tick_type'"):
         served.client._action("coverage", contract_id=MNQ.contract_id, start="2026-11-30T00:00:00Z")
-    with pytest.raises(NotFoundError, match="contract_id 42 is not stored"):
-        served.client.statistics(42)
     with pytest.raises(RequestTooLargeError, match="request too large"):
         served.client.ticks(MNQ.contract_id, "last", utc(2026, 1, 1), utc(2026, 3, 1))
