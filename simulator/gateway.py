@@ -335,24 +335,31 @@ class _Session:
 
     def _send_loop(self) -> None:
         while not self.closed.wait(self.sim.send_interval):
-            now = time.monotonic()
-            silent = self.sim.data_paused or now < self.sim.stalled_until
-            with self._subs_lock:
-                subscriptions = list(self.subscriptions.values())
-            seconds = int(time.time())
-            if subscriptions and self.peer_gone():
-                self.drop()  # never log ticks as sent to a client that already hung up
-                return
-            for sub in subscriptions:
-                due = sub.due(now)
-                if due is None or silent or not sub.alive:
-                    continue
-                rows, tails = due
-                prefix = f"{IN.TICK_BY_TICK}\0{sub.req_id}\0{WIRE_TICK_CODE[sub.tick_type]}\0{seconds}\0"
-                payloads = [(prefix + tail).encode("ascii") for tail in tails]
-                data = b"".join(struct.pack("!I", len(p)) + p for p in payloads)
-                if self.send(data):
-                    self.sim._log_sent(sub, rows, seconds)
+            with self.sim.market_lock:  # a status change (1100, 1101, ...) never lands mid-round
+                if not self._send_round():
+                    return
+
+    def _send_round(self) -> bool:
+        """Send what each subscription has due; False once the client hung up."""
+        now = time.monotonic()
+        silent = self.sim.data_paused or now < self.sim.stalled_until
+        with self._subs_lock:
+            subscriptions = list(self.subscriptions.values())
+        seconds = int(time.time())
+        if subscriptions and self.peer_gone():
+            self.drop()  # never log ticks as sent to a client that already hung up
+            return False
+        for sub in subscriptions:
+            due = sub.due(now)
+            if due is None or silent or not sub.alive:
+                continue
+            rows, tails = due
+            prefix = f"{IN.TICK_BY_TICK}\0{sub.req_id}\0{WIRE_TICK_CODE[sub.tick_type]}\0{seconds}\0"
+            payloads = [(prefix + tail).encode("ascii") for tail in tails]
+            data = b"".join(struct.pack("!I", len(p)) + p for p in payloads)
+            if self.send(data):
+                self.sim._log_sent(sub, rows, seconds)
+        return True
 
 
 class GatewaySimulator:
@@ -371,6 +378,7 @@ class GatewaySimulator:
         self.tick_by_tick_limit: int | None = None
         self.data_paused = False
         self.stalled_until = 0.0
+        self.market_lock = threading.RLock()  # held by each send round and by every market status change
         self.connections = 0
         self._sessions: list[_Session] = []
         self._lock = threading.Lock()
@@ -505,31 +513,35 @@ class GatewaySimulator:
 
     def pause(self) -> None:
         """Stop sending ticks (answers still flow); ticks due meanwhile are skipped, not sent later."""
-        self.data_paused = True
+        with self.market_lock:
+            self.data_paused = True
 
     def resume(self) -> None:
         self.data_paused = False
 
     def connectivity_lost(self) -> None:
         """IB's servers unreachable from the gateway: error 1100, no data until restored."""
-        self.data_paused = True
-        self.send_error(1100)
+        with self.market_lock:
+            self.data_paused = True
+            self.send_error(1100)
 
     def connectivity_restored(self, data_lost: bool) -> None:
         """1101 (subscriptions are gone, the client must resubscribe) or 1102 (they carry on)."""
-        if data_lost:
-            for session in self._each_session():
-                with session._subs_lock:
-                    session.subscriptions.clear()
-        self.data_paused = False
-        self.send_error(1101 if data_lost else 1102)
+        with self.market_lock:
+            if data_lost:
+                for session in self._each_session():
+                    with session._subs_lock:
+                        session.subscriptions.clear()
+            self.data_paused = False
+            self.send_error(1101 if data_lost else 1102)
 
     def farm_broken(self) -> None:
         """2103: the market data farm is down; current subscriptions stay silent even after 2104."""
-        for session in self._each_session():
-            for sub in list(session.subscriptions.values()):
-                sub.alive = False
-        self.send_error(2103)
+        with self.market_lock:
+            for session in self._each_session():
+                for sub in list(session.subscriptions.values()):
+                    sub.alive = False
+            self.send_error(2103)
 
     def farm_restored(self) -> None:
         self.send_error(2104)
