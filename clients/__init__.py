@@ -1,5 +1,6 @@
 """Flight clients: ``Client`` returns polars (or pandas) DataFrames."""
 
 from clients.client import Client
+from clients.live import LiveFrame, LiveStream
 
-__all__ = ["Client"]
+__all__ = ["Client", "LiveFrame", "LiveStream"]

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date, datetime
 
 import polars as pl
 import pyarrow as pa
 import pyarrow.flight as flight
 
+from clients.live import LiveFrame, LiveStream
 from flight_server.commands import command, iso_time
-from ibstream.errors import (
-    IbstreamError,
-    InvalidRequestError,
-    NotFoundError,
-    RequestTooLargeError,
-    ServerUnavailableError,
-)
+from clients.errors import translated
+from ibstream.errors import InvalidRequestError
 
 DEFAULT_LOCATION = "grpc://127.0.0.1:8815"
 
@@ -25,23 +21,6 @@ DEFAULT_LOCATION = "grpc://127.0.0.1:8815"
 def _frames(tables: dict[str, pa.Table], tick_types: TickTypes, as_pandas: bool):
     frames = {name: (t.to_pandas() if as_pandas else pl.from_arrow(t, rechunk=False)) for name, t in tables.items()}
     return frames[tick_types] if isinstance(tick_types, str) else frames
-
-
-def _message(exc: Exception) -> str:
-    text = str(exc).split(". Detail:", 1)[0]
-    return text[1:-1] if len(text) > 1 and text[0] == text[-1] == "'" else text
-
-
-def _translate(exc: Exception) -> IbstreamError:
-    message = _message(exc)
-    if isinstance(exc, pa.ArrowInvalid):
-        cls = RequestTooLargeError if message.startswith("request too large") else InvalidRequestError
-        return cls(message)
-    if isinstance(exc, pa.ArrowKeyError):
-        return NotFoundError(message)
-    if isinstance(exc, (flight.FlightUnavailableError, flight.FlightTimedOutError)):
-        return ServerUnavailableError(f"{message} (is the server running and reachable?)")
-    return IbstreamError(message)
 
 
 Contracts = int | Sequence[int]
@@ -118,6 +97,27 @@ class Client:
         return self.bars(contract_id, tick_types, resolution, session=kind, session_date=session_date,
                          as_pandas=as_pandas)
 
+    def live(self, contract_id: int, tick_type: str, start: datetime | None = None, end: datetime | None = None, *,
+             window: str | None = None, cursor: str | None = None, reconnect_for: float = 60.0) -> LiveStream:
+        """Ticks of one stream as DataFrames: the history from ``start`` (or ``window`` back, or after a
+        ``cursor`` from an earlier stream), then each batch the recorder acknowledges, until ``end``
+        or :meth:`LiveStream.close`. Reconnects and resumes after its cursor if the server goes away.
+
+        >>> for frame in client.live(711280073, "last", window="5m"):
+        ...     print(frame.height, "trades")
+        """
+        return LiveStream(self._flight, contract_id, tick_type, start=start, end=end, window=window, cursor=cursor,
+                          reconnect_for=reconnect_for)
+
+    def history_and_live(self, contract_id: int, tick_type: str, start: datetime | None = None, *,
+                         window: str | None = None, on_update: Callable[[pl.DataFrame], None] | None = None
+                         ) -> LiveFrame:
+        """A DataFrame of one stream kept up to date on a background thread: ``.frame`` holds the
+        history from ``start`` plus every live tick since, each exactly once (across the seam and
+        across server restarts); ``on_update`` is called with each new piece. ``.stop()`` ends it.
+        """
+        return LiveFrame(self.live(contract_id, tick_type, start, window=window), on_update)
+
     def tables(self, contract_id: Contracts, tick_types: TickTypes, start: datetime | None = None,
                end: datetime | None = None, **query) -> dict[str, pa.Table]:
         """Like :meth:`ticks` / :meth:`bars` (same keywords), as Arrow tables keyed by tick type."""
@@ -188,7 +188,7 @@ class Client:
         try:
             return function(*args)
         except (pa.ArrowException, flight.FlightError) as exc:
-            raise _translate(exc) from exc
+            raise translated(exc) from exc
 
 
-__all__ = ["Client", "DEFAULT_LOCATION"]
+__all__ = ["Client", "DEFAULT_LOCATION", "LiveFrame", "LiveStream"]

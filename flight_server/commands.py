@@ -22,6 +22,7 @@ from pydantic import (
 
 from ibstream.errors import InvalidRequestError
 from storage.bars import DAILY, TICK, parse_resolution, parse_window
+from storage.live import Cursor
 from storage.schemas import TickType
 from storage.sessions import normalize_kind
 from storage.times import iso, to_us
@@ -66,6 +67,12 @@ def _aware(value: datetime, info: ValidationInfo) -> datetime:
 
 
 AwareTime = Annotated[datetime, AfterValidator(_aware)]
+def _cursor(value: str) -> str:
+    Cursor.parse(value)
+    return value
+
+
+CursorText = Annotated[str, AfterValidator(_cursor)]
 Resolution = Annotated[str, AfterValidator(parse_resolution)]
 SessionKind = Annotated[str, AfterValidator(normalize_kind)]
 Window = Annotated[str, AfterValidator(_window)]
@@ -95,6 +102,8 @@ class QueryCommand(BaseModel):
     resolution: Resolution = TICK
     fill: bool = False
     daily_session: SessionKind | None = None
+    live: bool = False
+    cursor: CursorText | None = None
 
     @field_validator("tick_types", mode="before")
     @classmethod
@@ -116,13 +125,19 @@ class QueryCommand(BaseModel):
     def _consistent(self) -> "QueryCommand":
         if (self.contract_id is None) == (self.contract_ids is None):
             raise ValueError("give exactly one of contract_id (one contract) or contract_ids (a list)")
-        given = [name for name in ("start", "window", "session") if getattr(self, name) is not None]
+        given = [name for name in ("start", "window", "session", "cursor") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(
-                "give the range exactly one way: start (with an optional end), window (e.g. '24h') or session "
-                f"(e.g. 'regular', with session_date); got {' and '.join(given) if given else 'none of them'}")
-        if self.end is not None and self.start is None:
-            raise ValueError("end needs start; a window or a session already fixes the end")
+                "give the range exactly one way: start (with an optional end), window (e.g. '24h'), session "
+                "(e.g. 'regular', with session_date) or cursor (to resume a stream); got "
+                f"{' and '.join(given) if given else 'none of them'}")
+        if self.end is not None and self.start is None and self.cursor is None:
+            raise ValueError("end needs start (or cursor); a window or a session already fixes the end")
+        if self.cursor is not None and len(self.contracts) * len(self.tick_types) != 1:
+            raise ValueError("a cursor resumes one stream: give one contract_id and one tick type with it")
+        if self.live and self.resolution != TICK:
+            raise ValueError(f"live streams ticks; resolution was {self.resolution!r} (live bars are not served yet: "
+                             "aggregate the live ticks, e.g. with polars group_by_dynamic)")
         if self.session_date is not None and self.session is None:
             raise ValueError("session_date needs session, e.g. \"session\": \"regular\"")
         if self.start is not None and self.end is not None and self.end <= self.start:
@@ -201,6 +216,8 @@ class Ticket(BaseModel):
     resolution: Resolution = TICK
     fill: bool = False
     daily_session: SessionKind | None = None
+    live: bool = False
+    skip: int = Field(0, ge=0)  # ticks at start_us already delivered (a resumed cursor's n)
 
     @model_validator(mode="after")
     def _ordered(self) -> "Ticket":
@@ -225,7 +242,7 @@ class Ticket(BaseModel):
 def command(contract_ids: int | Sequence[int], tick_types: str | Sequence[str], *, start: datetime | None = None,
             end: datetime | None = None, window: str | None = None, session: str | None = None,
             session_date: str | date | None = None, resolution: str = TICK, fill: bool = False,
-            daily_session: str | None = None) -> bytes:
+            daily_session: str | None = None, live: bool = False, cursor: str | None = None) -> bytes:
     """The command bytes for a query (what :class:`clients.Client` sends); ``None`` fields are left out."""
     payload: dict = {"version": COMMAND_VERSION}
     if isinstance(contract_ids, int):
@@ -237,7 +254,7 @@ def command(contract_ids: int | Sequence[int], tick_types: str | Sequence[str], 
                 "window": window, "session": session,
                 "session_date": session_date.isoformat() if isinstance(session_date, date) else session_date,
                 "resolution": None if resolution == TICK else resolution, "fill": fill or None,
-                "daily_session": daily_session}
+                "daily_session": daily_session, "live": live or None, "cursor": cursor}
     payload |= {name: value for name, value in optional.items() if value is not None}
     return json.dumps(payload).encode()
 

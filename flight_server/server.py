@@ -35,7 +35,13 @@ from flight_server.commands import (
     StatisticsBody,
     Ticket,
 )
-from ibstream.errors import InvalidRequestError, NotFoundError, RequestTooLargeError
+from ibstream.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    RequestTooLargeError,
+    ServerBusyError,
+    ServerUnavailableError,
+)
 from ibstream.settings import Settings
 from storage.bars import (
     BAR_RESOLUTIONS,
@@ -46,8 +52,9 @@ from storage.bars import (
     parse_window,
     partial_step_us,
 )
+from storage.live import FOREVER_US, Cursor, LiveFeed
 from storage.schemas import SESSIONS_SCHEMA, STATISTICS_SCHEMA, records_table, schema_for
-from storage.segments import ipc_bytes
+from storage.segments import StreamKey, ipc_bytes
 from storage.sessions import ContractSessions, Session
 from storage.store import Store
 from storage.times import duration_us, from_us, iso, now_us, to_us
@@ -70,6 +77,9 @@ def _flight_errors(handler: Callable) -> Callable:
         except NotFoundError as exc:
             log.info("%s refused: %s", handler.__name__, exc)
             raise pa.ArrowKeyError(str(exc)) from None
+        except ServerUnavailableError as exc:
+            log.warning("%s refused: %s", handler.__name__, exc)
+            raise flight.FlightUnavailableError(str(exc)) from None
         except flight.FlightError:
             raise
         except Exception as exc:
@@ -100,6 +110,8 @@ class FlightServer(flight.FlightServerBase):
     def __init__(self, store: Store, location: str | None = None, **kwargs):
         self.store = store
         self.settings: Settings = store.settings
+        self._streams = threading.BoundedSemaphore(self.settings.max_streams)
+        self._stopping = threading.Event()
         super().__init__(location or self.settings.flight_location, **kwargs)
         threading.Thread(target=store.warm_sessions, name="warm-sessions", daemon=True).start()
 
@@ -133,12 +145,19 @@ class FlightServer(flight.FlightServerBase):
     def do_get(self, context, ticket: flight.Ticket) -> flight.FlightDataStream:
         parsed = Ticket.parse(ticket.ticket)
         metadata = {"ibstream.contract_id": str(parsed.contract_id)}
+        schema = _with_metadata(schema_for(parsed.tick_type), metadata)
+        if parsed.live:
+            feed = LiveFeed(self.store, StreamKey(parsed.contract_id, parsed.tick_type),
+                            Cursor(parsed.start_us, parsed.skip), parsed.end_us,
+                            max_rows=self.settings.live_queue_rows,
+                            poll_interval=self.settings.live_poll_interval.total_seconds())
+            stopped = lambda: context.is_cancelled() or self._stopping.is_set()  # noqa: E731
+            return flight.GeneratorStream(schema, self._slot(_live(feed, stopped, self._stopping), parsed))
         if parsed.resolution == TICK:
             ticks = self.store.ticks(parsed.contract_id, parsed.tick_type, parsed.start_us, parsed.end_us)
             if isinstance(ticks, pa.Table):  # a closed range, from the cache
                 return flight.RecordBatchStream(_with_metadata(ticks, metadata))
-            schema = _with_metadata(ticks.schema, metadata)
-            return flight.GeneratorStream(schema, _streamed(ticks.batches(), parsed))
+            return flight.GeneratorStream(schema, self._slot(ticks.batches(), parsed))
         sessions = None
         if parsed.resolution == DAILY:
             sessions = self.store.sessions(parsed.contract_id).sessions(
@@ -166,6 +185,20 @@ class FlightServer(flight.FlightServerBase):
                 schema_for(info.tick_type), descriptor, [flight.FlightEndpoint(ticket.to_bytes(), [])],
                 info.tick_count, -1,
             )
+
+    def shutdown(self) -> None:
+        """Stop serving: live streams end (their readers resume elsewhere or later from their
+        cursor), then the server waits for the calls in progress."""
+        self._stopping.set()
+        super().shutdown()
+
+    def _slot(self, batches, ticket: Ticket):
+        """Stream ``batches`` in one of ``max_streams`` slots; refuse with UNAVAILABLE when none is free."""
+        if not self._streams.acquire(blocking=False):
+            raise ServerBusyError(
+                f"server busy: {self.settings.max_streams} streams are being served (IBSTREAM_MAX_STREAMS); "
+                "retry shortly")
+        return _streamed(batches, ticket, release=self._streams.release)
 
     def list_actions(self, context):
         return list(ACTIONS.items())
@@ -218,25 +251,28 @@ class FlightServer(flight.FlightServerBase):
         tickets = []
         for contract_id in query.contracts:
             start_us, end_us = self._range(query, contract_id, now)
-            self._check_span(query, start_us, end_us)
+            if not query.live:  # a live stream is never held in memory: only the row limit applies
+                self._check_span(query, start_us, end_us)
             if query.resolution == DAILY:
                 self.store.sessions(contract_id)  # refuse a contract without trading hours now, not at do_get
             tickets += [Ticket(contract_id=contract_id, tick_type=t, start_us=start_us, end_us=end_us,
                                resolution=query.resolution, fill=query.fill,
-                               daily_session=query.day_kind if query.resolution == DAILY else None)
+                               daily_session=query.day_kind if query.resolution == DAILY else None,
+                               live=query.live, skip=Cursor.parse(query.cursor).n if query.cursor else 0)
                         for t in query.tick_types]
         return tickets
 
     def _range(self, query: QueryCommand, contract_id: int, now: int) -> tuple[int, int]:
         """[start_us, end_us) of the query for one contract (sessions differ per contract)."""
+        open_end = FOREVER_US if query.live else now  # live: follow new ticks until the end, if any
         if query.window is not None:
-            return now - parse_window(query.window), now
+            return now - parse_window(query.window), open_end
         if query.session is not None:
             sessions = self.store.sessions(contract_id)
             session = _session(sessions, query.session, query.session_date or "current", now)
             return session.open_us, session.close_us
-        start_us = to_us(query.start, name="start")
-        end_us = now if query.end is None else to_us(query.end, name="end")
+        start_us = Cursor.parse(query.cursor).ts if query.cursor else to_us(query.start, name="start")
+        end_us = open_end if query.end is None else to_us(query.end, name="end")
         if end_us <= start_us:
             raise InvalidRequestError(f"range is empty: start {iso(start_us)} is not before now ({iso(end_us)})")
         return start_us, end_us
@@ -294,14 +330,28 @@ def _trading_date(sessions: ContractSessions, kind: str, when: str) -> date:
         else date.fromisoformat(when)
 
 
-def _streamed(batches, ticket: Ticket):
-    """Batches of a do_get; a failure mid-stream (say, a corrupt file) reaches the caller as INTERNAL."""
+def _streamed(batches, ticket: Ticket, release: Callable[[], None]):
+    """Batches of a do_get; a failure mid-stream (say, a corrupt file) reaches the caller as INTERNAL,
+    a dropped live reader or a stopping server as UNAVAILABLE."""
     try:
         yield from batches
+    except ServerUnavailableError as exc:
+        log.warning("do_get of %s/%s ended: %s", ticket.contract_id, ticket.tick_type.value, exc)
+        raise flight.FlightUnavailableError(str(exc)) from None
     except Exception as exc:
         log.exception("do_get of %s/%s failed mid-stream", ticket.contract_id, ticket.tick_type.value)
         raise flight.FlightInternalError(f"reading {ticket.contract_id}/{ticket.tick_type.value} failed: "
                                          f"{type(exc).__name__}: {exc}") from None
+    finally:
+        release()
+
+
+def _live(feed: LiveFeed, stopped: Callable[[], bool], stopping: threading.Event):
+    """A live stream: each batch with its cursor in app_metadata (proto_docs §live)."""
+    for batch, cursor, live in feed.batches(stopped):
+        yield batch, pa.py_buffer(json.dumps({"cursor": str(cursor), "live": live}).encode())
+    if stopping.is_set():
+        raise ServerUnavailableError(f"the server is shutting down; resume from cursor {feed.cursor}")
 
 
 def _with_metadata(value, extra: dict[str, str]):

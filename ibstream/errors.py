@@ -28,6 +28,14 @@ class ServerUnavailableError(IbstreamError, ConnectionError):
     """The server cannot be reached or refused the work for now; retrying may help."""
 
 
+class SubscriberTooSlowError(ServerUnavailableError):
+    """A live reader fell too far behind and was dropped; resume from its cursor."""
+
+
+class ServerBusyError(ServerUnavailableError):
+    """The server is at a limit (concurrent streams, memory) and refused the work for now."""
+
+
 class StorageError(IbstreamError):
     """The store cannot do what was asked (ordering, sealing, corrupt file)."""
 

@@ -103,6 +103,15 @@ class Settings(BaseSettings):
         description="Size bound of the result cache (Arrow bytes) for queries over archived (closed) ranges; 0 "
         "disables it. One result is cached only if it takes at most a quarter of this.")
     cache_ttl: timedelta = Field(timedelta(minutes=5), description="A cached result is dropped this long after it was computed.")
+    max_streams: int = Field(
+        64, gt=0, description="Most do_get streams served from storage or live at once; past it a do_get is refused "
+        "with UNAVAILABLE ('server busy'), so memory stays bounded. Cached results do not count.")
+    live_queue_rows: int = Field(
+        500_000, gt=0, description="Ticks a live reader may fall behind the recorder before it is dropped (it resumes "
+        "from its cursor); bounds each live stream's memory.")
+    live_poll_interval: timedelta = Field(
+        timedelta(milliseconds=50),
+        description="A server on a store another process records into reads new ticks this often for live streams.")
     batch_rows: int = Field(
         32_768, gt=0,
         description="Largest record batch the server sends, in rows: 32,768 bid_ask rows are ~2 MB, well under "

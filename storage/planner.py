@@ -158,9 +158,11 @@ class Planner:
         if writer is not None:
             writer.forget_listeners.append(self.cache.discard)
 
-    def plan(self, key: StreamKey, start_us: int, end_us: int, batch_rows: int) -> Plan:
+    def plan(self, key: StreamKey, start_us: int, end_us: int, batch_rows: int, subscription=None) -> Plan:
+        """The sources of [start_us, end_us); a ``subscription`` (recording process only) is offered
+        every batch acknowledged after this plan's snapshot."""
         schema = schema_for(key.tick_type)
-        sources, tail = self._buffer_snapshot(key)
+        sources, tail = self._buffer_snapshot(key, subscription)
         archives = self.index.archives(key.contract_id, key.tick_type.value, start_us, end_us)
         archived_hours = {e.hour_start for e in archives}
         first_hour = hour_floor(start_us)
@@ -176,10 +178,11 @@ class Planner:
         tail_table = _clip(coalesce(tail, schema, batch_rows), start_us, end_us) if tail else None
         return Plan(key, start_us, end_us, batch_rows, self.archive_root, archives, segments, tail_table)
 
-    def _buffer_snapshot(self, key: StreamKey) -> tuple[list[tuple[Path, pa.MemoryMappedFile]], list[pa.RecordBatch]]:
+    def _buffer_snapshot(self, key: StreamKey, subscription=None
+                         ) -> tuple[list[tuple[Path, pa.MemoryMappedFile]], list[pa.RecordBatch]]:
         """Open (memory-map) the closed segments and copy the open tail, atomically w.r.t. archival."""
         if self.writer is not None:
-            with self.writer.stream_state(key) as snapshot:
+            with self.writer.stream_state(key, subscription) as snapshot:
                 sources = [(p, pa.memory_map(str(p), "r")) for p in snapshot.closed]
                 return sources, snapshot.open_batches
         sources = []

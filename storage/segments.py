@@ -190,6 +190,7 @@ class _Stream:
         self.last_ts = -(2**63)
         self.sealed_until_us = sealed_until_us
         self.acknowledged = 0
+        self.subscribers: list = []  # storage.live.Subscription: offered each batch readers can see
         for path in reversed(self.closed):  # the newest segment may hold no batch (crash after creation)
             non_empty = [b for b in read_segment(path)[0] if b.num_rows]
             if non_empty:
@@ -248,13 +249,24 @@ class SegmentWriter:
             return snapshot
 
     @contextmanager
-    def stream_state(self, key: StreamKey) -> Iterator[StreamSnapshot]:
-        """A snapshot of the stream, with archival and rotation held off until the block exits."""
+    def stream_state(self, key: StreamKey, subscription=None) -> Iterator[StreamSnapshot]:
+        """A snapshot of the stream, with archival and rotation held off until the block exits.
+
+        A ``subscription`` (:class:`storage.live.Subscription`) registered here is offered every
+        batch acknowledged after the snapshot, and none in it.
+        """
         stream = self._stream(key)
         with stream.state_lock:
+            if subscription is not None:
+                stream.subscribers.append(subscription)
             open_path = stream.open.path if stream.open else None
             batches = list(stream.open.batches) if stream.open else []
             yield StreamSnapshot(list(stream.closed), batches, open_path)
+
+    def unsubscribe(self, key: StreamKey, subscription) -> None:
+        stream = self._stream(key)
+        with stream.state_lock:
+            stream.subscribers = [s for s in stream.subscribers if s is not subscription]
 
     def forget_segments(self, key: StreamKey, paths: list[Path]) -> None:
         """Drop archived segments from the readers' view and delete them."""
@@ -337,6 +349,8 @@ class SegmentWriter:
             os.fsync(segment.handle.fileno())
         with stream.state_lock:
             segment.batches.append(batch)
+            for subscriber in stream.subscribers:
+                subscriber.offer(batch)
 
     def _create(self, stream: _Stream, bucket: int) -> _OpenSegment:
         stream.directory.mkdir(parents=True, exist_ok=True)

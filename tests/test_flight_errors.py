@@ -44,7 +44,7 @@ BAD_COMMANDS = [
      "tick_type was 'bidask'; use any of bid_ask, last, all_last, mid_point"),
     ({**GOOD, "tick_types": []}, pa.ArrowInvalid, "tick_types"),
     ({k: v for k, v in GOOD.items() if k != "start"}, pa.ArrowInvalid,
-     "give the range exactly one way: start (with an optional end), window (e.g. '24h') or session"),
+     "give the range exactly one way: start (with an optional end), window (e.g. '24h'), session"),
     ({**GOOD, "start": "2025-01-10T00:00:00"}, pa.ArrowInvalid, "start was the naive datetime 2025-01-10T00:00:00"),
     ({**GOOD, "start": "yesterday"}, pa.ArrowInvalid, "start: Input should be a valid datetime"),
     ({**GOOD, "start": "2025-01-11T00:00:00Z", "end": "2025-01-10T00:00:00Z"}, pa.ArrowInvalid,

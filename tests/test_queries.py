@@ -169,8 +169,13 @@ GOOD = {"version": 1, "contract_id": MNQ.contract_id, "tick_types": ["last"], "s
      "session: session kind was 'lunch'; use one of regular, extended, pre_market, after_hours, full_day "
      "('overnight' is accepted for full_day)\n"),
     ({"window": "24h"}, pa.ArrowInvalid, "give the range exactly one way: start (with an optional end), window "
-                                         "(e.g. '24h') or session (e.g. 'regular', with session_date); got start "
-                                         "and window"),
+                                         "(e.g. '24h'), session (e.g. 'regular', with session_date) or cursor (to "
+                                         "resume a stream); got start and window"),
+    ({"live": True, "resolution": "1m"}, pa.ArrowInvalid, "live streams ticks; resolution was '1m'"),
+    ({"start": None, "end": None, "cursor": "12:x"}, pa.ArrowInvalid,
+     "cursor: cursor was '12:x'; use the 'cursor' of a batch's app_metadata"),
+    ({"start": None, "end": None, "cursor": "12:1", "tick_types": ["last", "bid_ask"]}, pa.ArrowInvalid,
+     "a cursor resumes one stream: give one contract_id and one tick type with it"),
     ({"start": None, "end": None, "window": "15 minutes"}, pa.ArrowInvalid, "window was '15 minutes'; use a whole "
                                                                              "number and a unit s, m, h, d or w"),
     ({"start": None, "end": None, "session": "regular", "session_date": "2026-11-26", "contract_id": AAPL.contract_id},

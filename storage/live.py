@@ -1,0 +1,211 @@
+"""Live streams: everything stored from a position on, then every tick as it is acknowledged.
+
+Position and cursor
+    Ticks of a stream are ordered by ``ts`` and, within one ``ts``, by arrival. The cursor
+    ``"<ts>:<n>"`` names the position just after the ``n``-th tick (1-based) whose ``ts`` is
+    ``<ts>`` microseconds: resuming after it gives exactly the ticks that follow, across the
+    archive, the segments and the in-memory tail, with no overlap and no hole. The same pair is
+    the key by which a client deduplicates: the tick at position (ts, k) is unique.
+
+Seam between history and live
+    In the recording process a :class:`Subscription` is registered under the same lock as the
+    buffer snapshot the history is read from, so every batch acknowledged later reaches the
+    subscription and no batch reaches both. A read-only store (another process) has no writer
+    to subscribe to; it polls the store from the cursor instead (``poll_interval``).
+
+Slow subscribers
+    A subscription holds at most ``max_rows`` ticks that its reader has not taken yet. Past that
+    it is dropped (the writer never waits for a reader), and the reader ends its stream with
+    :class:`~ibstream.errors.SubscriberTooSlowError` naming the cursor to resume from.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from ibstream.errors import InvalidRequestError, SubscriberTooSlowError
+from storage.schemas import schema_for
+from storage.segments import StreamKey
+from storage.times import now_us
+
+FOREVER_US = 2**62  # the end of a live stream that has no end
+HEARTBEAT_SECONDS = 2.0  # an empty batch with the cursor is sent when nothing happened for this long
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """The position after the ``n``-th tick (1-based) with time ``ts`` (µs); ``n = 0``: before them."""
+
+    ts: int
+    n: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.ts}:{self.n}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Cursor":
+        try:
+            ts, n = (int(part) for part in text.split(":"))
+        except (AttributeError, ValueError):
+            raise InvalidRequestError(
+                f"cursor was {text!r}; use the 'cursor' of a batch's app_metadata, \"<ts microseconds>:<n>\", "
+                "e.g. \"1736519400123456:1\"") from None
+        if n < 0:
+            raise InvalidRequestError(f"cursor was {text!r}; its tick count n must be >= 0")
+        return cls(ts, n)
+
+    def after(self, batch: pa.RecordBatch) -> "Cursor":
+        """The cursor after ``batch`` (ts-ordered ticks that follow this cursor)."""
+        if batch.num_rows == 0:
+            return self
+        ts = batch.column("ts").cast(pa.int64()).to_numpy()
+        last = int(ts[-1])
+        run = int(len(ts) - np.searchsorted(ts, last, side="left"))
+        return Cursor(last, self.n + run if last == self.ts else run)
+
+    def unseen(self, batches) -> Iterator[pa.RecordBatch]:
+        """The ticks after this cursor from ``batches``: a read that starts at ``ts`` (so its first
+        ``n`` ticks with that time are the ones already seen)."""
+        skip = self.n
+        for batch in batches:
+            ts = batch.column("ts").cast(pa.int64()).to_numpy()
+            first = int(np.searchsorted(ts, self.ts, side="left"))
+            equal = int(np.searchsorted(ts, self.ts, side="right")) - first
+            taken = min(skip, equal)
+            skip = skip - taken if first + equal == len(ts) else 0
+            rest = batch.slice(first + taken)
+            if rest.num_rows:
+                yield rest
+
+
+class Subscription:
+    """Batches acknowledged after registration, held for one reader, bounded by ``max_rows``."""
+
+    def __init__(self, max_rows: int):
+        self.max_rows = max_rows
+        self.overflowed = False
+        self._batches: deque[pa.RecordBatch] = deque()
+        self._rows = 0
+        self._ready = threading.Condition()
+
+    def offer(self, batch: pa.RecordBatch) -> None:
+        """Called by the writer with each acknowledged batch; never blocks."""
+        with self._ready:
+            if self.overflowed:
+                return
+            if self._rows + batch.num_rows > self.max_rows:
+                self.overflowed = True
+                self._batches.clear()
+                self._rows = 0
+            else:
+                self._batches.append(batch)
+                self._rows += batch.num_rows
+            self._ready.notify()
+
+    def take(self, timeout: float) -> list[pa.RecordBatch]:
+        """Everything offered so far (waiting up to ``timeout`` s for something)."""
+        with self._ready:
+            if not self._batches and not self.overflowed:
+                self._ready.wait(timeout)
+            batches = list(self._batches)
+            self._batches.clear()
+            self._rows = 0
+            return batches
+
+
+class LiveFeed:
+    """Ticks of one stream after a cursor: history first, then live, until ``end_us``.
+
+    ``batches()`` yields ``(batch, cursor, live)``: ``cursor`` is the position after the batch,
+    ``live`` whether history has been caught up with. Empty batches mark the seam (the first
+    with ``live`` true) and heartbeats.
+    """
+
+    def __init__(self, store, key: StreamKey, cursor: Cursor, end_us: int = FOREVER_US, *,
+                 max_rows: int = 1_000_000, poll_interval: float = 0.05):
+        self.store = store
+        self.key = key
+        self.cursor = cursor
+        self.end_us = end_us
+        self.max_rows = max_rows
+        self.poll_interval = poll_interval
+        self._reached_end = False
+
+    def batches(self, stopped: Callable[[], bool]) -> Iterator[tuple[pa.RecordBatch, Cursor, bool]]:
+        subscription = Subscription(self.max_rows) if self.store.writer is not None else None
+        plan = self.store.planner.plan(self.key, self.cursor.ts, self.end_us, self.store.settings.batch_rows,
+                                       subscription=subscription)
+        try:
+            yield from self._emit(self.cursor.unseen(plan.batches()), live=False)
+            if self._ended():
+                return
+            yield self._empty(), self.cursor, True  # history caught up with: the seam
+            updates = self._subscribed(subscription, stopped) if subscription else self._polled(stopped)
+            yield from self._emit(updates, live=True)
+        finally:
+            if subscription is not None:
+                self.store.writer.unsubscribe(self.key, subscription)
+
+    def _emit(self, batches, live: bool) -> Iterator[tuple[pa.RecordBatch, Cursor, bool]]:
+        for batch in batches:
+            if batch is None:  # heartbeat
+                yield self._empty(), self.cursor, live
+                continue
+            batch = self._clip(batch)
+            if batch.num_rows:
+                self.cursor = self.cursor.after(batch)
+                yield batch, self.cursor, live
+            if self._reached_end:
+                return
+
+    def _clip(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """``batch`` up to ``end``; reaching a tick at or after ``end`` ends the stream."""
+        ts = batch.column("ts").cast(pa.int64()).to_numpy()
+        keep = int(np.searchsorted(ts, self.end_us, side="left"))
+        self._reached_end = self._reached_end or keep < len(ts)
+        return batch.slice(0, keep)
+
+    def _ended(self) -> bool:
+        """Past ``end``: no tick before it can be acknowledged any more (ts is the receive time;
+        one second covers the recorder's flush)."""
+        return self._reached_end or (self.end_us < FOREVER_US and now_us() > self.end_us + 1_000_000)
+
+    def _subscribed(self, subscription: Subscription, stopped) -> Iterator[pa.RecordBatch | None]:
+        quiet_since = time.monotonic()
+        while not stopped() and not self._ended():
+            batches = subscription.take(timeout=0.1)
+            if subscription.overflowed:
+                raise SubscriberTooSlowError(
+                    f"stream {self.key}: this reader fell more than {self.max_rows:,} ticks behind the recorder "
+                    f"(IBSTREAM_LIVE_QUEUE_ROWS) and was dropped; resume from cursor {self.cursor} "
+                    "(the client does this itself)")
+            yield from batches
+            if batches:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > HEARTBEAT_SECONDS:
+                quiet_since = time.monotonic()
+                yield None
+
+    def _polled(self, stopped) -> Iterator[pa.RecordBatch | None]:
+        """Another process records: read the store again from the cursor every ``poll_interval``."""
+        quiet_since = time.monotonic()
+        while not stopped() and not self._ended():
+            time.sleep(self.poll_interval)
+            plan = self.store.planner.plan(self.key, self.cursor.ts, self.end_us, self.store.settings.batch_rows)
+            fresh = list(self.cursor.unseen(plan.batches()))
+            yield from fresh
+            if fresh:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > HEARTBEAT_SECONDS:
+                quiet_since = time.monotonic()
+                yield None
+
+    def _empty(self) -> pa.RecordBatch:
+        return pa.RecordBatch.from_pylist([], schema=schema_for(self.key.tick_type))

@@ -1,0 +1,274 @@
+"""Live plus historical over Flight: exactly once across the seam, rotations, archival, a server
+killed and restarted, and readers that stop reading."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+import pytest
+from hypothesis import given, settings as hypothesis_settings, strategies as st
+
+from conftest import Served, ticks, utc
+from ibstream.errors import ServerUnavailableError
+from ibstream.settings import Settings
+from recorder.synthetic import MNQ
+from storage import Store
+from storage.live import Cursor
+from storage.schemas import schema_for
+
+T0 = utc(2025, 1, 10, 12, 10)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def live_settings(root: Path, **overrides) -> Settings:
+    return Settings(data_root=root / "data", rotation_interval=timedelta(minutes=5), archive_delay=timedelta(0),
+                    flight_port=0, fsync="none", **overrides)
+
+
+def feed(store: Store, table: pa.Table, batch: int = 250, pause: float = 0.002, archive_at: int | None = None) -> None:
+    """Append ``table`` as the recorder would, in small acknowledged batches; archive the closed
+    hours once ``archive_at`` rows are in."""
+    for offset in range(0, table.num_rows, batch):
+        store.append(MNQ.contract_id, "last", table.slice(offset, batch))
+        if archive_at is not None and offset <= archive_at < offset + batch:
+            store.archive(now=utc(2025, 1, 10, 13, 1))
+        time.sleep(pause)
+
+
+def test_history_and_live_through_rotation_and_archival(tmp_path):
+    everything = ticks(T0, 12_000, "last", seed=4, rate_scale=12_000 / 3600 / 1.5 / 1.2)  # ~70 min, past 13:00
+    assert everything.column("ts")[-1].as_py() > utc(2025, 1, 10, 13, 5)
+    history, later = everything.slice(0, 4_000), everything.slice(4_000)
+    seen = []
+    with Store(live_settings(tmp_path)) as store:
+        feed(store, history, batch=1_000, pause=0)
+        served = Served(store)
+        try:
+            live = served.client.history_and_live(MNQ.contract_id, "last", T0, on_update=seen.append)
+            assert live.wait_caught_up(30)
+            crossing = int(np.searchsorted(later.column("ts").cast(pa.int64()).to_numpy(),
+                                           utc(2025, 1, 10, 13, 2).timestamp() * 1e6))
+            feed(store, later, archive_at=crossing)  # hour 12 is archived while the stream runs
+            wait_until(lambda: live.height == everything.num_rows, what="every tick")
+            time.sleep(0.2)  # nothing more may come
+            frame = live.frame
+            live.stop()
+        finally:
+            served.close()
+        assert store.index.archived_until_of(MNQ.contract_id, "last") == utc(2025, 1, 10, 13).timestamp() * 1e6
+    assert live.error is None
+    assert frame.to_arrow().equals(pa.Table.from_batches(everything.to_batches()).replace_schema_metadata(None)
+                                   .cast(frame.to_arrow().schema))
+    assert sum(piece.height for piece in seen) == everything.num_rows
+
+
+def test_a_cursor_resumes_exactly_after_its_tick(tmp_path):
+    table = ticks(T0, 3_000, "last", seed=5)
+    ts = table.column("ts").cast(pa.int64()).to_numpy().copy()
+    ts[1000:1010] = ts[1000]  # ten ticks in one microsecond: the cursor counts within it
+    table = table.set_column(0, "ts", pa.array(ts).cast(table.schema.field("ts").type))
+    with Store(live_settings(tmp_path)) as store:
+        feed(store, table, batch=1_003, pause=0)
+        served = Served(store)
+        try:
+            for position in (0, 999, 1_003, 1_005, 1_009, 2_999):
+                cursor = Cursor(int(ts[position]), int(position - np.searchsorted(ts, ts[position]) + 1))
+                stream = served.client.live(MNQ.contract_id, "last", cursor=str(cursor))
+                frames = []
+                for frame in stream:
+                    frames.append(frame)
+                    if stream.caught_up:
+                        break
+                stream.close()
+                rest = pa.concat_tables([f.to_arrow() for f in frames]) if frames else None
+                assert (rest.num_rows if rest is not None else 0) == 3_000 - position - 1, position
+                if rest is not None and rest.num_rows:
+                    assert rest.column("ts").cast(pa.int64()).to_numpy().tolist() == ts[position + 1:].tolist()
+        finally:
+            served.close()
+
+
+@given(values=st.lists(st.integers(0, 6), min_size=1, max_size=60), cut=st.integers(0, 100),
+       sizes=st.lists(st.integers(1, 9), min_size=1, max_size=12))
+@hypothesis_settings(max_examples=200, deadline=None)
+def test_cursor_arithmetic_matches_positions(values, cut, sizes):
+    """After any prefix, ``Cursor.after`` names it and ``unseen`` of a read from its ts gives the rest,
+    whatever the batch boundaries (a plain list is the reference)."""
+    ts = np.sort(np.array(values, dtype=np.int64))
+    table = pa.table({"ts": ts})
+    cut = cut % len(ts)
+    cursor = Cursor(-1)
+    for batch in _batches(table.slice(0, cut + 1), sizes):
+        cursor = cursor.after(batch)
+    assert cursor == Cursor(int(ts[cut]), int(np.sum(ts[:cut + 1] == ts[cut])))
+    read = table.filter(pa.compute.greater_equal(table.column("ts"), cursor.ts))
+    rest = [v for b in cursor.unseen(_batches(read, sizes)) for v in b.column("ts").to_pylist()]
+    assert rest == ts[cut + 1:].tolist()
+
+
+def _batches(table: pa.Table, sizes: list[int]):
+    offset, i = 0, 0
+    while offset < table.num_rows:
+        size = sizes[i % len(sizes)]
+        yield table.slice(offset, size).combine_chunks().to_batches()[0] if table.slice(offset, size).num_rows \
+            else None
+        offset, i = offset + size, i + 1
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(data_root: Path, port: int) -> subprocess.Popen:
+    """``ibstream serve`` in its own process: a read-only store recorded into by this one."""
+    env = {**os.environ, "IBSTREAM_LIVE_POLL_INTERVAL": "PT0.02S"}
+    process = subprocess.Popen([sys.executable, "-m", "ibstream.cli", "--log-level", "WARNING", "serve",
+                                "--data-root", str(data_root), "--port", str(port)], cwd=ROOT, env=env)
+    wait_until(lambda: _answers(port), what="the server to listen")
+    return process
+
+
+def _answers(port: int) -> bool:
+    try:
+        with flight.connect(f"grpc://127.0.0.1:{port}") as probe:
+            list(probe.list_actions())
+        return True
+    except flight.FlightUnavailableError:
+        return False
+
+
+def test_a_live_client_resumes_across_a_killed_server(tmp_path):
+    everything = ticks(T0, 9_000, "last", seed=6)
+    first, second, third = everything.slice(0, 3_000), everything.slice(3_000, 3_000), everything.slice(6_000)
+    port = free_port()
+    with Store(live_settings(tmp_path)) as store:
+        feed(store, first, batch=1_000, pause=0)
+        server = start_server(store.settings.data_root, port)
+        try:
+            from clients import Client
+
+            client = Client(f"grpc://127.0.0.1:{port}")
+            live = client.history_and_live(MNQ.contract_id, "last", T0)
+            assert live.wait_caught_up(30)
+            feed(store, second)
+            wait_until(lambda: live.height == 6_000, what="live ticks from the first server")
+            server.send_signal(signal.SIGKILL)
+            server.wait()
+            feed(store, third)  # recorded while no server runs
+            server = start_server(store.settings.data_root, port)
+            wait_until(lambda: live.height == everything.num_rows, what="the rest after the restart")
+            time.sleep(0.2)
+            frame = live.frame
+            live.stop()
+            client.close()
+        finally:
+            server.kill()
+            server.wait()
+    assert live.stream.reconnects >= 1 and live.error is None
+    assert frame.get_column("ts").to_list() == everything.column("ts").to_pylist()
+    assert frame.drop("ts").to_arrow().equals(everything.drop(["ts"]).replace_schema_metadata(None)
+                                              .cast(frame.drop("ts").to_arrow().schema))
+
+
+def test_a_reader_that_stops_reading_stalls_nothing(tmp_path):
+    """A live reader that never reads: the recorder's appends never wait for it, another reader
+    gets every tick, and the stalled one is dropped with its cursor once it is too far behind.
+
+    Its history (300k quotes, ~23 MB) is far more than gRPC buffers, so its server side is stuck
+    sending history while the live ticks pile up in its bounded queue."""
+    quotes = ticks(T0, 320_000, "bid_ask", seed=7, rate_scale=20)
+    history, later = quotes.slice(0, 300_000), quotes.slice(300_000)
+    with Store(live_settings(tmp_path, live_queue_rows=5_000)) as store:
+        for offset in range(0, history.num_rows, 50_000):
+            store.append(MNQ.contract_id, "bid_ask", history.slice(offset, 50_000))
+        served = Served(store)
+        try:
+            command = {"version": 1, "contract_id": MNQ.contract_id, "tick_types": ["bid_ask"],
+                       "start": "2025-01-10T00:00:00Z", "live": True}
+            descriptor = flight.FlightDescriptor.for_command(json.dumps(command).encode())
+            info = served.client._flight.get_flight_info(descriptor)
+            stalled = served.client._flight.do_get(info.endpoints[0].ticket)  # opened, never read (yet)
+            reading = served.client.history_and_live(MNQ.contract_id, "bid_ask", T0)
+            assert reading.wait_caught_up(60)
+            for offset in range(0, later.num_rows, 500):  # returns each time: nobody waits for the stalled reader
+                store.append(MNQ.contract_id, "bid_ask", later.slice(offset, 500))
+            wait_until(lambda: reading.height == quotes.num_rows, what="the reading client to get every tick")
+            received = 0
+            with pytest.raises(flight.FlightUnavailableError, match="fell more than 5,000 ticks behind the recorder"):
+                while received <= quotes.num_rows:
+                    received += stalled.read_chunk().data.num_rows
+            assert received == history.num_rows  # its history, then the drop (it resumes from its cursor)
+            reading.stop()
+        finally:
+            served.close()
+
+
+def test_streams_past_the_limit_are_refused_as_busy(tmp_path):
+    with Store(live_settings(tmp_path, max_streams=1)) as store:
+        store.append(MNQ.contract_id, "last", ticks(T0, 100, "last"))
+        served = Served(store)
+        try:
+            live = served.client.live(MNQ.contract_id, "last", T0)
+            first = next(iter(live))
+            assert first.height == 100
+            with pytest.raises(ServerUnavailableError, match=r"server busy: 1 streams are being served "
+                                                             r"\(IBSTREAM_MAX_STREAMS\); retry shortly"):
+                served.client.ticks(MNQ.contract_id, "last", T0, T0 + timedelta(hours=1))
+            live.close()
+            wait_until(lambda: _ticks_served(served), what="the slot to be free again")
+        finally:
+            served.close()
+
+
+def _ticks_served(served: Served) -> bool:
+    try:
+        return served.client.ticks(MNQ.contract_id, "last", T0, T0 + timedelta(hours=1)).height == 100
+    except ServerUnavailableError:
+        return False
+
+
+def test_pyarrow_and_polars_read_a_live_stream_directly(tmp_path):
+    """No ibstream client: pyarrow.flight reads batches and their cursors; polars takes the batches."""
+    import polars as pl
+
+    table = ticks(T0, 500, "last", seed=8)
+    with Store(live_settings(tmp_path)) as store:
+        store.append(MNQ.contract_id, "last", table)
+        served = Served(store)
+        try:
+            command = json.dumps({"version": 1, "contract_id": MNQ.contract_id, "tick_types": ["last"],
+                                  "start": "2025-01-10T12:00:00Z", "live": True}).encode()
+            client = flight.connect(served.location)
+            info = client.get_flight_info(flight.FlightDescriptor.for_command(command))
+            reader = client.do_get(info.endpoints[0].ticket)
+            frames, position = [], {}
+            while not position.get("live"):
+                chunk = reader.read_chunk()
+                position = json.loads(chunk.app_metadata.to_pybytes())
+                frames.append(pl.from_arrow(pa.Table.from_batches([chunk.data])))
+            reader.cancel()
+            assert pl.concat(frames).height == 500
+            assert position["cursor"] == f"{table.column('ts').cast(pa.int64())[-1].as_py()}:1"
+            assert schema_for("last").names == frames[0].columns
+        finally:
+            served.close()
