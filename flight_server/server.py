@@ -41,6 +41,7 @@ from ibstream.errors import (
     RequestTooLargeError,
     ServerBusyError,
     ServerUnavailableError,
+    SubscriberTooSlowError,
 )
 from ibstream.settings import Settings
 from storage.bars import (
@@ -336,7 +337,8 @@ def _streamed(batches, ticket: Ticket, release: Callable[[], None]):
     try:
         yield from batches
     except ServerUnavailableError as exc:
-        log.warning("do_get of %s/%s ended: %s", ticket.contract_id, ticket.tick_type.value, exc)
+        level = logging.WARNING if isinstance(exc, SubscriberTooSlowError) else logging.INFO
+        log.log(level, "do_get of %s/%s ended: %s", ticket.contract_id, ticket.tick_type.value, exc)
         raise flight.FlightUnavailableError(str(exc)) from None
     except Exception as exc:
         log.exception("do_get of %s/%s failed mid-stream", ticket.contract_id, ticket.tick_type.value)
