@@ -25,6 +25,12 @@ class ResultCache:
         self.hits = 0
         self.misses = 0
 
+    def get(self, key: Hashable) -> pa.Table | None:
+        with self._lock:
+            table = self._tables.get(key)
+            self.hits += table is not None
+            return table
+
     def get_or_compute(self, key: Hashable, compute: Callable[[], pa.Table]) -> pa.Table:
         """The cached table of ``key``, or ``compute()``'s, kept if it fits in a quarter of the cache."""
         with self._lock:

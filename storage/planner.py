@@ -162,14 +162,12 @@ class Planner:
         """The sources of [start_us, end_us); a ``subscription`` (recording process only) is offered
         every batch acknowledged after this plan's snapshot."""
         schema = schema_for(key.tick_type)
-        sources, tail = self._buffer_snapshot(key, subscription)
+        sources, tail = self._buffer_snapshot(key, start_us, end_us, subscription)
         archives = self.index.archives(key.contract_id, key.tick_type.value, start_us, end_us)
         archived_hours = {e.hour_start for e in archives}
-        first_hour = hour_floor(start_us)
         segments = []
         for path, source in sources:
-            hour = hour_floor(segment_start_us(path))
-            if hour < first_hour or hour >= end_us or hour in archived_hours:
+            if hour_floor(segment_start_us(path)) in archived_hours:
                 continue
             table = self.cache.get(path, source, schema, batch_rows)
             clipped = _clip(table, start_us, end_us)
@@ -178,15 +176,21 @@ class Planner:
         tail_table = _clip(coalesce(tail, schema, batch_rows), start_us, end_us) if tail else None
         return Plan(key, start_us, end_us, batch_rows, self.archive_root, archives, segments, tail_table)
 
-    def _buffer_snapshot(self, key: StreamKey, subscription=None
+    def _buffer_snapshot(self, key: StreamKey, start_us: int, end_us: int, subscription=None
                          ) -> tuple[list[tuple[Path, pa.MemoryMappedFile]], list[pa.RecordBatch]]:
-        """Open (memory-map) the closed segments and copy the open tail, atomically w.r.t. archival."""
+        """Open (memory-map) the closed segments of hours in [start_us, end_us) and copy the open
+        tail, atomically w.r.t. archival."""
+        first_hour = hour_floor(start_us)
+
+        def wanted(path: Path) -> bool:
+            return first_hour <= hour_floor(segment_start_us(path)) < end_us
+
         if self.writer is not None:
             with self.writer.stream_state(key, subscription) as snapshot:
-                sources = [(p, pa.memory_map(str(p), "r")) for p in snapshot.closed]
+                sources = [(p, pa.memory_map(str(p), "r")) for p in snapshot.closed if wanted(p)]
                 return sources, snapshot.open_batches
         sources = []
-        for path in list_segments(stream_dir(self.buffer_root, key)):
+        for path in filter(wanted, list_segments(stream_dir(self.buffer_root, key))):
             try:
                 sources.append((path, pa.memory_map(str(path), "r")))
             except FileNotFoundError:

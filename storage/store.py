@@ -119,12 +119,13 @@ class Store:
     def ticks(self, contract_id: int, tick_type: TickType | str, start_us: int, end_us: int) -> pa.Table | Plan:
         """The ticks of a range: a cached table when the range is closed (see :meth:`is_closed`),
         else the plan to stream them from (never stale)."""
+        key = ("ticks", int(contract_id), TickType.parse(str(tick_type)).value, start_us, end_us)
+        closed = self.is_closed(contract_id, tick_type, end_us)
+        if closed and (cached := self.cache.get(key)) is not None:
+            return cached  # no planning on a hit
         plan = self.plan(contract_id, tick_type, start_us, end_us)
         cacheable = plan.estimated_bytes() <= self.cache.max_bytes // 4  # else stream it: memory stays bounded
-        if not cacheable or not self.is_closed(contract_id, tick_type, end_us):
-            return plan
-        key = ("ticks", int(contract_id), plan.key.tick_type.value, start_us, end_us)
-        return self.cache.get_or_compute(key, plan.read_all)
+        return self.cache.get_or_compute(key, plan.read_all) if closed and cacheable else plan
 
     def bars(self, contract_id: int, tick_type: TickType | str, start_us: int, end_us: int, resolution: str, *,
              fill: bool = False, sessions: list[Session] | None = None) -> pa.Table:
