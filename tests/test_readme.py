@@ -43,12 +43,14 @@ def week_to_now(tmp_path):
 
 def test_readme_examples_run(week_to_now, capsys):
     blocks = python_blocks(README.read_text())
-    assert len(blocks) == 4
+    assert len(blocks) == 6
     namespace: dict = {}
     for block in blocks:
         exec(compile(block.replace("grpc://127.0.0.1:8815", week_to_now.location), "README.md", "exec"), namespace)
     printed = capsys.readouterr().out
     assert "AAPL session VWAP" in printed and "5-minute mid-price correlation MNQ/AAPL" in printed
+    assert "MNQ trades so far; resume point" in printed and namespace["position"]["live"] is False
+    assert namespace["live"].frame.height > 0 and namespace["trades"].height > 0
     assert namespace["bars"].height > 1_000 and namespace["by_day"].height >= 7
     assert namespace["wide"].columns == ["ts", "711280073", "265598"] and namespace["wide"].height > 1_000
     assert namespace["pair"].get_column("contract_id").unique().sort().to_list() == [AAPL.contract_id,
