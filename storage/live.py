@@ -147,8 +147,8 @@ class LiveFeed:
             if self._ended():
                 return
             yield self._empty(), self.cursor, True  # history caught up with: the seam
-            updates = self._subscribed(subscription, stopped) if subscription else self._polled(stopped)
-            yield from self._emit(updates, live=True)
+            fresh = (lambda: self._taken(subscription)) if subscription else self._polled
+            yield from self._emit(self._follow(fresh, stopped), live=True)
         finally:
             if subscription is not None:
                 self.store.writer.unsubscribe(self.key, subscription)
@@ -177,15 +177,11 @@ class LiveFeed:
         one second covers the recorder's flush)."""
         return self._reached_end or (self.end_us < FOREVER_US and now_us() > self.end_us + 1_000_000)
 
-    def _subscribed(self, subscription: Subscription, stopped) -> Iterator[pa.RecordBatch | None]:
+    def _follow(self, fresh: Callable[[], list[pa.RecordBatch]], stopped) -> Iterator[pa.RecordBatch | None]:
+        """New batches, round after round of ``fresh()``, with a heartbeat (None) when quiet."""
         quiet_since = time.monotonic()
         while not stopped() and not self._ended():
-            batches = subscription.take(timeout=0.1)
-            if subscription.overflowed:
-                raise SubscriberTooSlowError(
-                    f"stream {self.key}: this reader fell more than {self.max_rows:,} ticks behind the recorder "
-                    f"(IBSTREAM_LIVE_QUEUE_ROWS) and was dropped; resume from cursor {self.cursor} "
-                    "(the client does this itself)")
+            batches = fresh()
             yield from batches
             if batches:
                 quiet_since = time.monotonic()
@@ -193,19 +189,21 @@ class LiveFeed:
                 quiet_since = time.monotonic()
                 yield None
 
-    def _polled(self, stopped) -> Iterator[pa.RecordBatch | None]:
-        """Another process records: read the store again from the cursor every ``poll_interval``."""
-        quiet_since = time.monotonic()
-        while not stopped() and not self._ended():
-            time.sleep(self.poll_interval)
-            plan = self.store.planner.plan(self.key, self.cursor.ts, self.end_us, self.store.settings.batch_rows)
-            fresh = list(self.cursor.unseen(plan.batches()))
-            yield from fresh
-            if fresh:
-                quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since > HEARTBEAT_SECONDS:
-                quiet_since = time.monotonic()
-                yield None
+    def _taken(self, subscription: Subscription) -> list[pa.RecordBatch]:
+        """What the recorder acknowledged since the last round (this process records)."""
+        batches = subscription.take(timeout=0.1)
+        if subscription.overflowed:
+            raise SubscriberTooSlowError(
+                f"stream {self.key}: this reader fell more than {self.max_rows:,} ticks behind the recorder "
+                f"(IBSTREAM_LIVE_QUEUE_ROWS) and was dropped; resume from cursor {self.cursor} "
+                "(the client does this itself)")
+        return batches
+
+    def _polled(self) -> list[pa.RecordBatch]:
+        """Another process records: read the store again from the cursor after ``poll_interval``."""
+        time.sleep(self.poll_interval)
+        plan = self.store.planner.plan(self.key, self.cursor.ts, self.end_us, self.store.settings.batch_rows)
+        return list(self.cursor.unseen(plan.batches()))
 
     def _empty(self) -> pa.RecordBatch:
         return pa.RecordBatch.from_pylist([], schema=schema_for(self.key.tick_type))
