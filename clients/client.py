@@ -98,7 +98,8 @@ class Client:
                          as_pandas=as_pandas)
 
     def live(self, contract_id: int, tick_type: str, start: datetime | None = None, end: datetime | None = None, *,
-             window: str | None = None, cursor: str | None = None, reconnect_for: float = 60.0) -> LiveStream:
+             window: str | None = None, cursor: str | None = None, resolution: str = "tick",
+             reconnect_for: float = 60.0) -> LiveStream:
         """Ticks of one stream as DataFrames: the history from ``start`` (or ``window`` back, or after a
         ``cursor`` from an earlier stream), then each batch the recorder acknowledges, until ``end``
         or :meth:`LiveStream.close`. Reconnects and resumes after its cursor if the server goes away.
@@ -107,16 +108,18 @@ class Client:
         ...     print(frame.height, "trades")
         """
         return LiveStream(self._flight, contract_id, tick_type, start=start, end=end, window=window, cursor=cursor,
-                          reconnect_for=reconnect_for)
+                          resolution=resolution, reconnect_for=reconnect_for)
 
     def history_and_live(self, contract_id: int, tick_type: str, start: datetime | None = None, *,
-                         window: str | None = None, on_update: Callable[[pl.DataFrame], None] | None = None
-                         ) -> LiveFrame:
+                         window: str | None = None, resolution: str = "tick",
+                         on_update: Callable[[pl.DataFrame], None] | None = None) -> LiveFrame:
         """A DataFrame of one stream kept up to date on a background thread: ``.frame`` holds the
         history from ``start`` plus every live tick since, each exactly once (across the seam and
         across server restarts); ``on_update`` is called with each new piece. ``.stop()`` ends it.
+        With a ``resolution`` (``1s`` to ``1h``) it holds bars instead: closed bars, and the bar
+        being formed as its last row (column ``forming``), updated as ticks arrive.
         """
-        return LiveFrame(self.live(contract_id, tick_type, start, window=window), on_update)
+        return LiveFrame(self.live(contract_id, tick_type, start, window=window, resolution=resolution), on_update)
 
     def tables(self, contract_id: Contracts, tick_types: TickTypes, start: datetime | None = None,
                end: datetime | None = None, **query) -> dict[str, pa.Table]:

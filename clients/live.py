@@ -42,11 +42,13 @@ class LiveStream:
 
     def __init__(self, flight_client: flight.FlightClient, contract_id: int, tick_type: str, *,
                  start: datetime | None = None, end: datetime | None = None, window: str | None = None,
-                 cursor: str | None = None, reconnect_for: float = 60.0):
+                 cursor: str | None = None, resolution: str = "tick", reconnect_for: float = 60.0):
         self._flight = flight_client
         self.contract_id = contract_id
         self.tick_type = tick_type
+        self.resolution = resolution
         self.cursor = cursor
+        self.last_bar: datetime | None = None  # bars: the start of the last bar received
         self.caught_up = False
         self.reconnects = 0
         self._range = {"start": start, "end": end, "window": window}
@@ -75,10 +77,16 @@ class LiveStream:
                          self.tick_type, str(exc).split(". Detail:")[0], self.cursor)
                 time.sleep(min(2.0, 0.1 * self.reconnects))
 
+    def _resume_point(self) -> dict:
+        """Where a new call starts: the original range, after the cursor (ticks), or at the last
+        bar received (bars: it is built again from its first tick and replaces the one held)."""
+        if self.resolution != "tick":
+            return self._range if self.last_bar is None else {"start": self.last_bar, "end": self._range["end"]}
+        return self._range if self.cursor is None else {"cursor": self.cursor, "end": self._range["end"]}
+
     def _read(self) -> Iterator[pl.DataFrame]:
-        wanted = self._range if self.cursor is None else {"cursor": self.cursor, "end": self._range["end"]}
         descriptor = flight.FlightDescriptor.for_command(
-            command(self.contract_id, self.tick_type, live=True, **wanted))
+            command(self.contract_id, self.tick_type, live=True, resolution=self.resolution, **self._resume_point()))
         try:
             info = self._flight.get_flight_info(descriptor)
         except (pa.ArrowInvalid, pa.ArrowKeyError) as exc:
@@ -95,7 +103,10 @@ class LiveStream:
                 seam = position["live"] and not self.caught_up
                 self.cursor, self.caught_up = position["cursor"], self.caught_up or position["live"]
             if chunk.data is not None and (chunk.data.num_rows or seam):  # the seam comes as an empty frame
-                yield pl.from_arrow(chunk.data)
+                frame = pl.from_arrow(chunk.data)
+                if frame.height and self.resolution != "tick":
+                    self.last_bar = frame.get_column("ts")[-1]
+                yield frame
 
     def close(self) -> None:
         """Stop: the iteration ends (the server is told to cancel the stream)."""
@@ -106,7 +117,8 @@ class LiveStream:
 
 class LiveFrame:
     """A polars DataFrame of one stream that keeps growing: history, then live ticks, exactly once
-    per tick across the seam and across reconnects. Built by :meth:`clients.Client.history_and_live`.
+    per tick across the seam and across reconnects; for bars, one row per bar, the last one
+    possibly still forming (``forming`` true). Built by :meth:`clients.Client.history_and_live`.
 
     ``frame`` is the DataFrame so far; ``on_update`` (if given) is called on the background
     thread with each new piece. ``wait_caught_up()`` waits for the history.
@@ -138,6 +150,14 @@ class LiveFrame:
     def cursor(self) -> str | None:
         return self.stream.cursor
 
+    def _drop_from(self, ts) -> None:
+        """Drop the held rows at or after ``ts`` (they are the trailing ones: rows come in ts order)."""
+        while self._pieces and self._pieces[-1].get_column("ts")[-1] >= ts:
+            kept = self._pieces.pop().filter(pl.col("ts") < ts)
+            if kept.height:
+                self._pieces.append(kept)
+                break
+
     def wait_caught_up(self, timeout: float | None = None) -> bool:
         return self._caught_up.wait(timeout)
 
@@ -150,6 +170,8 @@ class LiveFrame:
             for piece in self.stream:
                 if piece.height:
                     with self._lock:
+                        if self.stream.resolution != "tick":  # a bar row replaces the rows with its ts
+                            self._drop_from(piece.get_column("ts")[0])
                         self._pieces.append(piece)
                     if self._on_update is not None:
                         self._on_update(piece)

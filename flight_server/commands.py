@@ -135,9 +135,8 @@ class QueryCommand(BaseModel):
             raise ValueError("end needs start (or cursor); a window or a session already fixes the end")
         if self.cursor is not None and len(self.contracts) * len(self.tick_types) != 1:
             raise ValueError("a cursor resumes one stream: give one contract_id and one tick type with it")
-        if self.live and self.resolution != TICK:
-            raise ValueError(f"live streams ticks; resolution was {self.resolution!r} (live bars are not served yet: "
-                             "aggregate the live ticks, e.g. with polars group_by_dynamic)")
+        if self.live and self.resolution == DAILY:
+            raise ValueError("live bars go up to 1h; resolution '1d' is served for stored ranges only")
         if self.session_date is not None and self.session is None:
             raise ValueError("session_date needs session, e.g. \"session\": \"regular\"")
         if self.start is not None and self.end is not None and self.end <= self.start:

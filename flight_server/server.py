@@ -53,7 +53,7 @@ from storage.bars import (
     parse_window,
     partial_step_us,
 )
-from storage.live import FOREVER_US, Cursor, LiveFeed
+from storage.live import FOREVER_US, Cursor, LiveBars, LiveFeed
 from storage.schemas import SESSIONS_SCHEMA, STATISTICS_SCHEMA, records_table, schema_for
 from storage.segments import StreamKey, ipc_bytes
 from storage.sessions import ContractSessions, Session
@@ -153,6 +153,9 @@ class FlightServer(flight.FlightServerBase):
                             max_rows=self.settings.live_queue_rows,
                             poll_interval=self.settings.live_poll_interval.total_seconds())
             stopped = lambda: context.is_cancelled() or self._stopping.is_set()  # noqa: E731
+            if parsed.resolution != TICK:
+                feed = LiveBars(feed, parsed.resolution)
+                schema = _with_metadata(feed.schema, metadata)
             return flight.GeneratorStream(schema, self._slot(_live(feed, stopped, self._stopping), parsed))
         if parsed.resolution == TICK:
             ticks = self.store.ticks(parsed.contract_id, parsed.tick_type, parsed.start_us, parsed.end_us)
@@ -348,7 +351,7 @@ def _streamed(batches, ticket: Ticket, release: Callable[[], None]):
         release()
 
 
-def _live(feed: LiveFeed, stopped: Callable[[], bool], stopping: threading.Event):
+def _live(feed: LiveFeed | LiveBars, stopped: Callable[[], bool], stopping: threading.Event):
     """A live stream: each batch with its cursor in app_metadata (proto_docs §live)."""
     for batch, cursor, live in feed.batches(stopped):
         yield batch, pa.py_buffer(json.dumps({"cursor": str(cursor), "live": live}).encode())

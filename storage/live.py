@@ -28,9 +28,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import polars as pl
 import pyarrow as pa
 
 from ibstream.errors import InvalidRequestError, SubscriberTooSlowError
+from storage.bars import BAR_RESOLUTIONS, bar_schema, finish, partial_bars, rollup
 from storage.schemas import schema_for
 from storage.segments import StreamKey
 from storage.times import now_us
@@ -207,3 +209,65 @@ class LiveFeed:
 
     def _empty(self) -> pa.RecordBatch:
         return pa.RecordBatch.from_pylist([], schema=schema_for(self.key.tick_type))
+
+
+class LiveBars:
+    """Bars of a live feed: each closed bar once, the forming bar again after every new batch.
+
+    Rows are the bar schema (:func:`storage.bars.bar_schema`) plus ``forming`` (bool). A row
+    replaces every earlier row with the same ``ts``: a forming row is the bar so far. A bar
+    closes when a tick of a later bar arrives, or once the clock has passed its end by
+    ``CLOSE_GRACE_US`` (time enough for the recorder to acknowledge a tick stamped before it;
+    should one still come, the bar is sent again with it). During history only closed bars are
+    sent; the forming bar follows at the seam.
+    """
+
+    CLOSE_GRACE_US = 1_000_000
+
+    def __init__(self, feed: LiveFeed, resolution: str):
+        self.feed = feed
+        self.resolution = resolution
+        self.step = BAR_RESOLUTIONS[resolution]
+        self.schema = live_bar_schema(feed.key.tick_type, resolution)
+        self._forming: pl.DataFrame | None = None  # partial bar of the bar being formed
+        self._closed_by_time = False  # the forming bar was sent as closed because its time passed
+
+    @property
+    def cursor(self) -> Cursor:
+        return self.feed.cursor
+
+    def batches(self, stopped) -> Iterator[tuple[pa.RecordBatch, Cursor, bool]]:
+        tick_type = self.feed.key.tick_type
+        caught_up = False
+        for ticks, cursor, live in self.feed.batches(stopped):
+            seam, caught_up = live and not caught_up, caught_up or live
+            closed, with_forming = [], live and (ticks.num_rows > 0 or seam)  # not again on heartbeats
+            if ticks.num_rows:
+                merged = partial_bars(pa.Table.from_batches([ticks]), tick_type, self.step)
+                if self._forming is not None:
+                    merged = rollup(pl.concat([self._forming, merged], how="vertical_relaxed"), tick_type, self.step)
+                closed, self._forming, self._closed_by_time = [merged.head(merged.height - 1)], merged.tail(1), False
+            elif self._forming is not None and not self._closed_by_time and self._time_closed():
+                # announced closed, but kept: a late tick of this bar re-opens it (the row replaces this one)
+                closed, with_forming, self._closed_by_time = [self._forming], False, True
+            yield self._rows(closed, with_forming=with_forming), cursor, live
+
+    def _time_closed(self) -> bool:
+        start = self._forming.get_column("ts").cast(pl.Int64)[0]
+        return now_us() > start + self.step + self.CLOSE_GRACE_US
+
+    def _rows(self, closed: list[pl.DataFrame], with_forming: bool) -> pa.RecordBatch:
+        tick_type = self.feed.key.tick_type
+        parts = [finish(c, tick_type, self.resolution).append_column("forming", pa.array([False] * c.height))
+                 for c in closed if c.height]
+        if with_forming and self._forming is not None:
+            parts.append(finish(self._forming, tick_type, self.resolution).append_column("forming", pa.array([True])))
+        if not parts:
+            return pa.RecordBatch.from_pylist([], schema=self.schema)
+        return pa.concat_tables([p.cast(self.schema) for p in parts]).combine_chunks().to_batches()[0]
+
+
+def live_bar_schema(tick_type, resolution: str) -> pa.Schema:
+    """The schema of live bars: the bar schema plus ``forming``."""
+    schema = bar_schema(tick_type, resolution)
+    return schema.append(pa.field("forming", pa.bool_(), nullable=False))

@@ -67,8 +67,8 @@ def store(settings: Settings):
 class Served:
     """A Flight server over a store, on a free loopback port, with a client."""
 
-    def __init__(self, store: Store):
-        self.server = FlightServer(store, "grpc://127.0.0.1:0")
+    def __init__(self, store: Store, port: int = 0):
+        self.server = FlightServer(store, f"grpc://127.0.0.1:{port}")
         self.thread = threading.Thread(target=self.server.serve, daemon=True)
         self.thread.start()
         self.location = f"grpc://127.0.0.1:{self.server.port}"

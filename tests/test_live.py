@@ -272,3 +272,60 @@ def test_pyarrow_and_polars_read_a_live_stream_directly(tmp_path):
             assert schema_for("last").names == frames[0].columns
         finally:
             served.close()
+
+
+def test_live_bars_close_as_they_close_and_mark_the_forming_one(tmp_path):
+    """1-minute bars of a live stream, through a server restart: one row per bar in the end, equal
+    to polars group_by_dynamic over every tick recorded. The bar being formed comes with
+    ``forming`` true after each batch; these ticks are stamped in 2025, so once the stream is
+    quiet its last bar's time has long passed and it is sent again as closed."""
+    import polars as pl
+
+    from test_bars import assert_bars_equal, reference_bars
+
+    trades = ticks(T0, 6_000, "last", seed=12, rate_scale=3)
+    with Store(live_settings(tmp_path)) as store:
+        feed(store, trades.slice(0, 2_000), batch=1_000, pause=0)
+        served = Served(store)
+        try:
+            updates = []
+            bars = served.client.history_and_live(MNQ.contract_id, "last", T0, resolution="1m",
+                                                  on_update=updates.append)
+            assert bars.wait_caught_up(30)
+            feed(store, trades.slice(2_000, 2_000), batch=100)
+            first = served
+            first.server.shutdown()  # the client rebuilds the last bar from its first tick
+            first.thread.join()
+            served = Served(store, port=int(first.location.rsplit(":", 1)[1]))
+            feed(store, trades.slice(4_000), batch=100)
+            last_bar = pl.from_arrow(trades).get_column("ts").dt.truncate("1m")[-1]
+            wait_until(lambda: bars.height and bars.frame.get_column("ts")[-1] == last_bar
+                       and bars.frame.get_column("trade_count").sum() == trades.num_rows
+                       and not bars.frame.get_column("forming")[-1], what="every trade in a closed bar")
+            frame = bars.frame
+            bars.stop()
+            first.client.close()
+        finally:
+            served.close()
+    assert bars.stream.reconnects >= 1 and bars.error is None
+    assert not any(frame.get_column("forming"))
+    assert sum(update.get_column("forming").sum() for update in updates) > 10  # forming rows came along the way
+    assert_bars_equal(frame.drop("forming"), reference_bars(pl.from_arrow(trades), "last", "1m"))
+
+
+def test_the_bar_being_formed_now_is_marked_forming(tmp_path):
+    from storage.times import now_us
+
+    with Store(live_settings(tmp_path)) as store:
+        stamped_now = ticks(T0, 50, "last", seed=13)
+        stamped_now = stamped_now.set_column(0, "ts", pa.array([now_us()] * 50).cast(stamped_now.schema.field("ts").type))
+        store.append(MNQ.contract_id, "last", stamped_now)
+        served = Served(store)
+        try:
+            stream = served.client.live(MNQ.contract_id, "last", window="10m", resolution="1h")
+            rows = next(frame for frame in stream if frame.height)  # at the seam: the bar so far
+            stream.close()
+        finally:
+            served.close()
+    assert rows.get_column("forming").to_list() == [True]  # an hour bar that started this hour is still open
+    assert rows.get_column("trade_count").to_list() == [50]

@@ -171,7 +171,8 @@ GOOD = {"version": 1, "contract_id": MNQ.contract_id, "tick_types": ["last"], "s
     ({"window": "24h"}, pa.ArrowInvalid, "give the range exactly one way: start (with an optional end), window "
                                          "(e.g. '24h'), session (e.g. 'regular', with session_date) or cursor (to "
                                          "resume a stream); got start and window"),
-    ({"live": True, "resolution": "1m"}, pa.ArrowInvalid, "live streams ticks; resolution was '1m'"),
+    ({"live": True, "resolution": "1d"}, pa.ArrowInvalid,
+     "live bars go up to 1h; resolution '1d' is served for stored ranges only"),
     ({"start": None, "end": None, "cursor": "12:x"}, pa.ArrowInvalid,
      "cursor: cursor was '12:x'; use the 'cursor' of a batch's app_metadata"),
     ({"start": None, "end": None, "cursor": "12:1", "tick_types": ["last", "bid_ask"]}, pa.ArrowInvalid,
