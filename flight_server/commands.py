@@ -238,8 +238,8 @@ class Ticket(BaseModel):
         return self.model_dump_json(exclude_none=True).encode()
 
 
-def command(contract_ids: int | Sequence[int], tick_types: str | Sequence[str], *, start: datetime | None = None,
-            end: datetime | None = None, window: str | None = None, session: str | None = None,
+def command(contract_ids: int | Sequence[int], tick_types: str | Sequence[str], start: datetime | None = None,
+            end: datetime | None = None, *, window: str | None = None, session: str | None = None,
             session_date: str | date | None = None, resolution: str = TICK, fill: bool = False,
             daily_session: str | None = None, live: bool = False, cursor: str | None = None) -> bytes:
     """The command bytes for a query (what :class:`clients.Client` sends); ``None`` fields are left out."""

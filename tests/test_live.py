@@ -318,7 +318,8 @@ def test_the_bar_being_formed_now_is_marked_forming(tmp_path):
 
     with Store(live_settings(tmp_path)) as store:
         stamped_now = ticks(T0, 50, "last", seed=13)
-        stamped_now = stamped_now.set_column(0, "ts", pa.array([now_us()] * 50).cast(stamped_now.schema.field("ts").type))
+        stamp = pa.array([now_us()] * 50).cast(stamped_now.schema.field("ts").type)
+        stamped_now = stamped_now.set_column(0, "ts", stamp)
         store.append(MNQ.contract_id, "last", stamped_now)
         served = Served(store)
         try:
