@@ -5,7 +5,8 @@
    second, 0.25 grid) over the IB API wire protocol on loopback; the recorder receives it
    through the real ``ibapi`` client and writes IPC segments while the Flight server serves;
 3. the client queries history + live over Flight and the summary checks that every tick
-   the gateway sent came back exactly once.
+   the gateway sent came back exactly once; a live client that followed the recording
+   (history, then each trade as it was acknowledged) holds the same trades.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def _run(settings: Settings, gateway: GatewaySimulator, seconds: float) -> bool:
     with RecordingService(settings, IBFeed(settings)) as service:
         print(f"live: gateway simulator {gateway.host}:{gateway.port} -> ibapi -> recorder -> segments; "
               f"Flight server at {service.location}; recording for {seconds:.0f} s ...")
+        watcher = Client(service.location)  # a live client: history, then each trade as it is acknowledged
+        live = watcher.history_and_live(MNQ.contract_id, "last", from_us(history_end - 2 * US_PER_HOUR))
         run_for(service, seconds)
         gateway.pause()
         sent_tables = {t.value: gateway.sent(MNQ.contract_id, t) for t in TICK_TYPES}
@@ -100,11 +103,17 @@ def _run(settings: Settings, gateway: GatewaySimulator, seconds: float) -> bool:
             streams = client.streams()
             bars = client.bars(MNQ.contract_id, "last", "1m", from_us(history_end - 2 * US_PER_HOUR))
             sessions = client.sessions(MNQ.contract_id)
+        wait_for(lambda: live.height >= frames["last"].height)
+        live.stop()
+        watcher.close()
     bars_exact = _report_bars(bars, frames["last"], sessions)
+    live_client_exact = live.frame.equals(frames["last"])
+    print(f"\nlive client (history_and_live, started before recording): {live.height:,} trades, the same as the "
+          f"query after the fact: {'yes' if live_client_exact else 'NO'}")
     live_exact = all(_same_ticks(frames[name].filter(pl.col("ts") >= from_us(history_end)), table)
                      for name, table in sent_tables.items())
     print(f"live ticks served equal the ticks the gateway sent, field by field: {'yes' if live_exact else 'NO'}")
-    return _report(frames, history, acknowledged, elapsed, streams) and live_exact and bars_exact
+    return _report(frames, history, acknowledged, elapsed, streams) and live_exact and bars_exact and live_client_exact
 
 
 def _report_bars(bars: pl.DataFrame, trades: pl.DataFrame, sessions: pl.DataFrame) -> bool:
