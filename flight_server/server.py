@@ -202,7 +202,7 @@ class FlightServer(flight.FlightServerBase):
             raise ServerBusyError(
                 f"server busy: {self.settings.max_streams} streams are being served (IBSTREAM_MAX_STREAMS); "
                 "retry shortly")
-        return _streamed(batches, ticket, release=self._streams.release)
+        return _SlotStream(_streamed(batches, ticket), self._streams.release)
 
     def list_actions(self, context):
         return list(ACTIONS.items())
@@ -334,7 +334,36 @@ def _trading_date(sessions: ContractSessions, kind: str, when: str) -> date:
         else date.fromisoformat(when)
 
 
-def _streamed(batches, ticket: Ticket, release: Callable[[], None]):
+class _SlotStream:
+    """The batches of one do_get holding one of the server's stream slots. The slot is given back
+    once, when the stream ends or fails, or when it is dropped (a cancelled call, even one whose
+    stream never started: a plain generator's ``finally`` would not run then)."""
+
+    def __init__(self, batches, release: Callable[[], None]):
+        self._batches = batches
+        self._release = release
+        self._held = True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._batches)
+        except BaseException:
+            self._free()
+            raise
+
+    def _free(self) -> None:
+        if self._held:
+            self._held = False
+            self._release()
+
+    def __del__(self) -> None:
+        self._free()
+
+
+def _streamed(batches, ticket: Ticket):
     """Batches of a do_get; a failure mid-stream (say, a corrupt file) reaches the caller as INTERNAL,
     a dropped live reader or a stopping server as UNAVAILABLE."""
     try:
@@ -347,8 +376,6 @@ def _streamed(batches, ticket: Ticket, release: Callable[[], None]):
         log.exception("do_get of %s/%s failed mid-stream", ticket.contract_id, ticket.tick_type.value)
         raise flight.FlightInternalError(f"reading {ticket.contract_id}/{ticket.tick_type.value} failed: "
                                          f"{type(exc).__name__}: {exc}") from None
-    finally:
-        release()
 
 
 def _live(feed: LiveFeed | LiveBars, stopped: Callable[[], bool], stopping: threading.Event):
