@@ -63,6 +63,7 @@ from storage.times import duration_us, from_us, iso, now_us, to_us
 log = logging.getLogger(__name__)
 
 MAX_BATCH_BYTES = 2 * 1024 * 1024  # bar batches: well under gRPC's default 4 MiB message limit
+SHUTDOWN_SECONDS = 10.0  # how long shutdown waits for calls in progress
 
 
 def _flight_errors(handler: Callable) -> Callable:
@@ -157,6 +158,10 @@ class FlightServer(flight.FlightServerBase):
                 feed = LiveBars(feed, parsed.resolution)
                 schema = _with_metadata(feed.schema, metadata)
             return flight.GeneratorStream(schema, self._slot(_live(feed, stopped, self._stopping), parsed))
+        if parsed.resolution == TICK and parsed.skip:  # a cursor without live: the ticks after it, up to end
+            plan = self.store.plan(parsed.contract_id, parsed.tick_type, parsed.start_us, parsed.end_us)
+            return flight.GeneratorStream(schema, self._slot(Cursor(parsed.start_us, parsed.skip).unseen(
+                plan.batches()), parsed))
         if parsed.resolution == TICK:
             ticks = self.store.ticks(parsed.contract_id, parsed.tick_type, parsed.start_us, parsed.end_us)
             if isinstance(ticks, pa.Table):  # a closed range, from the cache
@@ -192,9 +197,15 @@ class FlightServer(flight.FlightServerBase):
 
     def shutdown(self) -> None:
         """Stop serving: live streams end (their readers resume elsewhere or later from their
-        cursor), then the server waits for the calls in progress."""
+        cursor), then the server waits up to ``SHUTDOWN_SECONDS`` for the calls in progress (a
+        client that stopped reading would otherwise hold it forever)."""
         self._stopping.set()
-        super().shutdown()
+        stopping = threading.Thread(target=super().shutdown, name="flight-shutdown", daemon=True)
+        stopping.start()
+        stopping.join(SHUTDOWN_SECONDS)
+        if stopping.is_alive():
+            log.warning("the Flight server did not stop within %.0f s (a client is not reading its stream); "
+                        "going on without waiting for it", SHUTDOWN_SECONDS)
 
     def _slot(self, batches, ticket: Ticket):
         """Stream ``batches`` in one of ``max_streams`` slots; refuse with UNAVAILABLE when none is free."""

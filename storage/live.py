@@ -142,9 +142,9 @@ class LiveFeed:
 
     def batches(self, stopped: Callable[[], bool]) -> Iterator[tuple[pa.RecordBatch, Cursor, bool]]:
         subscription = Subscription(self.max_rows) if self.store.writer is not None else None
-        plan = self.store.planner.plan(self.key, self.cursor.ts, self.end_us, self.store.settings.batch_rows,
-                                       subscription=subscription)
         try:
+            plan = self.store.planner.plan(self.key, self.cursor.ts, self.end_us, self.store.settings.batch_rows,
+                                           subscription=subscription)
             yield from self._emit(self.cursor.unseen(plan.batches()), live=False)
             if self._ended():
                 return
@@ -168,11 +168,13 @@ class LiveFeed:
                 return
 
     def _clip(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        """``batch`` up to ``end``; reaching a tick at or after ``end`` ends the stream."""
+        """``batch`` from the cursor's time (a start in the future) up to ``end``; reaching a tick at
+        or after ``end`` ends the stream."""
         ts = batch.column("ts").cast(pa.int64()).to_numpy()
+        first = int(np.searchsorted(ts, self.cursor.ts, side="left"))
         keep = int(np.searchsorted(ts, self.end_us, side="left"))
         self._reached_end = self._reached_end or keep < len(ts)
-        return batch.slice(0, keep)
+        return batch.slice(first, max(0, keep - first))
 
     def _ended(self) -> bool:
         """Past ``end``: no tick before it can be acknowledged any more (ts is the receive time;
@@ -244,6 +246,8 @@ class LiveBars:
             closed, with_forming = [], live and (ticks.num_rows > 0 or seam)  # not again on heartbeats
             if ticks.num_rows:
                 merged = partial_bars(pa.Table.from_batches([ticks]), tick_type, self.step)
+                if self._closed_by_time and merged.get_column("ts")[0] != self._forming.get_column("ts")[0]:
+                    self._forming = None  # already sent as closed, and these ticks belong to later bars
                 if self._forming is not None:
                     merged = rollup(pl.concat([self._forming, merged], how="vertical_relaxed"), tick_type, self.step)
                 closed, self._forming, self._closed_by_time = [merged.head(merged.height - 1)], merged.tail(1), False

@@ -66,6 +66,8 @@ class SegmentCache:
                 return table
         table = coalesce(read_segment(path, source)[0], schema, batch_rows)
         with self._lock:
+            for older in [k for k in self._entries if k[0] == path]:  # a growing segment: keep its newest size only
+                del self._entries[older]
             self._entries[key] = table
             while len(self._entries) > self._max:
                 self._entries.popitem(last=False)
@@ -162,9 +164,11 @@ class Planner:
         """The sources of [start_us, end_us); a ``subscription`` (recording process only) is offered
         every batch acknowledged after this plan's snapshot."""
         schema = schema_for(key.tick_type)
-        sources, tail = self._buffer_snapshot(key, start_us, end_us, subscription)
+        sources, tail, open_path = self._buffer_snapshot(key, start_us, end_us, subscription)
         archives = self.index.archives(key.contract_id, key.tick_type.value, start_us, end_us)
         archived_hours = {e.hour_start for e in archives}
+        if open_path is not None and hour_floor(segment_start_us(open_path)) in archived_hours:
+            tail = []  # its hour was sealed and published after the snapshot: the archive has these ticks
         segments = []
         for path, source in sources:
             if hour_floor(segment_start_us(path)) in archived_hours:
@@ -177,9 +181,9 @@ class Planner:
         return Plan(key, start_us, end_us, batch_rows, self.archive_root, archives, segments, tail_table)
 
     def _buffer_snapshot(self, key: StreamKey, start_us: int, end_us: int, subscription=None
-                         ) -> tuple[list[tuple[Path, pa.MemoryMappedFile]], list[pa.RecordBatch]]:
+                         ) -> tuple[list[tuple[Path, pa.MemoryMappedFile]], list[pa.RecordBatch], Path | None]:
         """Open (memory-map) the closed segments of hours in [start_us, end_us) and copy the open
-        tail, atomically w.r.t. archival."""
+        tail (with its segment's path), atomically w.r.t. archival."""
         first_hour = hour_floor(start_us)
 
         def wanted(path: Path) -> bool:
@@ -188,13 +192,13 @@ class Planner:
         if self.writer is not None:
             with self.writer.stream_state(key, subscription) as snapshot:
                 sources = [(p, pa.memory_map(str(p), "r")) for p in snapshot.closed if wanted(p)]
-                return sources, snapshot.open_batches
+                return sources, snapshot.open_batches, snapshot.open_path
         sources = []
         for path in filter(wanted, list_segments(stream_dir(self.buffer_root, key))):
             try:
                 sources.append((path, pa.memory_map(str(path), "r")))
             except FileNotFoundError:
                 continue  # archived meanwhile: the index, read after this, has its hour
-        return sources, []
+        return sources, [], None
 
 

@@ -227,3 +227,16 @@ def test_closed_ranges_too_big_to_cache_are_streamed(tmp_path):
         assert isinstance(store.ticks(MNQ.contract_id, "last", *small), pa.Table)  # cached, materialised
         assert isinstance(store.ticks(MNQ.contract_id, "last", *large), Plan)  # over a quarter of the cache
         assert store.ticks(MNQ.contract_id, "last", *large).read_all().num_rows > 5_000
+
+
+def test_a_growing_segment_is_cached_once(tmp_path):
+    """A server on a store another process records into re-reads the open segment as it grows;
+    the segment cache keeps only its newest size (else every poll of a live stream adds a copy)."""
+    settings = Settings(data_root=tmp_path / "data", flight_port=0, fsync="none")
+    table = ticks(T0, 3_000, "last", seed=15)
+    with Store(settings) as writer, Store(settings, read_only=True) as reader:
+        for offset in range(0, table.num_rows, 100):
+            writer.append(MNQ.contract_id, "last", table.slice(offset, 100))
+            assert reader.read(MNQ.contract_id, "last", T0, T0 + timedelta(days=1)).num_rows == offset + 100
+        assert len(reader.planner.cache._entries) == 1
+

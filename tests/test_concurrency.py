@@ -5,11 +5,16 @@ from __future__ import annotations
 import random
 import threading
 import time
+from datetime import timedelta
 
 import pyarrow as pa
 
 from conftest import between, ticks, utc
+from ibstream.settings import Settings
 from recorder.synthetic import MNQ
+from storage import Store
+from storage.schemas import TickType
+from storage.segments import StreamKey
 from storage.times import from_us, hour_floor
 
 CID = MNQ.contract_id
@@ -53,3 +58,25 @@ def test_queries_never_see_a_duplicate_or_a_gap_during_rotation_and_archival(sto
     final = client.tables(CID, "bid_ask", utc(2025, 1, 10), utc(2025, 1, 11))["bid_ask"]
     assert final.equals(table)
     assert len(store.index.archives(CID, "bid_ask", 0, 2**62)) >= 3, "archival did not run during the test"
+
+
+def test_the_tail_of_an_hour_archived_during_planning_counts_once(tmp_path):
+    """The archiver seals and publishes the open segment's hour between a reader's buffer snapshot
+    and its index read: the tail must not answer beside the published file."""
+    settings = Settings(data_root=tmp_path / "data", rotation_interval=timedelta(minutes=5),
+                        archive_delay=timedelta(0), fsync="none")
+    with Store(settings) as store:
+        table = ticks(utc(2025, 1, 10, 12, 50), 200, "last", seed=1)
+        assert table.column("ts")[-1].as_py() < utc(2025, 1, 10, 13)
+        store.append(MNQ.contract_id, "last", table)  # the open segment, in hour 12
+        archives, archived = store.index.archives, []
+
+        def archive_first(*args):  # the archiver runs right after the reader's snapshot
+            if not archived:
+                store.index.archives = archives  # the archiver itself reads the index too
+                archived.extend(store.archive(now=utc(2025, 1, 10, 13, 5)))
+            return archives(*args)
+
+        store.index.archives = archive_first
+        read = store.planner.plan(StreamKey(MNQ.contract_id, TickType.LAST), 0, 2**62, 32_768).read_all()
+    assert len(archived) == 1 and read.num_rows == 200

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -26,6 +27,7 @@ from recorder.synthetic import MNQ
 from storage import Store
 from storage.live import Cursor
 from storage.schemas import schema_for
+from storage.times import to_us
 
 T0 = utc(2025, 1, 10, 12, 10)
 ROOT = Path(__file__).resolve().parents[1]
@@ -330,3 +332,80 @@ def test_the_bar_being_formed_now_is_marked_forming(tmp_path):
             served.close()
     assert rows.get_column("forming").to_list() == [True]  # an hour bar that started this hour is still open
     assert rows.get_column("trade_count").to_list() == [50]
+
+
+def test_a_live_stream_from_a_future_start_sends_nothing_before_it(tmp_path):
+    with Store(live_settings(tmp_path)) as store:
+        store.append(MNQ.contract_id, "last", ticks(utc(2025, 1, 10, 11), 10, "last"))
+        served = Served(store)
+        try:
+            stream = served.client.live(MNQ.contract_id, "last", utc(2025, 1, 10, 13))
+            frames = iter(stream)
+            assert next(frames).height == 0  # the seam: nothing stored from 13:00 on
+            store.append(MNQ.contract_id, "last", ticks(utc(2025, 1, 10, 12), 100, "last", seed=1))  # before start
+            after = ticks(utc(2025, 1, 10, 13), 50, "last", seed=2)
+            store.append(MNQ.contract_id, "last", after)
+            frame = next(frames)
+            stream.close()
+        finally:
+            served.close()
+    assert frame.get_column("ts").to_list() == after.column("ts").to_pylist()
+
+
+def test_a_cursor_without_live_pages_exactly(tmp_path):
+    table = ticks(T0, 100, "last", seed=3)
+    with Store(live_settings(tmp_path)) as store:
+        store.append(MNQ.contract_id, "last", table)
+        served = Served(store)
+        try:
+            ts = table.column("ts").cast(pa.int64()).to_numpy()
+            cursor = Cursor(int(ts[49]), int((ts[:50] == ts[49]).sum()))
+            rest = served.client.tables(MNQ.contract_id, "last", cursor=str(cursor),
+                                        end=T0 + timedelta(days=1))["last"]
+        finally:
+            served.close()
+    assert rest.column("ts").cast(pa.int64()).to_pylist() == ts[50:].tolist()
+
+
+def test_live_bars_send_each_closed_bar_once(tmp_path):
+    """A bar closed by the clock is not sent closed again when the next bar's ticks arrive."""
+    from storage.live import LiveBars, LiveFeed
+    from storage.schemas import TickType
+    from storage.segments import StreamKey
+
+    minute = ticks(T0, 400, "last", seed=14)
+    ts = minute.column("ts").cast(pa.int64()).to_numpy()
+    first_bar, next_bar = (minute.filter(pa.array(ts // 60_000_000 == ts[0] // 60_000_000 + k)) for k in (0, 1))
+    with Store(live_settings(tmp_path)) as store:
+        store.append(MNQ.contract_id, "last", first_bar)
+        key = StreamKey(MNQ.contract_id, TickType.LAST)
+        updates = LiveBars(LiveFeed(store, key, Cursor(to_us(T0))), "1m").batches(lambda: False)
+        rows = [next(updates)[0], next(updates)[0]]  # history (the bar is forming), the seam (its time is long past)
+        store.append(MNQ.contract_id, "last", next_bar)
+        rows.append(next(updates)[0])
+    sent = pa.Table.from_batches(rows).to_pydict()
+    closed = [t for t, forming in zip(sent["ts"], sent["forming"]) if not forming]
+    assert len(closed) == len(set(closed)) == 1
+    assert sent["forming"][-1] and sent["trade_count"][-1] == next_bar.num_rows
+
+
+def test_shutdown_does_not_wait_forever_for_a_reader_that_stopped(tmp_path, monkeypatch):
+    import flight_server.server
+
+    monkeypatch.setattr(flight_server.server, "SHUTDOWN_SECONDS", 1.0)
+    quotes = ticks(T0, 300_000, "bid_ask", seed=7, rate_scale=20)  # ~23 MB: more than gRPC buffers
+    with Store(live_settings(tmp_path)) as store:
+        for offset in range(0, quotes.num_rows, 50_000):
+            store.append(MNQ.contract_id, "bid_ask", quotes.slice(offset, 50_000))
+        served = Served(store)
+        command = {"version": 1, "contract_id": MNQ.contract_id, "tick_types": ["bid_ask"],
+                   "start": "2025-01-10T00:00:00Z", "live": True}
+        reader_client = flight.connect(served.location)
+        info = reader_client.get_flight_info(flight.FlightDescriptor.for_command(json.dumps(command).encode()))
+        stalled = reader_client.do_get(info.endpoints[0].ticket)
+        stalled.read_chunk()  # then never again
+        stopping = threading.Thread(target=served.server.shutdown, daemon=True)
+        stopping.start()
+        stopping.join(60)
+        assert not stopping.is_alive()
+        served.client.close()
