@@ -11,7 +11,9 @@ recorder's GIL; the recorder (``IBFeed`` + ``Recorder`` + ``Store``, fsync="batc
 2. The ``ibapi`` decoder alone, on the same kind of frames in memory (read_fields + Decoder
    .interpret into a do-nothing wrapper): the ceiling the official client puts on any recorder.
 3. Tick-to-acknowledged latency at ~5,000 ticks/s: from the callback's receive stamp (``ts``)
-   to the moment ``Store.append`` returned (fsync'ed). Target: p99 < 50 ms.
+   to the moment ``Store.append`` returned (fsync'ed). Target: p99 < 50 ms. Measured first:
+   after an overload run, ibapi's stock reader thread may still be draining its backlog (in a
+   full bench/run_all.py process this pushed p99 to ~700 ms).
 """
 
 from __future__ import annotations
@@ -126,8 +128,16 @@ def main(quick: bool = False) -> dict:
     header(f"ingest through the IB wire protocol (simulator process -> ibapi -> recorder, fsync=batch), {seconds} s windows")
     ceiling = decoder_ceiling(100_000 if quick else 400_000)
     print(f"ibapi decoder alone (read_fields + interpret, BidAsk frames): {ceiling:,.0f} ticks/s")
-    print(f"{'offered (nominal)':>18} {'acknowledged/s':>15} {'of offered':>11} {'of decoder ceiling':>19}")
     results = {"decoder_ceiling": ceiling}
+    # latency first: the overload runs below leave ibapi's stock reader thread draining a backlog for a while
+    speed = 5_000 / TICKS_PER_SPEED
+    run = record(speed, seconds, latency=True)
+    results["latency"] = run
+    print(f"tick -> acknowledged at {run['rate']:,.0f} ticks/s ({run['ticks']:,} ticks; flush every 20 ms, fsync):"
+          f" p50 {run['p50']:.1f} ms, p90 {run['p90']:.1f} ms, p99 {run['p99']:.1f} ms, max {run['max']:.1f} ms")
+    target("p99 < 50 ms at 5,000 ticks/s", run["p99"] < 50)
+
+    print(f"{'offered (nominal)':>18} {'acknowledged/s':>15} {'of offered':>11} {'of decoder ceiling':>19}")
     for speed in ((3_000, 9_000) if quick else (3_000, 6_000, 12_000)):
         offered = speed * TICKS_PER_SPEED
         run = record(speed, seconds)
@@ -141,12 +151,6 @@ def main(quick: bool = False) -> dict:
     best = max(r["rate"] for k, r in results.items() if k.startswith("speed_"))
     target(f">= 50,000 ticks/s sustained (best {best:,.0f})", best >= 50_000)
 
-    speed = 5_000 / TICKS_PER_SPEED
-    run = record(speed, seconds, latency=True)
-    results["latency"] = run
-    print(f"\ntick -> acknowledged at {run['rate']:,.0f} ticks/s ({run['ticks']:,} ticks; flush every 20 ms, fsync):"
-          f" p50 {run['p50']:.1f} ms, p90 {run['p90']:.1f} ms, p99 {run['p99']:.1f} ms, max {run['max']:.1f} ms")
-    target("p99 < 50 ms at 5,000 ticks/s", run["p99"] < 50)
     return results
 
 
