@@ -55,9 +55,11 @@ def _window(value: str) -> str:
 def _session_date(value: str) -> str:
     if value not in ("current", "previous"):
         try:
-            date.fromisoformat(value)
+            day = date.fromisoformat(value)
         except ValueError:
             raise ValueError("use a trading date YYYY-MM-DD, 'current' or 'previous'") from None
+        if not date(1970, 1, 1) <= day < date(2200, 1, 1):
+            raise ValueError(f"session_date was {value!r}; use a date from 1970-01-01 to 2199-12-31")
     return value
 
 
@@ -135,6 +137,10 @@ class QueryCommand(BaseModel):
             raise ValueError("end needs start (or cursor); a window or a session already fixes the end")
         if self.cursor is not None and len(self.contracts) * len(self.tick_types) != 1:
             raise ValueError("a cursor resumes one stream: give one contract_id and one tick type with it")
+        if self.cursor is not None and self.resolution != TICK:
+            raise ValueError("a cursor is a tick position: resume bars with start at the last bar's ts instead")
+        if self.live and self.fill:
+            raise ValueError("fill applies to stored ranges; a live bar stream sends only bars that have ticks")
         if self.live and self.resolution == DAILY:
             raise ValueError("live bars go up to 1h; resolution '1d' is served for stored ranges only")
         if self.session_date is not None and self.session is None:

@@ -53,7 +53,7 @@ from storage.bars import (
     parse_window,
     partial_step_us,
 )
-from storage.live import FOREVER_US, Cursor, LiveBars, LiveFeed
+from storage.live import FOREVER_US, Cursor, LiveBars, LiveFeed, live_bar_schema
 from storage.schemas import SESSIONS_SCHEMA, STATISTICS_SCHEMA, records_table, schema_for
 from storage.segments import StreamKey, ipc_bytes
 from storage.sessions import ContractSessions, Session
@@ -417,6 +417,8 @@ def _info_schema(query: QueryCommand) -> pa.Schema:
     (each endpoint's stream then carries its own schema)."""
     if query.resolution == TICK:
         schemas = [schema_for(t) for t in query.tick_types]
+    elif query.live:
+        schemas = [live_bar_schema(t, query.resolution) for t in query.tick_types]
     else:
         schemas = [bar_schema(t, query.resolution) for t in query.tick_types]
     first = schemas[0]

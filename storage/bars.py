@@ -65,13 +65,19 @@ _WINDOW = re.compile(r"^([1-9][0-9]*)([smhdw])$")
 _UNIT_US = {"s": US_PER_SECOND, "m": US_PER_MINUTE, "h": US_PER_HOUR, "d": 24 * US_PER_HOUR, "w": 7 * 24 * US_PER_HOUR}
 
 
+MAX_WINDOW_US = 3_660 * 24 * US_PER_HOUR  # ten years
+
+
 def parse_window(value: str) -> int:
-    """Microseconds of a rolling window such as ``15m``, ``24h``, ``7d``, ``2w``."""
+    """Microseconds of a rolling window such as ``15m``, ``24h``, ``7d``, ``2w`` (at most ten years)."""
     match = _WINDOW.match(value)
     if match is None:
         raise InvalidRequestError(
             f"window was {value!r}; use a whole number and a unit s, m, h, d or w, e.g. '15m', '24h', '7d'")
-    return int(match.group(1)) * _UNIT_US[match.group(2)]
+    micros = int(match.group(1)) * _UNIT_US[match.group(2)]
+    if micros > MAX_WINDOW_US:
+        raise InvalidRequestError(f"window was {value!r}; a window reaches back at most ten years (3660d)")
+    return micros
 
 
 # -- schemas -----------------------------------------------------------------------------------
@@ -186,7 +192,7 @@ def rollup_sessions(partials: pl.DataFrame, tick_type: TickType, sessions: list)
     opens = pl.Series("open_us", [s.open_us for s in sessions], pl.Int64)
     closes = pl.Series("close_us", [s.close_us for s in sessions], pl.Int64)
     micros = partials.get_column("ts").cast(pl.Int64)
-    slot = (opens.search_sorted(micros, side="right") - 1).cast(pl.Int64)
+    slot = opens.search_sorted(micros, side="right").cast(pl.Int64) - 1  # -1: before the first open
     inside = (slot >= 0) & (micros < closes.gather(slot.clip(0, None)).fill_null(0))
     frame = partials.with_columns(slot.alias("_slot")).filter(inside)
     bars = frame.group_by("_slot", maintain_order=True).agg(_rollup_aggregations(tick_type))

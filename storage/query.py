@@ -29,6 +29,7 @@ from storage.bars import (
     BAR_RESOLUTIONS,
     DAILY,
     PREAGGREGATE_US,
+    bar_schema,
     conform,
     fill_grid,
     finish,
@@ -57,8 +58,8 @@ def read_bars(store: "Store", key: StreamKey, start_us: int, end_us: int, resolu
     the trading sessions whose bars are wanted, oldest first."""
     step = partial_step_us(resolution)
     if resolution == DAILY:
-        if not sessions:
-            return finish(_empty(key), key.tick_type, resolution)
+        if not sessions:  # a weekend or holiday range: no daily bar
+            return bar_schema(key.tick_type, resolution).empty_table()
         start_us, end_us = max(start_us, sessions[0].open_us), min(end_us, sessions[-1].close_us)
     partials = _partials(store, key, start_us, end_us, step) if start_us < end_us else _empty(key)
     if resolution == DAILY:

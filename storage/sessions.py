@@ -388,9 +388,13 @@ class ContractSessions:
     def _lookup(self, kind: str, day: date) -> Session | None:
         """The ``kind`` session of ``day``, None if it has none; refused if ``day`` is unknowable."""
         if kind == "full_day":
+            try:
+                next_day = day + timedelta(days=1)
+            except OverflowError:
+                raise InvalidRequestError(f"{self._label}: {day} is past the last date there is") from None
             midnight = datetime.combine(day, time(), self.zone)
             return Session(self.contract_id, kind, day, to_us(midnight),
-                           to_us(datetime.combine(day + timedelta(days=1), time(), self.zone)), "clock")
+                           to_us(datetime.combine(next_day, time(), self.zone)), "clock")
         hours = self._hours(day)
         trading, liquid = hours.trading, hours.liquid
         span = {

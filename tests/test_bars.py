@@ -241,3 +241,16 @@ def test_a_growing_segment_is_cached_once(tmp_path):
         cached_paths = [path for path, _size in reader.planner.cache._entries]
         assert len(cached_paths) == len(set(cached_paths)) == len(list(settings.buffer_root.rglob("*.arrows")))
 
+
+def test_partial_bars_before_the_first_session_belong_to_no_day():
+    import datetime as dt
+
+    from storage.bars import rollup_sessions
+    from storage.sessions import Session
+
+    partials = pl.DataFrame({"ts": [0, 120_000_000], "open": [1.0, 2.0], "high": [1.0, 2.0], "low": [1.0, 2.0],
+                             "close": [1.0, 2.0], "tick_count": [1, 1]}).with_columns(
+        pl.col("ts").cast(pl.Datetime("us", "UTC")))
+    day = [Session(1, "full_day", dt.date(1970, 1, 1), 60_000_000, 600_000_000, "clock")]
+    assert rollup_sessions(partials, TickType.MID_POINT, day).get_column("tick_count").to_list() == [1]
+

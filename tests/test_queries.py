@@ -82,6 +82,21 @@ def test_daily_bars_are_one_per_trading_session(week):
     assert in_sessions < trades.height  # the daily breaks and the weekend are outside every session
 
 
+def test_daily_bars_over_a_range_without_a_session_are_empty(week):
+    _, served, _ = week
+    weekend = served.client.bars(AAPL.contract_id, "last", "1d", utc(2026, 11, 28, 12), utc(2026, 11, 29, 12),
+                                 daily_session="regular")
+    assert weekend.height == 0 and weekend.columns[:2] == ["ts", "session_date"]
+
+
+def test_live_bars_are_planned_with_their_forming_column(week):
+    _, served, _ = week
+    command = {"version": 1, "contract_id": MNQ.contract_id, "tick_types": ["last"], "window": "1h",
+               "resolution": "1m", "live": True}
+    schema = served.client._flight.get_schema(flight.FlightDescriptor.for_command(json.dumps(command).encode()))
+    assert schema.schema.names[-1] == "forming"
+
+
 def test_daily_bars_of_regular_sessions(week):
     _, served, raw = week
     bars = served.client.bars(AAPL.contract_id, "bid_ask", "1d", utc(2026, 11, 25), utc(2026, 11, 28),
@@ -197,6 +212,14 @@ GOOD = {"version": 1, "contract_id": MNQ.contract_id, "tick_types": ["last"], "s
      pa.ArrowInvalid, "daily_session 'extended' differs from session 'regular'; daily bars of a session query are "
                       "that session's: leave daily_session out"),
     ({"contract_id": 0}, pa.ArrowInvalid, "contract_id: Input should be greater than 0 (got 0)"),
+    ({"start": None, "end": None, "window": "99999999999999w", "live": True}, pa.ArrowInvalid,
+     "window was '99999999999999w'; a window reaches back at most ten years (3660d)"),
+    ({"start": None, "end": None, "session": "full_day", "session_date": "9999-12-31"}, pa.ArrowInvalid,
+     "session_date was '9999-12-31'; use a date from 1970-01-01 to 2199-12-31"),
+    ({"start": None, "end": None, "cursor": "12:1", "resolution": "1m"}, pa.ArrowInvalid,
+     "a cursor is a tick position: resume bars with start at the last bar's ts instead"),
+    ({"resolution": "1m", "fill": True, "live": True}, pa.ArrowInvalid,
+     "fill applies to stored ranges; a live bar stream sends only bars that have ticks"),
 ])
 def test_bad_queries_get_a_precise_error(week, change, error, message):
     _, served, _ = week

@@ -382,3 +382,9 @@ def test_bad_details_and_arguments_are_refused():
         ContractSessions.from_details, details(SIM_AAPL, liquid_hours="20261124:1600-20261124:0930"))
     assert "give a datetime.date" in refusal(AAPL.session, "regular", "2026-11-24")
     assert "session kind was 'bars'" in refusal(AAPL.current, "bars", utc(2026, 11, 24))
+
+
+def test_a_full_day_past_the_calendar_of_python_is_refused_cleanly():
+    with pytest.raises(InvalidRequestError, match="9999-12-31 is past the last date there is"):
+        sessions_of(SIM_MNQ).session("full_day", date(9999, 12, 31))
+
