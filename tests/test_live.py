@@ -55,6 +55,19 @@ def feed(store: Store, table: pa.Table, batch: int = 250, pause: float = 0.002, 
         time.sleep(pause)
 
 
+def append_quotes(store: Store, quotes: pa.Table) -> None:
+    for offset in range(0, quotes.num_rows, 50_000):
+        store.append(MNQ.contract_id, "bid_ask", quotes.slice(offset, 50_000))
+
+
+def raw_live_reader(client: flight.FlightClient, tick_type: str) -> flight.FlightStreamReader:
+    """A live do_get with pyarrow alone, from the start of the test data's day."""
+    command = {"version": 1, "contract_id": MNQ.contract_id, "tick_types": [tick_type],
+               "start": "2025-01-10T00:00:00Z", "live": True}
+    info = client.get_flight_info(flight.FlightDescriptor.for_command(json.dumps(command).encode()))
+    return client.do_get(info.endpoints[0].ticket)
+
+
 def test_history_and_live_through_rotation_and_archival(tmp_path):
     everything = ticks(T0, 12_000, "last", seed=4, rate_scale=12_000 / 3600 / 1.5 / 1.2)  # ~70 min, past 13:00
     assert everything.column("ts")[-1].as_py() > utc(2025, 1, 10, 13, 5)
@@ -201,15 +214,10 @@ def test_a_reader_that_stops_reading_stalls_nothing(tmp_path):
     quotes = ticks(T0, 320_000, "bid_ask", seed=7, rate_scale=20)
     history, later = quotes.slice(0, 300_000), quotes.slice(300_000)
     with Store(live_settings(tmp_path, live_queue_rows=5_000)) as store:
-        for offset in range(0, history.num_rows, 50_000):
-            store.append(MNQ.contract_id, "bid_ask", history.slice(offset, 50_000))
+        append_quotes(store, history)
         served = Served(store)
         try:
-            command = {"version": 1, "contract_id": MNQ.contract_id, "tick_types": ["bid_ask"],
-                       "start": "2025-01-10T00:00:00Z", "live": True}
-            descriptor = flight.FlightDescriptor.for_command(json.dumps(command).encode())
-            info = served.client._flight.get_flight_info(descriptor)
-            stalled = served.client._flight.do_get(info.endpoints[0].ticket)  # opened, never read (yet)
+            stalled = raw_live_reader(served.client._flight, "bid_ask")  # opened, never read (yet)
             reading = served.client.history_and_live(MNQ.contract_id, "bid_ask", T0)
             assert reading.wait_caught_up(60)
             for offset in range(0, later.num_rows, 500):  # returns each time: nobody waits for the stalled reader
@@ -395,14 +403,9 @@ def test_shutdown_does_not_wait_forever_for_a_reader_that_stopped(tmp_path, monk
     monkeypatch.setattr(flight_server.server, "SHUTDOWN_SECONDS", 1.0)
     quotes = ticks(T0, 300_000, "bid_ask", seed=7, rate_scale=20)  # ~23 MB: more than gRPC buffers
     with Store(live_settings(tmp_path)) as store:
-        for offset in range(0, quotes.num_rows, 50_000):
-            store.append(MNQ.contract_id, "bid_ask", quotes.slice(offset, 50_000))
+        append_quotes(store, quotes)
         served = Served(store)
-        command = {"version": 1, "contract_id": MNQ.contract_id, "tick_types": ["bid_ask"],
-                   "start": "2025-01-10T00:00:00Z", "live": True}
-        reader_client = flight.connect(served.location)
-        info = reader_client.get_flight_info(flight.FlightDescriptor.for_command(json.dumps(command).encode()))
-        stalled = reader_client.do_get(info.endpoints[0].ticket)
+        stalled = raw_live_reader(flight.connect(served.location), "bid_ask")
         stalled.read_chunk()  # then never again
         stopping = threading.Thread(target=served.server.shutdown, daemon=True)
         stopping.start()
