@@ -147,26 +147,34 @@ class FlightServer(flight.FlightServerBase):
     def do_get(self, context, ticket: flight.Ticket) -> flight.FlightDataStream:
         parsed = Ticket.parse(ticket.ticket)
         metadata = {"ibstream.contract_id": str(parsed.contract_id)}
-        schema = _with_metadata(schema_for(parsed.tick_type), metadata)
         if parsed.live:
-            feed = LiveFeed(self.store, StreamKey(parsed.contract_id, parsed.tick_type),
-                            Cursor(parsed.start_us, parsed.skip), parsed.end_us,
-                            max_rows=self.settings.live_queue_rows,
-                            poll_interval=self.settings.live_poll_interval.total_seconds())
-            stopped = lambda: context.is_cancelled() or self._stopping.is_set()  # noqa: E731
-            if parsed.resolution != TICK:
-                feed = LiveBars(feed, parsed.resolution)
-                schema = _with_metadata(feed.schema, metadata)
-            return flight.GeneratorStream(schema, self._slot(_live(feed, stopped, self._stopping), parsed))
-        if parsed.resolution == TICK and parsed.skip:  # a cursor without live: the ticks after it, up to end
-            plan = self.store.plan(parsed.contract_id, parsed.tick_type, parsed.start_us, parsed.end_us)
-            return flight.GeneratorStream(schema, self._slot(Cursor(parsed.start_us, parsed.skip).unseen(
-                plan.batches()), parsed))
+            return self._live_stream(context, parsed, metadata)
         if parsed.resolution == TICK:
-            ticks = self.store.ticks(parsed.contract_id, parsed.tick_type, parsed.start_us, parsed.end_us)
-            if isinstance(ticks, pa.Table):  # a closed range, from the cache
-                return flight.RecordBatchStream(_with_metadata(ticks, metadata))
-            return flight.GeneratorStream(schema, self._slot(ticks.batches(), parsed))
+            return self._tick_stream(parsed, metadata)
+        return self._bar_stream(parsed, metadata)
+
+    def _live_stream(self, context, parsed: Ticket, metadata: dict[str, str]) -> flight.FlightDataStream:
+        feed = LiveFeed(self.store, StreamKey(parsed.contract_id, parsed.tick_type),
+                        Cursor(parsed.start_us, parsed.skip), parsed.end_us, max_rows=self.settings.live_queue_rows,
+                        poll_interval=self.settings.live_poll_interval.total_seconds())
+        if parsed.resolution != TICK:
+            feed = LiveBars(feed, parsed.resolution)
+        stopped = lambda: context.is_cancelled() or self._stopping.is_set()  # noqa: E731
+        schema = _with_metadata(feed.schema, metadata)
+        return flight.GeneratorStream(schema, self._slot(_live(feed, stopped, self._stopping), parsed))
+
+    def _tick_stream(self, parsed: Ticket, metadata: dict[str, str]) -> flight.FlightDataStream:
+        schema = _with_metadata(schema_for(parsed.tick_type), metadata)
+        if parsed.skip:  # a cursor without live: the ticks after it, up to end
+            plan = self.store.plan(parsed.contract_id, parsed.tick_type, parsed.start_us, parsed.end_us)
+            batches = Cursor(parsed.start_us, parsed.skip).unseen(plan.batches())
+            return flight.GeneratorStream(schema, self._slot(batches, parsed))
+        ticks = self.store.ticks(parsed.contract_id, parsed.tick_type, parsed.start_us, parsed.end_us)
+        if isinstance(ticks, pa.Table):  # a closed range, from the cache
+            return flight.RecordBatchStream(_with_metadata(ticks, metadata))
+        return flight.GeneratorStream(schema, self._slot(ticks.batches(), parsed))
+
+    def _bar_stream(self, parsed: Ticket, metadata: dict[str, str]) -> flight.FlightDataStream:
         sessions = None
         if parsed.resolution == DAILY:
             sessions = self.store.sessions(parsed.contract_id).sessions(

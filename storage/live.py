@@ -134,6 +134,7 @@ class LiveFeed:
                  max_rows: int = 1_000_000, poll_interval: float = 0.05):
         self.store = store
         self.key = key
+        self.schema = schema_for(key.tick_type)
         self.cursor = cursor
         self.end_us = end_us
         self.max_rows = max_rows
@@ -210,7 +211,7 @@ class LiveFeed:
         return list(self.cursor.unseen(plan.batches()))
 
     def _empty(self) -> pa.RecordBatch:
-        return pa.RecordBatch.from_pylist([], schema=schema_for(self.key.tick_type))
+        return pa.RecordBatch.from_pylist([], schema=self.schema)
 
 
 class LiveBars:
