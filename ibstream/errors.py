@@ -50,3 +50,25 @@ class SealedHourError(StorageError, ValueError):
 
 class CorruptFileError(StorageError):
     """A stored file cannot be read."""
+
+
+class StorageUnavailableError(StorageError, OSError):
+    """The disk refused a write or fsync (full, read-only, I/O error) or was slow to.
+
+    ``acknowledged`` ticks of the batch were stored durably before the failure (a batch that
+    crosses a rotation boundary is written in pieces); none of the rest is on disk, and no torn
+    bytes are left behind, so retrying exactly the rest never duplicates a tick. ``errno`` is the
+    operating system's error number (``errno.ENOSPC`` for a full disk).
+    """
+
+    def __init__(self, message: str, *, acknowledged: int = 0, errno: int | None = None):
+        super().__init__(message)
+        self.acknowledged = acknowledged
+        self.errno = errno
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class DamagedDataError(CorruptFileError):
+    """Stored bytes failed their checksum or could not be decoded; they are quarantined and reported."""
