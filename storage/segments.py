@@ -1,40 +1,66 @@
 """Segment writer: ticks appended to Arrow IPC *stream* files per contract and tick type.
 
 Layout: ``{data_root}/buffer/{contract_id}/{tick_type}/{YYYYmmddTHHMMSS}Z-{seq:04d}.arrows``;
-the name holds the UTC start of the rotation bucket the segment covers. Segments rotate at
-UTC multiples of ``rotation_interval`` (which divides an hour, so a segment never straddles
-an hour) and when they grow past ``segment_max_bytes``.
+the name holds the UTC start of the rotation bucket the segment covers and a sequence number
+that grows with every segment a stream gets. Segments rotate at UTC multiples of
+``rotation_interval`` (which divides an hour, so a segment never straddles an hour) and when
+they grow past ``segment_max_bytes``. Readers order a stream's segments by their contents
+(first and last ``ts``, then ``seq``), never by name alone, so a changed rotation interval or a
+restored backup cannot reorder ticks.
+
+Every record batch carries a CRC-32 of its whole IPC message in its custom metadata
+(``ibstream.crc32``, eight hex digits, computed with the digits set to ``00000000``), so a
+reader tells a torn tail (an incomplete last message: a crash mid-write) from damage (a complete
+message that fails its checksum, anywhere). Plain Arrow readers ignore the key.
 
 Group commit: :meth:`SegmentWriter.append` writes a whole batch, fsyncs it (policy
-``fsync="batch"``) and only then returns: the ticks are *acknowledged*. A crash can only
-leave a torn last message in the newest segment of a stream; :func:`recover_segment`
-truncates it on the next start, and readers stop at it.
+``fsync="batch"``) and only then returns: the ticks are *acknowledged*. A failed write or fsync
+(disk full, I/O error) is undone by truncating the segment back to its last acknowledged byte,
+and is raised as :class:`~ibstream.errors.StorageUnavailableError`; nothing of it is
+acknowledged. On start, :class:`SegmentWriter` checks every segment: a torn tail of a stream's
+newest segment is cut (never acknowledged); damaged bytes anywhere are moved to the quarantine
+with a note, the readable batches on both sides stay in service, and the damaged span is
+reported (coverage ``damaged``).
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
+import struct
 import threading
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from ibstream.errors import CorruptFileError, SealedHourError, TickOrderError
+from ibstream.errors import SealedHourError, StorageUnavailableError, TickOrderError
 from ibstream.settings import Settings
-from storage.failpoints import failpoint
+from storage.failpoints import failpoint, fsync, io_faults, write_all
+from storage.quarantine import Damage, damage_note, quarantine_file
 from storage.schemas import TickType, schema_for
-from storage.times import US_PER_SECOND, duration_us, iso
+from storage.times import US_PER_SECOND, duration_us, iso, now_us
 
 log = logging.getLogger(__name__)
 
 
 SUFFIX = ".arrows"
+TMP_SUFFIX = ".tmp"
+CRC_KEY = "ibstream.crc32"
+FORMAT_KEY = b"ibstream.checksums"  # in a segment's schema: every batch carries CRC_KEY
+PLACEHOLDER = b"00000000"
+CONTINUATION = b"\xff\xff\xff\xff"
+EOS = CONTINUATION + b"\x00\x00\x00\x00"
+_CRC_VALUE = re.compile(rb"\x08\x00\x00\x00([0-9a-f]{8})\x00")  # a flatbuffer string of 8 hex digits
+NO_TS = -(2**63)
 
 
 @dataclass(frozen=True, order=True)
@@ -68,8 +94,12 @@ def segment_start_us(path: Path) -> int:
     return int(moment.timestamp()) * US_PER_SECOND
 
 
+def segment_seq(path: Path) -> int:
+    return int(path.name[: -len(SUFFIX)].rsplit("-", 1)[1])
+
+
 def list_segments(directory: Path) -> list[Path]:
-    """The segment files of a stream, oldest first."""
+    """The segment files of a stream, by name (bucket, then seq); see :func:`in_stream_order`."""
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX))
@@ -88,61 +118,250 @@ def list_streams(buffer_root: Path) -> list[StreamKey]:
     return sorted(keys)
 
 
+def key_of(path: Path) -> StreamKey:
+    """The stream a segment file belongs to, from its folders."""
+    return StreamKey(int(path.parent.parent.name), TickType(path.parent.name))
+
+
 # ---------------------------------------------------------------------------------------------
-# Reading and recovery
+# Encoding
+
+
+@lru_cache(maxsize=None)
+def segment_schema(tick_type: TickType) -> pa.Schema:
+    """The schema a segment file starts with: the tick type's, marked as carrying checksums."""
+    schema = schema_for(tick_type)
+    return schema.with_metadata({**schema.metadata, FORMAT_KEY: b"crc32"})
+
+
+@lru_cache(maxsize=None)
+def header_bytes(tick_type: TickType) -> bytes:
+    return segment_schema(tick_type).serialize().to_pybytes()
+
+
+def _crc(message: memoryview, at: int) -> int:
+    """CRC-32 of a message with its eight checksum digits (at ``at``) read as the placeholder."""
+    crc = zlib.crc32(message[:at])
+    crc = zlib.crc32(PLACEHOLDER, crc)
+    return zlib.crc32(message[at + 8:], crc)
+
+
+def encode_batch(batch: pa.RecordBatch, tick_type: TickType) -> bytes:
+    """One IPC record-batch message of ``batch`` with its CRC-32 in its custom metadata."""
+    sink = pa.BufferOutputStream()
+    writer = pa.ipc.new_stream(sink, segment_schema(tick_type))
+    writer.write_batch(batch, custom_metadata={CRC_KEY: PLACEHOLDER.decode()})
+    writer.close()
+    message = bytearray(sink.getvalue().to_pybytes()[len(header_bytes(tick_type)):-len(EOS)])
+    metadata_end = 8 + struct.unpack_from("<i", message, 4)[0]
+    found = _CRC_VALUE.search(message, 8, metadata_end)
+    assert found is not None and found.group(1) == PLACEHOLDER
+    at = found.start(1)
+    message[at:at + 8] = b"%08x" % _crc(memoryview(message), at)
+    return bytes(message)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and checking
+
+
+@dataclass
+class SegmentScan:
+    """What a segment file holds: its verified batches and, byte by byte, what is wrong with it.
+
+    ``valid_end`` is the end of the last good message (where a torn tail starts); ``damaged``
+    lists byte ranges ``[start, end)`` that failed their checksum or could not be decoded, each
+    with the index of the batch that follows it.
+    """
+
+    path: Path
+    size: int
+    batches: list[pa.RecordBatch] = field(default_factory=list)
+    valid_end: int = 0
+    damaged: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, batch index after)
+    torn_tail: int = 0  # bytes of an incomplete last message
+    ended: bool = False  # has its end-of-stream marker
+    header_ok: bool = True
+    checksummed: bool = True  # written with per-batch checksums (older segments were not)
+
+    @property
+    def whole(self) -> bool:
+        return not self.damaged and not self.torn_tail and self.header_ok
+
+    def first_ts(self) -> int:
+        return next((_ts(b, 0) for b in self.batches if b.num_rows), NO_TS)
+
+    def last_ts(self) -> int:
+        return next((_ts(b, -1) for b in reversed(self.batches) if b.num_rows), NO_TS)
+
+    def rows(self) -> int:
+        return sum(b.num_rows for b in self.batches)
+
+
+def _ts(batch: pa.RecordBatch, row: int) -> int:
+    return batch.column("ts").cast(pa.int64())[row].as_py()
+
+
+class _Bad(Exception):
+    """A message that is complete but fails its checksum or cannot be decoded."""
+
+
+class _Incomplete(Exception):
+    """A message that runs past the end of the file."""
+
+
+def _message_at(data: memoryview, pos: int, schema: pa.Schema, checksummed: bool
+                ) -> tuple[pa.RecordBatch | None, int]:
+    """The batch at ``pos`` (None for the end-of-stream marker) and the message's length."""
+    size = len(data)
+    if size - pos < 8:
+        raise _Incomplete
+    if data[pos:pos + 4] != CONTINUATION:
+        raise _Bad("no message marker")
+    (length,) = struct.unpack_from("<i", data, pos + 4)
+    if length == 0:
+        return None, 8
+    if length < 0 or length % 8:
+        raise _Bad(f"implausible metadata length {length}")
+    if pos + 8 + length > size:
+        raise _Incomplete
+    try:
+        message = pa.ipc.read_message(pa.py_buffer(data[pos:]))
+    except (pa.ArrowInvalid, OSError, EOFError) as exc:
+        if "expected to be able to read" in str(exc).lower() or "end of" in str(exc).lower():
+            raise _Incomplete from None
+        raise _Bad(str(exc)) from None
+    total = 8 + length + message.body.size
+    if pos + total > size:
+        raise _Incomplete
+    if message.type != "record batch":
+        raise _Bad(f"a {message.type} message where a record batch belongs")
+    whole = data[pos:pos + total]
+    found = _CRC_VALUE.search(whole, 8, 8 + length)
+    if found is None:
+        if checksummed:
+            raise _Bad("no checksum")
+    elif int(found.group(1), 16) != _crc(whole, found.start(1)):
+        raise _Bad("checksum mismatch")
+    try:
+        batch = pa.ipc.read_record_batch(message, schema)
+        batch.validate(full=not checksummed)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+        raise _Bad(str(exc)) from None
+    return batch, total
+
+
+def _resync(data: memoryview, start: int, schema: pa.Schema, checksummed: bool) -> int | None:
+    """The offset of the next good message after ``start`` (None: none in the file)."""
+    rest = bytes(data[start + 1:])  # the rest of the file: small for a torn tail, copied once for damage
+    at = 0
+    while (at := rest.find(CONTINUATION, at)) != -1:
+        offset = start + 1 + at
+        try:
+            batch, _ = _message_at(data, offset, schema, checksummed)
+            if batch is not None or offset + 8 == len(data):
+                return offset
+        except (_Bad, _Incomplete):
+            pass
+        at += 1
+    return None
+
+
+def scan_segment(path: Path, source: pa.NativeFile | None = None) -> SegmentScan:
+    """Read and check a segment: every good batch, the torn tail, the damaged byte ranges.
+
+    ``source`` is an already opened memory map of ``path``; a file another process is appending
+    to reads up to its last complete message (a message in flight reads as a torn tail).
+    """
+    tick_type = key_of(path).tick_type
+    schema = schema_for(tick_type)
+    source = pa.memory_map(str(path), "r") if source is None else source
+    data = memoryview(source.read_buffer(source.size()) if source.size() else b"").cast("B")
+    source.seek(0)
+    scan = SegmentScan(path, len(data))
+    if not data:
+        return scan
+    pos = _header_end(data, tick_type, scan)
+    if pos is None:  # unreadable header: find the first batch with the schema we know
+        scan.header_ok = False
+        found = _resync(data, 0, schema, True)
+        if found is None:
+            scan.damaged.append((0, len(data), 0))
+            return scan
+        scan.damaged.append((0, found, 0))
+        pos = found
+    scan.valid_end = pos
+    while pos < len(data):
+        try:
+            batch, length = _message_at(data, pos, schema, scan.checksummed)
+        except _Incomplete:
+            if _resync(data, pos, schema, scan.checksummed) is None:
+                scan.torn_tail = len(data) - pos
+                break
+            batch, length = None, -1  # incomplete here, yet good messages follow: damage
+        except _Bad:
+            batch, length = None, -1
+        if length == -1:
+            found = _resync(data, pos, schema, scan.checksummed)
+            scan.damaged.append((pos, len(data) if found is None else found, len(scan.batches)))
+            if found is None:
+                break
+            pos = found
+            continue
+        pos += length
+        if batch is None:
+            scan.ended = True
+            scan.valid_end = pos
+            if pos < len(data):
+                scan.damaged.append((pos, len(data), len(scan.batches)))
+            break
+        scan.batches.append(batch)
+        scan.valid_end = pos
+    return scan
+
+
+def _header_end(data: memoryview, tick_type: TickType, scan: SegmentScan) -> int | None:
+    expected = header_bytes(tick_type)
+    if data[:len(expected)] == expected:
+        return len(expected)
+    if len(data) < 8 or data[:4] != CONTINUATION:
+        return None
+    (length,) = struct.unpack_from("<i", data, 4)
+    if length <= 0 or 8 + length > len(data):
+        return None
+    try:
+        schema = pa.ipc.read_schema(pa.py_buffer(data[:8 + length]))
+    except (pa.ArrowInvalid, OSError):
+        return None
+    if not schema.equals(schema_for(tick_type)):
+        return None
+    scan.checksummed = FORMAT_KEY in (schema.metadata or {})  # a segment written before checksums
+    return 8 + length
 
 
 def read_segment(path: Path, source: pa.NativeFile | None = None) -> tuple[list[pa.RecordBatch], int]:
-    """Complete record batches of a segment (memory-mapped, zero-copy) and its valid length.
-
-    Reading stops at the first incomplete message: a torn tail after a crash, or a batch that
-    another process is writing right now. ``source`` is an already opened map of ``path``.
-    """
-    source = pa.memory_map(str(path), "r") if source is None else source
-    source.seek(0)
-    batches: list[pa.RecordBatch] = []
-    valid = 0
-    try:
-        messages = pa.ipc.MessageReader.open_stream(source)
-        schema_message = messages.read_next_message()
-        schema = pa.ipc.read_schema(schema_message)
-        valid = source.tell()
-        while True:
-            message = messages.read_next_message()
-            batches.append(pa.ipc.read_record_batch(message, schema))
-            valid = source.tell()
-    except StopIteration:
-        valid = source.tell()  # clean end: end-of-stream marker or end of file
-    except (OSError, pa.ArrowInvalid) as exc:
-        if valid == 0:
-            size = path.stat().st_size
-            if size == 0:
-                return [], 0
-            raise CorruptFileError(f"segment {path} has no readable schema ({exc}); move it aside") from exc
-    return batches, valid
+    """The good record batches of a segment and where its last good message ends (see
+    :func:`scan_segment`, which also says what is torn or damaged)."""
+    scan = scan_segment(path, source)
+    return scan.batches, scan.valid_end
 
 
-def recover_segment(path: Path) -> int:
-    """Truncate a torn tail; returns the number of bytes dropped (0 when the file was whole)."""
-    size = path.stat().st_size
-    try:
-        batches, valid = read_segment(path)
-    except CorruptFileError:
-        valid, batches = 0, []
-    if valid == size:
-        return 0
-    if valid == 0:
-        path.unlink()
-        log.warning("removed segment %s: %d bytes with no complete schema (torn at creation)", path, size)
-        return size
-    with open(path, "r+b") as handle:
-        handle.truncate(valid)
-        os.fsync(handle.fileno())
-    log.warning(
-        "recovered segment %s: dropped a torn tail of %d bytes; kept %d batches (%d ticks)",
-        path, size - valid, len(batches), sum(b.num_rows for b in batches),
-    )
-    return size - valid
+def in_stream_order(scans: list[SegmentScan]) -> list[SegmentScan]:
+    """Segments of one stream in the order of their ticks: by first and last ``ts``, then seq."""
+    return sorted(scans, key=lambda s: (s.first_ts(), s.last_ts(), segment_seq(s.path)))
+
+
+def damage_of(scan: SegmentScan, data_root: Path, bucket_us: int, interval_us: int, reason: str) -> list[Damage]:
+    """The spans of ticks a scan's damaged byte ranges may have held."""
+    key = key_of(scan.path)
+    relative = scan.path.resolve().relative_to(data_root.resolve()).as_posix()
+    spans = []
+    for start, end, after in scan.damaged:
+        before = next((_ts(b, -1) for b in reversed(scan.batches[:after]) if b.num_rows), bucket_us)
+        following = next((_ts(b, 0) for b in scan.batches[after:] if b.num_rows), bucket_us + interval_us - 1)
+        spans.append(Damage(key.contract_id, key.tick_type.value, before, following, relative, "",
+                            f"{reason}: bytes {start}-{end} of {scan.size}", now_us(), end - start))
+    return spans
 
 
 def fsync_dir(directory: Path) -> None:
@@ -161,17 +380,17 @@ def fsync_dir(directory: Path) -> None:
 class _OpenSegment:
     path: Path
     bucket_start_us: int
-    handle: object
-    writer: pa.ipc.RecordBatchStreamWriter
+    fd: int
+    offset: int  # end of the last acknowledged message: everything before it is durable
     batches: list[pa.RecordBatch] = field(default_factory=list)
 
     def size(self) -> int:
-        return self.handle.tell()
+        return self.offset
 
 
 @dataclass
 class StreamSnapshot:
-    """What a reader may use of a stream at one instant: closed segments and the open tail."""
+    """What a reader may use of a stream at one instant: closed segments (in ts order) and the open tail."""
 
     closed: list[Path]
     open_batches: list[pa.RecordBatch]
@@ -179,40 +398,107 @@ class StreamSnapshot:
 
 
 class _Stream:
-    def __init__(self, key: StreamKey, directory: Path, sealed_until_us: int):
+    def __init__(self, key: StreamKey, directory: Path, sealed_until_us: int, segments: list[tuple[Path, int, int]]):
         self.key = key
         self.directory = directory
         self.schema = schema_for(key.tick_type)
         self.write_lock = threading.Lock()  # one append / seal at a time
         self.state_lock = threading.Lock()  # guards what readers see
         self.open: _OpenSegment | None = None
-        self.closed: list[Path] = list_segments(directory)
-        self.last_ts = -(2**63)
+        ordered = sorted(segments, key=lambda s: (s[1], s[2], segment_seq(s[0])))
+        self.closed: list[Path] = [path for path, _, _ in ordered]  # in ts order
+        self.next_seq = max((segment_seq(path) for path, _, _ in segments), default=-1) + 1
+        self.last_ts = max((last for _, _, last in segments), default=NO_TS)
         self.sealed_until_us = sealed_until_us
         self.acknowledged = 0
         self.subscribers: list = []  # storage.live.Subscription: offered each batch readers can see
-        for path in reversed(self.closed):  # the newest segment may hold no batch (crash after creation)
-            non_empty = [b for b in read_segment(path)[0] if b.num_rows]
-            if non_empty:
-                self.last_ts = non_empty[-1].column("ts").cast(pa.int64())[-1].as_py()
-                break
+
+
+DamageListener = Callable[[Damage], None]
 
 
 class SegmentWriter:
-    """Appends acknowledged batches to per-stream IPC segments. Thread-safe."""
+    """Appends acknowledged batches to per-stream IPC segments. Thread-safe.
 
-    def __init__(self, settings: Settings, sealed_until: dict[StreamKey, int] | None = None):
+    On construction every segment is checked (:meth:`_recover`); ``on_damage`` is called with
+    each damaged span found then or later (the store records them in the index).
+    """
+
+    def __init__(self, settings: Settings, sealed_until: dict[StreamKey, int] | None = None,
+                 on_damage: DamageListener | None = None):
         self.settings = settings
         self.root = settings.buffer_root
         self.interval_us = duration_us(settings.rotation_interval)
         self._sealed_until = dict(sealed_until or {})
         self._streams: dict[StreamKey, _Stream] = {}
         self._lock = threading.Lock()
+        self.on_damage = on_damage or (lambda damage: None)
         self.forget_listeners: list = []  # called with the paths of segments the archiver removed
-        for key in list_streams(self.root):
-            segments = list_segments(stream_dir(self.root, key))
-            if segments:
-                recover_segment(segments[-1])
+        self._recovered: dict[StreamKey, list[tuple[Path, int, int]]] = {
+            key: self._recover(key) for key in list_streams(self.root)}
+
+    # -- recovery ----------------------------------------------------------------------------
+
+    def _recover(self, key: StreamKey) -> list[tuple[Path, int, int]]:
+        """Check every segment of a stream: cut a torn tail of the newest, quarantine damage.
+        Returns each segment's path with its first and last ``ts``."""
+        directory = stream_dir(self.root, key)
+        for leftover in directory.glob(f"*{SUFFIX}{TMP_SUFFIX}"):
+            leftover.unlink()  # a segment being created holds only its schema, never a tick
+            log.warning("removed %s: a segment whose creation was cut off (it held no tick)", leftover)
+        scans = [scan_segment(path) for path in list_segments(directory)]
+        newest = max(scans, key=lambda s: (segment_seq(s.path), s.path.name), default=None)
+        kept = []
+        for scan in scans:
+            if scan is newest and scan.torn_tail and not scan.damaged and scan.header_ok:
+                scan = self._cut_torn_tail(scan)  # the write a crash interrupted
+            if not scan.whole:
+                scan = self.repair(scan, "damaged on disk (found on start)")
+            kept.append((scan.path, scan.first_ts(), scan.last_ts()))
+        return kept
+
+    def _cut_torn_tail(self, scan: SegmentScan) -> SegmentScan:
+        with open(scan.path, "r+b") as handle:
+            handle.truncate(scan.valid_end)
+            os.fsync(handle.fileno())
+        log.warning("recovered segment %s: cut a torn tail of %d bytes (a write the crash interrupted, never "
+                    "acknowledged); kept %d batches (%d ticks)", scan.path, scan.torn_tail, len(scan.batches),
+                    scan.rows())
+        scan.size, scan.torn_tail = scan.valid_end, 0
+        return scan
+
+    def repair(self, scan: SegmentScan, reason: str) -> SegmentScan:
+        """Quarantine a damaged segment and put back a clean copy of its readable batches.
+
+        The original file goes to the quarantine untouched (with a note naming the damaged byte
+        ranges and tick spans); the copy holds every batch that passed its checksum, closed.
+        Crash-safe: the copy is written aside and renamed over the original only after the
+        original is linked into the quarantine.
+        """
+        key = key_of(scan.path)
+        bucket = segment_start_us(scan.path)
+        if scan.torn_tail:  # in a segment that was closed: cut by something else, so possibly acknowledged
+            scan.damaged.append((scan.valid_end, scan.size, len(scan.batches)))
+        spans = damage_of(scan, self.settings.data_root, bucket, self.interval_us, reason)
+        note = {"reason": reason, "damaged_bytes": [[s, e] for s, e, _ in scan.damaged],
+                "kept_batches": len(scan.batches), "kept_ticks": scan.rows(),
+                "lost_spans": [damage_note(d) for d in spans]}
+        quarantined = quarantine_file(self.settings.data_root, scan.path, note, keep=True)
+        relative = quarantined.relative_to(self.settings.data_root).as_posix()
+        clean = scan.path.with_name(scan.path.name + TMP_SUFFIX)
+        with open(clean, "wb") as handle:
+            handle.write(header_bytes(key.tick_type))
+            for batch in scan.batches:
+                handle.write(encode_batch(batch, key.tick_type))
+            handle.write(EOS)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(clean, scan.path)
+        fsync_dir(scan.path.parent)
+        for span in spans:
+            self.on_damage(Damage(**{**span.__dict__, "quarantined": relative}))
+        repaired = scan_segment(scan.path)
+        return repaired
 
     # -- public ------------------------------------------------------------------------------
 
@@ -220,7 +506,10 @@ class SegmentWriter:
         """Write ticks durably; returns how many were acknowledged (all, or an error is raised).
 
         ``data`` must have the tick type's schema and ``ts`` non-decreasing, continuing from the
-        stream's last acknowledged tick.
+        stream's last acknowledged tick. A write the disk refuses raises
+        :class:`~ibstream.errors.StorageUnavailableError` with the count of leading ticks that
+        were acknowledged (a batch that crosses a bucket is written in pieces); the rest left no
+        byte behind.
         """
         key = StreamKey(int(contract_id), TickType.parse(str(tick_type)))
         stream = self._stream(key)
@@ -230,10 +519,19 @@ class SegmentWriter:
         ts = batch.column("ts").cast(pa.int64()).to_numpy()
         with stream.write_lock:
             self._check_order(stream, ts)
+            done = 0
             for piece, bucket in self._split_by_bucket(batch, ts):
-                self._write(stream, piece, bucket)
-            stream.last_ts = int(ts[-1])
-            stream.acknowledged += batch.num_rows
+                try:
+                    self._write(stream, piece, bucket)
+                except OSError as exc:
+                    raise StorageUnavailableError(
+                        f"stream {key}: the disk refused {batch.num_rows - done} ticks ({exc}); "
+                        f"{done} of the batch were acknowledged, nothing of the rest was kept on disk; "
+                        "retry them once there is room",
+                        acknowledged=done, errno=exc.errno) from exc
+                done += piece.num_rows
+                stream.last_ts = int(ts[done - 1])
+                stream.acknowledged += piece.num_rows
         return batch.num_rows
 
     def seal(self, key: StreamKey, until_us: int) -> None:
@@ -290,6 +588,10 @@ class SegmentWriter:
     def acknowledged(self, key: StreamKey) -> int:
         return self._stream(key).acknowledged
 
+    def last_ts(self, key: StreamKey) -> int:
+        """The ``ts`` of the stream's last acknowledged tick in the buffer (``-2**63`` if none)."""
+        return self._stream(key).last_ts
+
     def close(self) -> None:
         with self._lock:
             streams = list(self._streams.values())
@@ -305,7 +607,8 @@ class SegmentWriter:
             stream = self._streams.get(key)
             if stream is None:
                 directory = stream_dir(self.root, key)
-                stream = _Stream(key, directory, self._sealed_until.get(key, -(2**63)))
+                segments = self._recovered.pop(key, [])
+                stream = _Stream(key, directory, self._sealed_until.get(key, NO_TS), segments)
                 self._streams[key] = stream
             return stream
 
@@ -337,46 +640,102 @@ class SegmentWriter:
 
     def _write(self, stream: _Stream, batch: pa.RecordBatch, bucket: int) -> None:
         segment = stream.open
-        if segment and (segment.bucket_start_us != bucket or segment.size() >= self.settings.segment_max_bytes):
+        if segment and (segment.bucket_start_us != bucket or segment.offset >= self.settings.segment_max_bytes):
             self._rotate(stream)
             segment = None
         if segment is None:
             segment = self._create(stream, bucket)
-        segment.writer.write_batch(batch)
-        segment.handle.flush()
-        failpoint("segment.before_fsync")
-        if self.settings.fsync == "batch":
-            os.fsync(segment.handle.fileno())
+        message = encode_batch(batch, stream.key.tick_type)
+        if os.fstat(segment.fd).st_size != segment.offset:
+            segment = self._replace_changed(stream, segment)
+        try:
+            write_all(segment.fd, message, segment.offset, "segment.write")
+            failpoint("segment.before_fsync")
+            if self.settings.fsync == "batch":
+                fsync(segment.fd, "segment.fsync")
+        except OSError:
+            self._undo(stream, segment)
+            raise
+        segment.offset += len(message)
         with stream.state_lock:
             segment.batches.append(batch)
             for subscriber in stream.subscribers:
                 subscriber.offer(batch)
 
+    def _undo(self, stream: _Stream, segment: _OpenSegment) -> None:
+        """Cut a failed write off the segment; if even that fails, close the segment for good."""
+        try:
+            os.ftruncate(segment.fd, segment.offset)
+            if self.settings.fsync == "batch":
+                os.fsync(segment.fd)
+        except OSError as exc:
+            log.error("could not cut a failed write off %s (%s); closing it at its last acknowledged byte %d "
+                      "(recovery treats what follows as damage and quarantines it)", segment.path, exc, segment.offset)
+            os.close(segment.fd)
+            with stream.state_lock:
+                stream.closed.append(segment.path)
+                stream.open = None
+
+    def _replace_changed(self, stream: _Stream, segment: _OpenSegment) -> _OpenSegment:
+        """Another process changed the open segment (truncated it, say): quarantine it and write its
+        acknowledged batches, still held in memory, to a new segment that takes its place."""
+        size = os.fstat(segment.fd).st_size
+        note = {"reason": f"changed by something else while open: {size} bytes where {segment.offset} were written",
+                "rewritten_batches": len(segment.batches)}
+        quarantine_file(self.settings.data_root, segment.path, note, keep=True)
+        os.close(segment.fd)
+        replacement = self._create(stream, segment.bucket_start_us)
+        messages = b"".join(encode_batch(b, stream.key.tick_type) for b in segment.batches)
+        write_all(replacement.fd, messages, replacement.offset, "segment.write")
+        os.fsync(replacement.fd)
+        replacement.offset += len(messages)
+        replacement.batches = segment.batches
+        segment.path.unlink()
+        log.error("segment %s was changed by another process; its %d acknowledged batches were rewritten from "
+                  "memory to %s", segment.path, len(segment.batches), replacement.path.name)
+        return replacement
+
     def _create(self, stream: _Stream, bucket: int) -> _OpenSegment:
+        """A new segment holding the schema: written aside, fsynced, then renamed into place."""
         stream.directory.mkdir(parents=True, exist_ok=True)
-        seq = 0
-        if stream.closed and segment_start_us(stream.closed[-1]) == bucket:  # buckets never go back
-            seq = int(stream.closed[-1].stem.rsplit("-", 1)[1]) + 1
-        path = stream.directory / segment_name(bucket, seq)
-        handle = open(path, "xb")
-        writer = pa.ipc.new_stream(handle, stream.schema)
-        handle.flush()
-        if self.settings.fsync == "batch":
-            os.fsync(handle.fileno())
-            fsync_dir(stream.directory)
-        segment = _OpenSegment(path, bucket, handle, writer)
+        path = stream.directory / segment_name(bucket, stream.next_seq)
+        tmp = path.with_name(path.name + TMP_SUFFIX)
+        header = header_bytes(stream.key.tick_type)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            io_faults.raise_if_armed("segment.create")
+            write_all(fd, header, 0, "segment.write")
+            if self.settings.fsync == "batch":
+                fsync(fd, "segment.fsync")
+            os.rename(tmp, path)
+            if self.settings.fsync == "batch":
+                fsync_dir(stream.directory)
+        except OSError:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        stream.next_seq += 1
+        segment = _OpenSegment(path, bucket, fd, len(header))
         with stream.state_lock:
             stream.open = segment
         return segment
 
     def _rotate(self, stream: _Stream) -> None:
+        """Close the open segment with its end-of-stream marker (a segment without one reads the same)."""
         segment = stream.open
         assert segment is not None
-        segment.writer.close()  # writes the end-of-stream marker
-        segment.handle.flush()
-        if self.settings.fsync == "batch":
-            os.fsync(segment.handle.fileno())
-        segment.handle.close()
+        try:
+            write_all(segment.fd, EOS, segment.offset, "segment.write")
+            if self.settings.fsync == "batch":
+                fsync(segment.fd, "segment.fsync")
+        except OSError as exc:
+            log.warning("could not end segment %s with its end-of-stream marker (%s); it reads the same without",
+                        segment.path, exc)
+            try:
+                os.ftruncate(segment.fd, segment.offset)
+            except OSError:
+                pass
+        os.close(segment.fd)
         with stream.state_lock:
             stream.closed.append(segment.path)
             stream.open = None

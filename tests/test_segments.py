@@ -24,7 +24,8 @@ def segment_names(store: Store) -> list[str]:
 
 def test_segments_rotate_on_interval_boundaries(store):
     store.append(CID, "bid_ask", ticks(utc(2025, 1, 10, 13, 58), 3_000))  # ~3.5 min at 15/s
-    assert segment_names(store) == ["20250110T135500Z-0000.arrows", "20250110T140000Z-0000.arrows"]
+    # the name: the bucket's UTC start, then a sequence number that grows with every segment of the stream
+    assert segment_names(store) == ["20250110T135500Z-0000.arrows", "20250110T140000Z-0001.arrows"]
 
 
 def test_segments_rotate_on_size(settings):

@@ -1,0 +1,75 @@
+"""Quarantine: damaged files are moved aside, never deleted, with a note that says what failed.
+
+Layout: ``{data_root}/quarantine/{UTC stamp}/{path relative to data_root}`` plus
+``{that path}.note.json`` (what was wrong, which byte ranges and tick times it spans, what was
+kept in service). An operator can inspect, restore or delete them; nothing in ibstream reads
+them again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from storage.times import iso, now_us
+
+log = logging.getLogger(__name__)
+
+FOLDER = "quarantine"
+
+
+@dataclass(frozen=True)
+class Damage:
+    """A span of a stream that damage destroyed (or may have): reported in coverage as ``damaged``.
+
+    ``start_time``/``end_time`` bound the lost ticks (microseconds UTC, inclusive): the last
+    readable tick before the damage and the first after it, or the file's bucket or hour edge.
+    """
+
+    contract_id: int
+    tick_type: str
+    start_time: int
+    end_time: int
+    file: str  # relative to the data root
+    quarantined: str  # relative to the data root ('' when nothing was moved)
+    reason: str
+    detected_at: int
+    damaged_bytes: int = 0
+
+
+def quarantine_root(data_root: Path) -> Path:
+    return data_root / FOLDER
+
+
+def quarantine_file(data_root: Path, path: Path, note: dict, *, keep: bool = False) -> Path:
+    """Move ``path`` (or, with ``keep``, hard-link or copy it) into the quarantine, with a note.
+
+    Returns the quarantined path. The note is written first, so a crash never leaves an
+    unexplained file; a crash before the move leaves the file where it was (found again later).
+    """
+    stamp = iso(now_us()).replace(":", "").replace("-", "")
+    relative = path.resolve().relative_to(data_root.resolve())
+    target = quarantine_root(data_root) / stamp / relative
+    target.parent.mkdir(parents=True, exist_ok=True)
+    note = {"file": relative.as_posix(), "quarantined_at": iso(now_us()), **note}
+    note_path = target.with_name(target.name + ".note.json")
+    note_path.write_text(json.dumps(note, indent=2, default=str) + "\n")
+    if keep:
+        try:
+            os.link(path, target)
+        except OSError:
+            target.write_bytes(path.read_bytes())
+    else:
+        os.replace(path, target)
+    log.error("quarantined %s -> %s: %s", relative, target.relative_to(data_root), note.get("reason", ""))
+    return target
+
+
+def damage_note(damage: Damage) -> dict:
+    note = asdict(damage)
+    note["start"] = iso(damage.start_time)
+    note["end"] = iso(damage.end_time)
+    return note
