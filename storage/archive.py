@@ -5,40 +5,66 @@ pruning)::
 
     {data_root}/archive/tick_type=bid_ask/contract_id=711280073/date=2025-01-10/hour=14/data.parquet
 
+Each file describes itself in its Parquet key-value metadata (``ibstream.archive``: stream,
+hour, first and last ``ts``, tick count, the contract's details and the hour's coverage), so
+the index can be rebuilt from the files alone, and carries page CRCs (``write_page_checksum``)
+that every read verifies.
+
 Publication is atomic and crash-safe. The steps, with what answers queries after a crash at
 each point:
 
 1. write ``data.parquet.tmp`` and fsync it                -> segments (tmp removed on start)
-2. rename to ``data.parquet``, fsync the folder          -> segments (file not in the index: removed on start)
+2. rename to ``data.parquet``, fsync the folder          -> segments (on start the file, unknown to the
+                                                            index, is adopted if it holds exactly the
+                                                            hour's segments, else quarantined)
 3. commit the ``tick_archives`` row, the hour's 1-minute  -> the Parquet file (segments of the hour are skipped
-   pre-aggregates (``hour_bars``) + day statistics           by readers and deleted on start)
+   pre-aggregates (``hour_bars``) + day statistics           by readers; on start each is deleted once the
+                                                            file is shown to hold its every tick)
 4. delete the hour's segments
+
+Recovery never deletes by inference: a file the index does not know is re-indexed from its own
+contents, and what cannot be proven redundant is moved to the quarantine, never deleted.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from dataclasses import dataclass
+import re
+import sqlite3
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ibstream.errors import DamagedDataError
 from ibstream.settings import Settings
 from storage.bars import PREAGGREGATE_US, partial_table
-from storage.failpoints import failpoint
-from storage.index import ArchiveEntry, DailyStatistics, Index
-from storage.schemas import TickType
-from storage.segments import SegmentWriter, StreamKey, fsync_dir, ipc_bytes, read_segment, segment_start_us
+from storage.failpoints import failpoint, io_faults
+from storage.index import ArchiveEntry, ContractDetails, CoverageInterval, DailyStatistics, Index
+from storage.quarantine import Damage, quarantine_file
+from storage.schemas import TickType, schema_for
+from storage.segments import (
+    SegmentWriter,
+    StreamKey,
+    fsync_dir,
+    ipc_bytes,
+    scan_segment,
+    segment_start_us,
+)
 from storage.times import US_PER_HOUR, duration_us, from_us, hour_floor, iso, now_us
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = "data.parquet"
 TMP_SUFFIX = ".tmp"
+METADATA_KEY = b"ibstream.archive"
+_HIVE = re.compile(r"tick_type=(\w+)/contract_id=(\d+)/date=(\d{4})-(\d\d)-(\d\d)/hour=(\d\d)/" + FILE_NAME + "$")
 
 
 def archive_relpath(key: StreamKey, hour_start_us: int) -> str:
@@ -66,12 +92,115 @@ def parquet_options(settings: Settings, schema: pa.Schema) -> dict:
         write_statistics=True,
         row_group_size=1 << 20,
         sorting_columns=[pq.SortingColumn(schema.get_field_index("ts"))],
+        write_page_checksum=True,
     )
 
 
+def open_archive_file(path: Path) -> pq.ParquetFile:
+    """An archive file whose pages are checked against their CRCs as they are read."""
+    return pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
+
+
+def read_archive_file(path: Path) -> pa.Table:
+    """Every tick of an archive file, checked; :class:`DamagedDataError` names the file if it fails."""
+    try:
+        parquet = open_archive_file(path)
+        table = parquet.read(use_threads=True)
+    except (OSError, pa.ArrowException) as exc:
+        raise DamagedDataError(f"archive file {path} cannot be read: {exc}") from None
+    tick_type = TickType(table.schema.metadata[b"ibstream.tick_type"].decode()) if table.schema.metadata and \
+        b"ibstream.tick_type" in table.schema.metadata else None
+    if tick_type is None or not table.schema.equals(schema_for(tick_type)):
+        raise DamagedDataError(f"archive file {path} does not have a tick schema: {table.schema.names}")
+    return table.replace_schema_metadata(schema_for(tick_type).metadata)
+
+
 def read_segments(paths: list[Path], schema: pa.Schema) -> pa.Table:
-    batches = [batch for path in paths for batch in read_segment(path)[0]]
+    batches = [batch for path in paths for batch in scan_segment(path).batches]
     return pa.Table.from_batches(batches, schema=schema)
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What an archive file says of itself (its ``ibstream.archive`` metadata, or for files written
+    before it existed, its Hive path and footer)."""
+
+    key: StreamKey
+    hour_start: int
+    tick_count: int
+    start_time: int | None = None
+    end_time: int | None = None
+    contract: dict | None = None
+    coverage: list = field(default_factory=list)  # [status, reason, start, end] clipped to the hour
+
+
+def file_facts(root: Path, path: Path) -> FileFacts:
+    relative = path.relative_to(root).as_posix()
+    try:
+        metadata = pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise DamagedDataError(f"archive file {relative} has no readable footer: {exc}") from None
+    kv = metadata.metadata or {}
+    if METADATA_KEY in kv:
+        try:
+            facts = json.loads(kv[METADATA_KEY])
+            return FileFacts(StreamKey(int(facts["contract_id"]), TickType(facts["tick_type"])), int(facts["hour_start"]),
+                             int(facts["tick_count"]), int(facts["start_time"]), int(facts["end_time"]),
+                             facts.get("contract"), facts.get("coverage", []))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DamagedDataError(f"archive file {relative} has unreadable ibstream metadata: {exc}") from None
+    match = _HIVE.search(relative)
+    if match is None:
+        raise DamagedDataError(f"archive file {relative} is not where an hour of a stream belongs")
+    tick_type, cid, year, month, day, hour = match.groups()
+    hour_us = int(datetime(int(year), int(month), int(day), int(hour), tzinfo=UTC).timestamp()) * 1_000_000
+    return FileFacts(StreamKey(int(cid), TickType(tick_type)), hour_us, metadata.num_rows)
+
+
+def check_archive_file(root: Path, path: Path, expected: ArchiveEntry | None = None) -> tuple[ArchiveEntry, FileFacts, pa.Table]:
+    """Decode and check an archive file against what it says of itself and what the index says:
+    page CRCs, schema, tick count, ``ts`` order, ``ts`` inside its hour, first and last ``ts``.
+    Raises :class:`DamagedDataError` saying what failed."""
+    relative = path.relative_to(root).as_posix()
+    facts = file_facts(root, path)
+    table = read_archive_file(path)
+    problems = []
+    if table.schema.metadata[b"ibstream.tick_type"].decode() != facts.key.tick_type.value:
+        problems.append(f"holds {table.schema.metadata[b'ibstream.tick_type'].decode()} ticks, not {facts.key.tick_type}")
+    ts = table.column("ts").cast(pa.int64()).to_numpy()
+    if table.num_rows != facts.tick_count:
+        problems.append(f"{table.num_rows} ticks where its metadata says {facts.tick_count}")
+    if len(ts) and bool(np.any(ts[1:] < ts[:-1])):
+        problems.append("ts out of order")
+    if len(ts) and (ts[0] < facts.hour_start or ts[-1] >= facts.hour_start + US_PER_HOUR):
+        problems.append(f"ticks outside its hour {iso(facts.hour_start)}")
+    if len(ts) and facts.start_time is not None and (int(ts[0]), int(ts[-1])) != (facts.start_time, facts.end_time):
+        problems.append("first or last ts differs from its metadata")
+    if not len(ts):
+        problems.append("no tick")
+    if expected is not None and problems == []:
+        if (expected.tick_count, expected.start_time, expected.end_time) != (table.num_rows, int(ts[0]), int(ts[-1])):
+            problems.append(f"{table.num_rows} ticks {iso(int(ts[0]))}..{iso(int(ts[-1]))} where the index says "
+                            f"{expected.tick_count} ticks {iso(expected.start_time)}..{iso(expected.end_time)}")
+        if expected.file_size_bytes != path.stat().st_size:
+            problems.append(f"{path.stat().st_size} bytes where the index says {expected.file_size_bytes}")
+    if problems:
+        raise DamagedDataError(f"archive file {relative}: " + "; ".join(problems))
+    entry = ArchiveEntry(facts.key.contract_id, facts.key.tick_type.value, facts.hour_start, int(ts[0]), int(ts[-1]),
+                         relative, table.num_rows, path.stat().st_size, table.nbytes)
+    return entry, facts, table
+
+
+def contains(whole: pa.Table, part: pa.Table) -> bool:
+    """Whether ``part`` (ts-sorted ticks) stands in ``whole`` (ts-sorted) as one run, row for row."""
+    if part.num_rows == 0:
+        return True
+    ts = whole.column("ts").cast(pa.int64()).to_numpy()
+    first = part.column("ts").cast(pa.int64())[0].as_py()
+    lo, hi = np.searchsorted(ts, [first, first], side="left")[0], np.searchsorted(ts, first, side="right")
+    part = part.combine_chunks()
+    return any(whole.slice(at, part.num_rows).combine_chunks().equals(part)
+               for at in range(int(lo), int(hi)) if at + part.num_rows <= whole.num_rows)
 
 
 def day_statistics(key: StreamKey, date: str, tables: list[pl.LazyFrame]) -> DailyStatistics:
@@ -120,13 +249,21 @@ class Archiver:
     settings: Settings
     index: Index
     writer: SegmentWriter
+    _failing: str | None = None  # why the last run stopped (storage), logged once per change
+    _bad_hours: set = field(default_factory=set)  # (key, hour) already reported as failing
 
     @property
     def root(self) -> Path:
         return self.settings.archive_root
 
     def run_once(self, now: int | None = None) -> list[ArchiveEntry]:
-        """Archive every hour that ended at least ``archive_delay`` before ``now`` (microseconds)."""
+        """Archive every hour that ended at least ``archive_delay`` before ``now`` (microseconds).
+
+        A disk that refuses writes stops the run (the hours are tried again on the next run,
+        their segments keep answering). One bad hour does not hold up later hours: an hour whose
+        data is damaged beyond repair has its segments quarantined and reported; one that fails
+        for another reason is reported once and tried again on every run.
+        """
         now = now_us() if now is None else now
         horizon = now - duration_us(self.settings.archive_delay)
         published = []
@@ -134,12 +271,46 @@ class Archiver:
             for hour in self._closed_hours(key, horizon):
                 try:
                     entry = self.archive_hour(key, hour)
-                except Exception:
-                    log.exception("archiving %s hour %s failed; its segments keep answering queries", key, iso(hour))
-                    break  # keep hours in order: retry this one on the next run
+                except (OSError, sqlite3.OperationalError, MemoryError) as exc:
+                    self._storage_state(f"{type(exc).__name__}: {exc}")
+                    return published
+                except DamagedDataError as exc:
+                    self._quarantine_hour(key, hour, exc)
+                    continue
+                except Exception as exc:  # a bug, say: skip the hour (its segments keep serving), go on
+                    if (key, hour) not in self._bad_hours:
+                        self._bad_hours.add((key, hour))
+                        log.exception("archiving %s hour %s failed (%s); its segments keep answering queries, "
+                                      "later hours go on, and it is tried again every run", key, iso(hour), exc)
+                    continue
                 if entry is not None:
                     published.append(entry)
+        self._storage_state(None)
         return published
+
+    def _storage_state(self, failure: str | None) -> None:
+        if failure is not None and self._failing is None:
+            log.error("archiving stopped: %s; the hours wait in their segments (which keep answering queries) and "
+                      "are tried again every %s", failure, self.settings.archive_check_interval)
+        elif failure is None and self._failing is not None:
+            log.warning("archiving works again (it had stopped: %s)", self._failing)
+        self._failing = failure
+
+    def _quarantine_hour(self, key: StreamKey, hour: int, exc: Exception) -> None:
+        """An hour whose data cannot be archived (retrying will not cure it): move its segments aside."""
+        log.exception("archiving %s hour %s failed (%s); quarantining its segments, later hours go on",
+                      key, iso(hour), exc)
+        self.writer.seal(key, hour + US_PER_HOUR)
+        segments = [p for p in self.writer.snapshot(key).closed if hour_floor(segment_start_us(p)) == hour]
+        data_root = self.settings.data_root
+        for path in segments:
+            moved = quarantine_file(data_root, path, {"reason": f"archiving its hour failed: {type(exc).__name__}: {exc}"},
+                                    keep=True)
+            self.writer.on_damage(Damage(key.contract_id, key.tick_type.value, hour, hour + US_PER_HOUR - 1,
+                                         path.relative_to(data_root).as_posix(), moved.relative_to(data_root).as_posix(),
+                                         f"archiving failed: {type(exc).__name__}: {exc}"[:500], now_us(),
+                                         moved.stat().st_size))
+        self.writer.forget_segments(key, segments)
 
     def _closed_hours(self, key: StreamKey, horizon: int) -> list[int]:
         snapshot = self.writer.snapshot(key)
@@ -147,26 +318,41 @@ class Archiver:
         hours = sorted({hour_floor(segment_start_us(p)) for p in paths})
         return [h for h in hours if h + US_PER_HOUR <= horizon]
 
+    def _hour_segments(self, key: StreamKey, hour: int) -> tuple[list[Path], pa.Table]:
+        """The closed segments of an hour (in ts order) and their ticks; damaged ones are repaired
+        first (quarantined, readable batches kept)."""
+        segments = [p for p in self.writer.snapshot(key).closed if hour_floor(segment_start_us(p)) == hour]
+        batches = []
+        for path in segments:
+            scan = scan_segment(path)
+            if not scan.whole:
+                scan = self.writer.repair(scan, "damaged on disk (found when archiving)")
+            batches.extend(scan.batches)
+        return segments, pa.Table.from_batches(batches, schema=self.writer.schema(key))
+
     def archive_hour(self, key: StreamKey, hour: int) -> ArchiveEntry | None:
         """Archive one hour of a stream; None when its segments held no tick (they are removed)."""
         hour_end = hour + US_PER_HOUR
         self.writer.seal(key, hour_end)
-        segments = [p for p in self.writer.snapshot(key).closed if hour_floor(segment_start_us(p)) == hour]
-        table = read_segments(segments, self.writer.schema(key))
+        segments, table = self._hour_segments(key, hour)
         if table.num_rows == 0:
             self.writer.forget_segments(key, segments)
             return None
         table = _sorted_by_ts(table)
         relpath = archive_relpath(key, hour)
         path = self.root / relpath
-        file_size = self._write_atomically(table, path)
         ts = table.column("ts").cast(pa.int64())
+        facts = FileFacts(key, hour, table.num_rows, ts[0].as_py(), ts[-1].as_py(),
+                          self._contract_facts(key.contract_id),
+                          _coverage_facts(self.index.coverage(key.contract_id, key.tick_type.value, hour, hour_end),
+                                          hour, hour_end))
+        file_size = self._write_atomically(table, path, facts)
         entry = ArchiveEntry(
             contract_id=key.contract_id,
             tick_type=key.tick_type.value,
             hour_start=hour,
-            start_time=ts[0].as_py(),
-            end_time=ts[-1].as_py(),
+            start_time=facts.start_time,
+            end_time=facts.end_time,
             file_path=relpath,
             tick_count=table.num_rows,
             file_size_bytes=file_size,
@@ -183,24 +369,150 @@ class Archiver:
         )
         return entry
 
-    def _write_atomically(self, table: pa.Table, path: Path) -> int:
+    def _contract_facts(self, contract_id: int) -> dict | None:
+        details = self.index.contract(contract_id)
+        return None if details is None else asdict(details)
+
+    def _write_atomically(self, table: pa.Table, path: Path, facts: FileFacts) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + TMP_SUFFIX)
-        pq.write_table(table, tmp, **parquet_options(self.settings, table.schema))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        metadata = {METADATA_KEY: json.dumps({
+            "format": 1, "contract_id": facts.key.contract_id, "tick_type": facts.key.tick_type.value,
+            "hour_start": facts.hour_start, "start_time": facts.start_time, "end_time": facts.end_time,
+            "tick_count": facts.tick_count, "contract": facts.contract, "coverage": facts.coverage})}
+        try:
+            io_faults.raise_if_armed("archive.write")
+            options = parquet_options(self.settings, table.schema)
+            row_group_size = options.pop("row_group_size")
+            with pq.ParquetWriter(tmp, table.schema, **options) as writer:
+                writer.write_table(table, row_group_size=row_group_size)
+                writer.add_key_value_metadata(metadata)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # our own unfinished copy; the segments hold the hour
+            raise
         failpoint("archive.after_write_tmp")
         os.replace(tmp, path)
         fsync_dir(path.parent)
         failpoint("archive.after_rename")
         return path.stat().st_size
 
-    def _statistics_with(self, key: StreamKey, hour: int, new_file: Path) -> DailyStatistics:
+    def _statistics_with(self, key: StreamKey, hour: int, new_file: Path | None = None) -> DailyStatistics:
+        """The statistics of the UTC day of ``hour`` over its published files up to ``hour`` and ``new_file``
+        (the whole published day when ``new_file`` is None)."""
         day_start = hour - hour % (24 * US_PER_HOUR)
-        earlier = self.index.archives(key.contract_id, key.tick_type.value, day_start, hour)
-        files = [self.root / e.file_path for e in earlier] + [new_file]
+        until = hour if new_file is not None else day_start + 24 * US_PER_HOUR
+        earlier = self.index.archives(key.contract_id, key.tick_type.value, day_start, until)
+        files = [self.root / e.file_path for e in earlier] + ([new_file] if new_file is not None else [])
         frames = [pl.scan_parquet(f) for f in files]
         return day_statistics(key, f"{datetime.fromtimestamp(hour / 1e6, UTC):%Y-%m-%d}", frames)
+
+    # -- recovery ------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """After a crash or a lost index: finish or undo half-done archival, proving before deleting.
+
+        * ``*.tmp`` files are removed: the segments of their hour hold every tick.
+        * a ``data.parquet`` the index does not know is checked and adopted (indexed from its own
+          metadata), unless segments of its hour hold ticks it lacks: then it is quarantined and
+          the segments are archived again.
+        * a segment of a published hour is deleted only once the file is shown to hold its every
+          tick, row for row; otherwise it is quarantined and reported.
+        """
+        if self.root.is_dir():
+            published = self.index.all_archive_paths()
+            for path in sorted(self.root.rglob("*")):
+                if path.name.endswith(TMP_SUFFIX):
+                    path.unlink()
+                    log.warning("removed unfinished archive file %s (its segments hold the hour)", path)
+                elif path.name == FILE_NAME and path.relative_to(self.root).as_posix() not in published:
+                    self.adopt(path)
+        for key in self.writer.streams():
+            self._settle_published_segments(key)
+
+    def adopt(self, path: Path) -> ArchiveEntry | None:
+        """Index an archive file the index does not know, from its own contents; quarantine it if damaged."""
+        relative = path.relative_to(self.root).as_posix()
+        try:
+            entry, facts, table = check_archive_file(self.root, path)
+        except DamagedDataError as exc:
+            self._quarantine_file(path, str(exc))
+            return None
+        key = facts.key
+        segments, buffered = self._hour_segments(key, facts.hour_start) if self.writer else ([], None)
+        if segments and not (buffered.num_rows == table.num_rows and contains(table, buffered)):
+            self._quarantine_file(path, f"an archive file the index did not know, for hour {iso(facts.hour_start)} "
+                                        f"whose {len(segments)} buffered segments hold other ticks; the segments "
+                                        "keep serving and are archived again", damage=False)
+            return None
+        if facts.contract and self.index.contract(key.contract_id) is None:
+            self.index.upsert_contract(ContractDetails(**facts.contract))
+        hour_end = facts.hour_start + US_PER_HOUR
+        if not self.index.coverage(key.contract_id, key.tick_type.value, facts.hour_start, hour_end):
+            rows = facts.coverage or [["unknown", "index_rebuilt", entry.start_time, entry.end_time]]
+            self.index.add_coverage([CoverageInterval(key.contract_id, key.tick_type.value, status, reason, start, end,
+                                                      False) for status, reason, start, end in rows])
+        minute_bars = ipc_bytes(partial_table(table, key.tick_type, PREAGGREGATE_US))
+        self.index.publish(entry, self._statistics_with(key, facts.hour_start, path), minute_bars)
+        log.warning("re-indexed archive file %s from its own contents: %s hour %s, %d ticks", relative, key,
+                    iso(facts.hour_start), entry.tick_count)
+        return entry
+
+    def _settle_published_segments(self, key: StreamKey) -> None:
+        snapshot = self.writer.snapshot(key)
+        by_hour: dict[int, list[Path]] = {}
+        for path in snapshot.closed:
+            by_hour.setdefault(hour_floor(segment_start_us(path)), []).append(path)
+        for hour, paths in sorted(by_hour.items()):
+            entries = self.index.archives(key.contract_id, key.tick_type.value, hour, hour + US_PER_HOUR)
+            if not entries:
+                continue
+            try:
+                archived = read_archive_file(self.root / entries[0].file_path)
+            except (DamagedDataError, FileNotFoundError) as exc:
+                log.error("%s hour %s is published but its file cannot be read (%s); its %d segments are kept. "
+                          "Run `ibstream verify`", key, iso(hour), exc, len(paths))
+                continue
+            redundant = [p for p in paths if contains(archived, read_segments([p], archived.schema))]
+            self.writer.forget_segments(key, redundant)
+            for path in redundant:
+                log.warning("removed segment %s: the published archive file of its hour holds its every tick", path)
+            for path in set(paths) - set(redundant):
+                self._quarantine_segment(key, hour, path)
+
+    def _quarantine_segment(self, key: StreamKey, hour: int, path: Path) -> None:
+        data_root = self.settings.data_root
+        reason = "a segment of a published hour holding ticks its archive file lacks"
+        moved = quarantine_file(data_root, path, {"reason": reason}, keep=True)
+        self.writer.forget_segments(key, [path])
+        scan = scan_segment(moved)
+        self.index.record_damage(Damage(
+            key.contract_id, key.tick_type.value, max(scan.first_ts(), hour), min(scan.last_ts(), hour + US_PER_HOUR - 1)
+            if scan.rows() else hour + US_PER_HOUR - 1, path.relative_to(data_root).as_posix(),
+            moved.relative_to(data_root).as_posix(), reason, now_us(), moved.stat().st_size))
+
+    def _quarantine_file(self, path: Path, reason: str, *, damage: bool = True) -> None:
+        """Move an archive file aside; with ``damage``, report its hour as damaged."""
+        data_root = self.settings.data_root
+        relative = path.relative_to(data_root).as_posix()
+        match = _HIVE.search(path.relative_to(self.root).as_posix())
+        moved = quarantine_file(data_root, path, {"reason": reason})
+        if damage and match is not None:
+            tick_type, cid, year, month, day, hour = match.groups()
+            start = int(datetime(int(year), int(month), int(day), int(hour), tzinfo=UTC).timestamp()) * 1_000_000
+            self.index.record_damage(Damage(int(cid), tick_type, start, start + US_PER_HOUR - 1, relative,
+                                            moved.relative_to(data_root).as_posix(), reason[:500], now_us(),
+                                            moved.stat().st_size))
+
+
+def _coverage_facts(rows: list[CoverageInterval], start: int, end: int) -> list:
+    """Coverage rows clipped to [start, end), as kept in an archive file's metadata."""
+    clipped = []
+    for row in rows:
+        row_end = end if row.end_time is None else min(row.end_time, end)
+        clipped.append([row.status, row.reason, max(row.start_time, start), row_end])
+    return clipped
 
 
 def _sorted_by_ts(table: pa.Table) -> pa.Table:
@@ -209,17 +521,3 @@ def _sorted_by_ts(table: pa.Table) -> pa.Table:
         log.warning("segments were out of ts order; sorting before archival")
         return table.sort_by("ts")
     return table.combine_chunks()
-
-
-def recover_archive(root: Path, index: Index) -> None:
-    """Remove what a crash mid-archival left behind: tmp files and files the index never published."""
-    if not root.is_dir():
-        return
-    published = index.all_archive_paths()
-    for path in root.rglob("*"):
-        if path.name.endswith(TMP_SUFFIX):
-            path.unlink()
-            log.warning("removed unfinished archive file %s", path)
-        elif path.name == FILE_NAME and path.relative_to(root).as_posix() not in published:
-            path.unlink()
-            log.warning("removed unpublished archive file %s; its segments still hold the hour", path)

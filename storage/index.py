@@ -7,10 +7,28 @@ and the buffer segments of that hour stop answering at the same instant.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from ibstream.errors import CorruptFileError
+from storage.quarantine import Damage
+
+COVERAGE_DDL = """
+CREATE TABLE IF NOT EXISTS coverage (
+    id INTEGER PRIMARY KEY,
+    contract_id INTEGER NOT NULL,
+    tick_type TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('recorded', 'gap', 'unknown')),
+    reason TEXT NOT NULL,
+    start_time INTEGER NOT NULL,
+    end_time INTEGER,
+    is_open INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS idx_coverage_stream ON coverage (contract_id, tick_type, start_time);
+"""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tick_archives (
@@ -77,18 +95,50 @@ CREATE TABLE IF NOT EXISTS contracts (
 -- received tick acknowledged ('recorded'), and the intervals when it was not ('gap', with why).
 -- The stream's current interval has is_open = 1; an open 'recorded' row's end_time is the
 -- last time the recorder confirmed it (advanced about once a second), an open gap's is NULL.
-CREATE TABLE IF NOT EXISTS coverage (
+""" + COVERAGE_DDL + """
+
+-- Spans of a stream that damaged bytes destroyed (or may have): the bytes were moved to the
+-- quarantine folder; the coverage action reports these as status 'damaged'.
+CREATE TABLE IF NOT EXISTS damage (
     id INTEGER PRIMARY KEY,
     contract_id INTEGER NOT NULL,
     tick_type TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('recorded', 'gap')),
+    start_time INTEGER NOT NULL,          -- last readable tick before the damage (or the file's edge)
+    end_time INTEGER NOT NULL,            -- first readable tick after it (or the file's edge)
+    file TEXT NOT NULL,                   -- where the damaged bytes were, relative to the data root
+    quarantined TEXT NOT NULL,            -- where they are now, relative to the data root
     reason TEXT NOT NULL,
-    start_time INTEGER NOT NULL,
-    end_time INTEGER,
-    is_open INTEGER NOT NULL
+    detected_at INTEGER NOT NULL,
+    damaged_bytes INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS idx_coverage_stream ON coverage (contract_id, tick_type, start_time);
+CREATE INDEX IF NOT EXISTS idx_damage_stream ON damage (contract_id, tick_type, start_time);
 """
+
+SCHEMA_VERSION = 2  # PRAGMA user_version; 1: before 'unknown' coverage and the damage table
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring an index written by an older ibstream up to :data:`SCHEMA_VERSION`."""
+    (version,) = conn.execute("PRAGMA user_version").fetchone()
+    if version >= SCHEMA_VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'coverage'").fetchone()
+        if sql is not None and "'unknown'" not in sql[0]:  # widen the status CHECK: rebuild the table
+            conn.execute("DROP INDEX IF EXISTS idx_coverage_stream")
+            conn.execute("ALTER TABLE coverage RENAME TO coverage_v1")
+            for statement in COVERAGE_DDL.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute("INSERT INTO coverage SELECT * FROM coverage_v1")
+            conn.execute("DROP TABLE coverage_v1")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 @dataclass(frozen=True)
@@ -153,22 +203,41 @@ class CoverageInterval:
 
 
 class Index:
-    """SQLite metadata index; one connection per thread, safe for concurrent readers."""
+    """SQLite metadata index; one connection per thread, safe for concurrent readers.
 
-    def __init__(self, path: Path):
+    A damaged database file is refused with :class:`~ibstream.errors.CorruptFileError` naming
+    ``ibstream reindex``, which rebuilds it from the files.
+    """
+
+    def __init__(self, path: Path, *, read_only: bool = False):
         self.path = path
+        self.read_only = read_only
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._connection() as conn:
+        self._connections: list[sqlite3.Connection] = []
+        self._connections_lock = threading.Lock()
+        try:
+            conn = self._connection()
             conn.executescript(SCHEMA)
+            _migrate(conn)
+            conn.execute("SELECT COUNT(*) FROM tick_archives").fetchone()
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            raise CorruptFileError(
+                f"the index {path} cannot be read ({exc}); rebuild it from the archive and buffer files with "
+                f"`ibstream reindex --data-root {path.parent}` (the damaged file is kept aside)") from None
 
     def _connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             self._local.conn = conn
+            with self._connections_lock:
+                self._connections.append(conn)
         return conn
 
     # -- archive -------------------------------------------------------------------------------
@@ -189,14 +258,7 @@ class Index:
                     entry.arrow_size_bytes / max(entry.file_size_bytes, 1),
                 ),
             )
-            conn.execute(
-                "INSERT OR REPLACE INTO data_statistics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    statistics.contract_id, statistics.tick_type, statistics.date, statistics.total_ticks,
-                    statistics.unique_prices, statistics.total_volume, statistics.vwap,
-                    statistics.high_price, statistics.low_price,
-                ),
-            )
+            self._put_statistics(conn, statistics)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -316,6 +378,13 @@ class Index:
             conn.execute("ROLLBACK")
             raise
 
+    def add_coverage(self, rows: list[CoverageInterval]) -> None:
+        """Insert closed coverage rows as they are (rebuilding an index from archive files)."""
+        self._connection().executemany(
+            "INSERT INTO coverage (contract_id, tick_type, status, reason, start_time, end_time, is_open) "
+            "VALUES (?, ?, ?, ?, ?, ?, 0)",
+            [(r.contract_id, r.tick_type, r.status, r.reason, r.start_time, r.end_time) for r in rows])
+
     def coverage_confirm(self, streams: list[tuple[int, str]], at_us: int) -> None:
         """Advance the open 'recorded' intervals of ``streams`` to ``at_us`` (all received is acknowledged)."""
         self._connection().executemany(
@@ -342,8 +411,72 @@ class Index:
             (contract_id, tick_type, end_us, start_us)).fetchall()
         return [CoverageInterval(*row[:6], bool(row[6])) for row in rows]
 
+    # -- damage ------------------------------------------------------------------------------
+
+    def record_damage(self, damage: Damage) -> None:
+        names = ", ".join(Damage.__dataclass_fields__)
+        marks = ", ".join("?" * len(Damage.__dataclass_fields__))
+        self._connection().execute(f"INSERT INTO damage ({names}) VALUES ({marks})", tuple(damage.__dict__.values()))
+
+    def damage(self, contract_id: int | None = None, tick_type: str | None = None, start_us: int = -(2**63),
+               end_us: int = 2**63 - 1) -> list[Damage]:
+        """Damaged spans (of one stream, or all) that overlap [start_us, end_us], oldest first."""
+        names = ", ".join(Damage.__dataclass_fields__)
+        sql = f"SELECT {names} FROM damage WHERE start_time <= ? AND end_time >= ?"
+        args: tuple = (end_us, start_us)
+        if contract_id is not None:
+            sql += " AND contract_id = ? AND tick_type = ?"
+            args += (contract_id, tick_type)
+        return [Damage(*row) for row in self._connection().execute(sql + " ORDER BY start_time, id", args)]
+
+    def remove_archive(self, contract_id: int, tick_type: str, hour_start: int) -> None:
+        """Take an archived hour out of service (its file was quarantined): its row and its bars."""
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for table in ("tick_archives", "hour_bars"):
+                conn.execute(f"DELETE FROM {table} WHERE contract_id = ? AND tick_type = ? AND hour_start = ?",
+                             (contract_id, tick_type, hour_start))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def put_statistics(self, statistics: DailyStatistics) -> None:
+        self._put_statistics(self._connection(), statistics)
+
+    @staticmethod
+    def _put_statistics(conn: sqlite3.Connection, statistics: DailyStatistics) -> None:
+        conn.execute("INSERT OR REPLACE INTO data_statistics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     tuple(statistics.__dict__.values()))
+
+    def backup_to(self, target: Path) -> None:
+        """A consistent copy of the index at one instant (SQLite's online backup), fsynced."""
+        destination = sqlite3.connect(target)
+        try:
+            self._connection().backup(destination)
+        finally:
+            destination.close()
+        with open(target, "rb") as handle:
+            os.fsync(handle.fileno())
+
+    def integrity_problems(self) -> list[str]:
+        """What SQLite's ``PRAGMA integrity_check`` finds wrong (empty when the database is sound)."""
+        rows = [row[0] for row in self._connection().execute("PRAGMA integrity_check")]
+        return [] if rows == ["ok"] else rows
+
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        """Close every connection; the last one checkpoints the WAL into the database file, so
+        ``index.sqlite`` alone holds everything committed."""
+        with self._connections_lock:
+            connections, self._connections = self._connections, []
+        for conn in connections[:-1]:
             conn.close()
-            self._local.conn = None
+        for conn in connections[-1:]:
+            try:
+                if not self.read_only:
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error:
+                pass
+            conn.close()
+        self._local = threading.local()

@@ -20,9 +20,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.index import ArchiveEntry, Index
-from storage.segments import SegmentWriter, StreamKey, list_segments, read_segment, segment_start_us, stream_dir
+from ibstream.errors import DamagedDataError
+from storage.segments import (
+    SegmentWriter,
+    StreamKey,
+    list_segments,
+    read_segment,
+    segment_seq,
+    segment_start_us,
+    stream_dir,
+)
 from storage.schemas import schema_for
-from storage.times import hour_floor
+from storage.times import hour_floor, iso
 
 
 def ts_bounds(ts: pa.Array | pa.ChunkedArray, start_us: int, end_us: int) -> tuple[int, int]:
@@ -120,14 +129,22 @@ class Plan:
         return pa.Table.from_batches(list(self.batches()), schema=self.schema)
 
     def _archive_batches(self, entry: ArchiveEntry) -> Iterator[pa.RecordBatch]:
-        parquet = pq.ParquetFile(self.archive_root / entry.file_path, memory_map=True)
-        whole = entry.start_time >= self.start_us and entry.end_time < self.end_us
-        groups = list(range(parquet.num_row_groups)) if whole else self._overlapping_groups(parquet)
-        for group in groups:
-            table = parquet.read_row_group(group, use_threads=True)
-            if not whole:
-                table = _clip(table, self.start_us, self.end_us)
-            yield from table.to_batches(max_chunksize=self.batch_rows)
+        path = self.archive_root / entry.file_path
+        try:
+            parquet = pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
+            whole = entry.start_time >= self.start_us and entry.end_time < self.end_us
+            groups = list(range(parquet.num_row_groups)) if whole else self._overlapping_groups(parquet)
+            tables = (parquet.read_row_group(group, use_threads=True) for group in groups)
+            for table in tables:
+                table = table.replace_schema_metadata(self.schema.metadata)
+                if not whole:
+                    table = _clip(table, self.start_us, self.end_us)
+                yield from table.to_batches(max_chunksize=self.batch_rows)
+        except (OSError, pa.ArrowException) as exc:
+            raise DamagedDataError(
+                f"the archive file of {self.key} hour {iso(entry.hour_start)} ({entry.file_path}) cannot be read: "
+                f"{exc}. Run `ibstream verify` on the recording host: it quarantines the file and reports the "
+                "span in coverage (restore it from a backup, then `ibstream reindex`)") from None
 
     def _overlapping_groups(self, parquet: pq.ParquetFile) -> list[int]:
         column = parquet.schema_arrow.get_field_index("ts")
@@ -141,6 +158,13 @@ class Plan:
             if high >= self.start_us and low < self.end_us:
                 groups.append(i)
         return groups
+
+
+def _stream_order(item: tuple[pa.Table, Path]) -> tuple[int, int, int]:
+    """Segments in the order of their ticks (see :func:`storage.segments.in_stream_order`)."""
+    table, path = item
+    ts = table.column("ts")
+    return ts[0].value, ts[-1].value, segment_seq(path)
 
 
 def _stat_us(value) -> int:
@@ -176,7 +200,8 @@ class Planner:
             table = self.cache.get(path, source, schema, batch_rows)
             clipped = _clip(table, start_us, end_us)
             if clipped.num_rows:
-                segments.append(clipped)
+                segments.append((clipped, path))
+        segments = [t for t, _ in sorted(segments, key=_stream_order)]
         tail_table = _clip(coalesce(tail, schema, batch_rows), start_us, end_us) if tail else None
         return Plan(key, start_us, end_us, batch_rows, self.archive_root, archives, segments, tail_table)
 

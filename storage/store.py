@@ -14,9 +14,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from ibstream.errors import StorageError
 from ibstream.settings import Settings
-from storage.archive import Archiver, recover_archive
+from storage.archive import Archiver
 from storage.cache import ResultCache
-from storage.index import ArchiveEntry, ContractDetails, DailyStatistics, Index
+from storage.index import ArchiveEntry, ContractDetails, CoverageInterval, DailyStatistics, Index
 from storage.planner import Plan, Planner
 from storage.query import read_bars
 from storage.schemas import COVERAGE_SCHEMA, TickType, records_table
@@ -62,15 +62,15 @@ class Store:
         self.settings = settings or Settings()
         self.read_only = read_only
         self._lock_file = None if read_only else self._lock_data_root()
-        self.index = Index(self.settings.index_path)
+        self.index = Index(self.settings.index_path, read_only=read_only)
         self.writer: SegmentWriter | None = None
         self.archiver: Archiver | None = None
         self._scheduler: BackgroundScheduler | None = None
         if not read_only:
-            self._recover()
             sealed = {StreamKey(cid, TickType(tt)): until for (cid, tt), until in self.index.archived_until().items()}
-            self.writer = SegmentWriter(self.settings, sealed)
+            self.writer = SegmentWriter(self.settings, sealed, on_damage=self.index.record_damage)
             self.archiver = Archiver(self.settings, self.index, self.writer)
+            self.archiver.recover()
         self.planner = Planner(self.index, self.settings.buffer_root, self.settings.archive_root, self.writer)
         self.cache = ResultCache(self.settings.cache_max_bytes, self.settings.cache_ttl.total_seconds())
 
@@ -195,9 +195,16 @@ class Store:
         """When a stream was recorded and when not (and why) over [start, end): one row per interval.
 
         ``end`` is null for a gap still going on; for the open 'recorded' row it is the last time
-        the recorder confirmed every received tick acknowledged.
+        the recorder confirmed every received tick acknowledged. Rows with status ``damaged``
+        bound ticks that damaged bytes destroyed (or may have); their ``reason`` names the file,
+        and the bytes are in ``{data_root}/quarantine``. They may overlap 'recorded' rows.
         """
-        rows = self.index.coverage(contract_id, TickType(tick_type).value, to_us(start), to_us(end))
+        tick_type = TickType.parse(str(tick_type)).value
+        start_us, end_us = to_us(start, name="start"), to_us(end, name="end")
+        rows = self.index.coverage(contract_id, tick_type, start_us, end_us)
+        rows += [CoverageInterval(d.contract_id, d.tick_type, "damaged", d.reason, d.start_time, d.end_time, False)
+                 for d in self.index.damage(contract_id, tick_type, start_us, end_us - 1)]
+        rows.sort(key=lambda r: r.start_time)
         return records_table(rows, COVERAGE_SCHEMA, {"start": "start_time", "end": "end_time", "open": "is_open"})
 
     def close(self) -> None:
@@ -235,15 +242,3 @@ class Store:
         lock.write(str(os.getpid()))
         lock.flush()
         return lock
-
-    # -- recovery ------------------------------------------------------------------------------
-
-    def _recover(self) -> None:
-        """Undo what a crash mid-archival left: unpublished files, and segments of published hours."""
-        recover_archive(self.settings.archive_root, self.index)
-        for key in list_streams(self.settings.buffer_root):
-            for path in list_segments(stream_dir(self.settings.buffer_root, key)):
-                hour = hour_floor(segment_start_us(path))
-                if self.index.archives(key.contract_id, key.tick_type.value, hour, hour + US_PER_HOUR):
-                    path.unlink()
-                    log.warning("removed segment %s: its hour is already published in the archive", path)
