@@ -17,6 +17,9 @@ Examples:
   ibstream record                    # record IBSTREAM_CONTRACTS from TWS/Gateway, serve over Flight
   IBSTREAM_CONTRACTS='[{"con_id": 265598, "tick_types": ["bid_ask", "last"]}]' IBSTREAM_IB_PORT=7497 ibstream record
   ibstream serve --data-root data    # serve an existing store (read-only) over Flight
+  ibstream verify --data-root data   # check every file; quarantine and report what is damaged
+  ibstream reindex --data-root data  # rebuild index.sqlite from the files (lost or damaged index)
+  ibstream backup /mnt/backup/ticks-2026-12-01   # a consistent copy, while recording goes on
 
 Try the whole chain without IB: `ibstream simulate` in one terminal, `ibstream record` in another.
 """
@@ -56,14 +59,51 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--end", help="replay until this ISO time (with --replay; default: now)")
 
     serve = commands.add_parser("serve", help="serve an existing store over Flight (read-only)")
-    serve.add_argument("--data-root", type=Path, help="store folder (default IBSTREAM_DATA_ROOT or ./data)")
+    serve.add_argument("--data-root", type=Path, help=DATA_ROOT_HELP)
     serve.add_argument("--port", type=int, help="Flight port (default IBSTREAM_FLIGHT_PORT or 8815)")
+
+    verify = commands.add_parser(
+        "verify", help="check every stored file; quarantine and report what is damaged",
+        description="Opens the store for writing (stop the recorder first), checks every buffer segment's batch "
+        "checksums, every archive file against the index (page CRCs, decoding, tick counts, ts order and bounds, "
+        "sizes) and the index itself. Damaged files are moved to DATA_ROOT/quarantine/ with a note, never deleted; "
+        "what they held is reported in coverage as 'damaged'. Exit status 0: all sound; 1: damage found.")
+    verify.add_argument("--data-root", type=Path, help=DATA_ROOT_HELP)
+
+    reindex = commands.add_parser(
+        "reindex", help="rebuild index.sqlite from the archive and buffer files",
+        description="For a lost, damaged or stale index (say, a backup that copied index.sqlite alone). Builds a new "
+        "index beside the old one from each archive file's own metadata (hours, statistics, 1-minute bars, contract "
+        "details, coverage), keeps contracts, coverage and damage records from the old index when it can still be "
+        "read, then swaps it in; the old index goes to DATA_ROOT/quarantine/. Stop the recorder first.")
+    reindex.add_argument("--data-root", type=Path, help=DATA_ROOT_HELP)
+
+    backup = commands.add_parser(
+        "backup", help="copy the store consistently into a new folder (recording may go on)",
+        description="Copies the buffer segments, then the index (SQLite's online backup), then every archive file "
+        "that index names, into DESTINATION.partial, renamed to DESTINATION when complete. Restore by pointing "
+        "--data-root (or IBSTREAM_DATA_ROOT) at the copy.")
+    backup.add_argument("destination", type=Path, help="a new (or empty) folder for the copy")
+    backup.add_argument("--data-root", type=Path, help=DATA_ROOT_HELP)
     return parser
+
+
+DATA_ROOT_HELP = "store folder (default IBSTREAM_DATA_ROOT or ./data)"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from ibstream.errors import IbstreamError
+
+    try:
+        return _run(args)
+    except IbstreamError as exc:
+        print(f"ibstream {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from ibstream.demo import run_demo
 
@@ -75,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         return _record(args, Settings(**({"ib_port": args.port} if args.port else {})))
     if args.command == "simulate":
         return _simulate(args, Settings())
+    if args.command in ("verify", "reindex", "backup"):
+        return _maintain(args, Settings(**({"data_root": args.data_root} if args.data_root else {})))
     overrides = {k: v for k, v in (("data_root", args.data_root), ("flight_port", args.port)) if v is not None}
     settings = Settings(**overrides)
     from flight_server.server import FlightServer
@@ -88,6 +130,36 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             server.shutdown()
     return 0
+
+
+def _maintain(args: argparse.Namespace, settings) -> int:
+    from tqdm import tqdm
+
+    from storage import maintenance
+    from storage.times import iso
+
+    def progress(items, description, total):
+        return tqdm(items, desc=description, total=total, unit="file", disable=None, leave=False)
+
+    if args.command == "verify":
+        report = maintenance.verify(settings, progress)
+        print(f"verified {report.files:,} archive files ({report.ticks:,} ticks) and every buffer segment in "
+              f"{settings.data_root}")
+    elif args.command == "reindex":
+        report = maintenance.reindex(settings, progress)
+        print(f"rebuilt {settings.index_path}: {report.files:,} archive files, {report.ticks:,} ticks")
+    else:
+        report = maintenance.backup(settings, args.destination, progress)
+        print(f"backed up {settings.data_root} to {args.destination}: {report.files:,} files, "
+              f"{report.ticks:,} archived ticks")
+    for problem in report.problems:
+        print(f"  problem: {problem}")
+    for damage in report.damage:
+        print(f"  damaged: {damage.contract_id} {damage.tick_type} {iso(damage.start_time)} .. {iso(damage.end_time)}: "
+              f"{damage.reason} ({damage.file} -> {damage.quarantined or 'gone'})")
+    if report.damage:
+        print(f"  quarantined files are in {settings.data_root / 'quarantine'}, each with a .note.json")
+    return 0 if report.ok or args.command == "reindex" else 1
 
 
 def _record(args: argparse.Namespace, settings) -> int:

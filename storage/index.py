@@ -275,6 +275,13 @@ class Index:
         ).fetchall()
         return [ArchiveEntry(*row) for row in rows]
 
+    def archives_all(self) -> list[ArchiveEntry]:
+        """Every archived hour, by stream and hour."""
+        rows = self._connection().execute(
+            "SELECT contract_id, tick_type, hour_start, start_time, end_time, file_path, tick_count, "
+            "file_size_bytes, arrow_size_bytes FROM tick_archives ORDER BY contract_id, tick_type, hour_start")
+        return [ArchiveEntry(*row) for row in rows]
+
     def hour_bars(self, contract_id: int, tick_type: str, start_us: int, end_us: int) -> dict[int, bytes]:
         """The 1-minute partial bars of archived hours starting in [start_us, end_us), by hour."""
         rows = self._connection().execute(

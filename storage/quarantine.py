@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from storage.failpoints import failpoint
 from storage.times import iso, now_us
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def quarantine_root(data_root: Path) -> Path:
     return data_root / FOLDER
 
 
-def quarantine_file(data_root: Path, path: Path, note: dict, *, keep: bool = False) -> Path:
+def quarantine_file(data_root: Path, path: Path, note: dict, *, keep: bool = False, level: int = logging.ERROR) -> Path:
     """Move ``path`` (or, with ``keep``, hard-link or copy it) into the quarantine, with a note.
 
     Returns the quarantined path. The note is written first, so a crash never leaves an
@@ -57,6 +58,7 @@ def quarantine_file(data_root: Path, path: Path, note: dict, *, keep: bool = Fal
     note = {"file": relative.as_posix(), "quarantined_at": iso(now_us()), **note}
     note_path = target.with_name(target.name + ".note.json")
     note_path.write_text(json.dumps(note, indent=2, default=str) + "\n")
+    failpoint("quarantine.before_move")
     if keep:
         try:
             os.link(path, target)
@@ -64,7 +66,7 @@ def quarantine_file(data_root: Path, path: Path, note: dict, *, keep: bool = Fal
             target.write_bytes(path.read_bytes())
     else:
         os.replace(path, target)
-    log.error("quarantined %s -> %s: %s", relative, target.relative_to(data_root), note.get("reason", ""))
+    log.log(level, "quarantined %s -> %s: %s", relative, target.relative_to(data_root), note.get("reason", ""))
     return target
 
 

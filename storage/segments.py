@@ -357,6 +357,8 @@ def damage_of(scan: SegmentScan, data_root: Path, bucket_us: int, interval_us: i
     relative = scan.path.resolve().relative_to(data_root.resolve()).as_posix()
     spans = []
     for start, end, after in scan.damaged:
+        if start == 0 and end == len(header_bytes(key.tick_type)):
+            continue  # the schema alone was damaged: it holds no tick, and the known schema replaces it
         before = next((_ts(b, -1) for b in reversed(scan.batches[:after]) if b.num_rows), bucket_us)
         following = next((_ts(b, 0) for b in scan.batches[after:] if b.num_rows), bucket_us + interval_us - 1)
         spans.append(Damage(key.contract_id, key.tick_type.value, before, following, relative, "",

@@ -8,6 +8,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 import pyarrow as pa
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -61,7 +62,7 @@ class Store:
     def __init__(self, settings: Settings | None = None, *, read_only: bool = False):
         self.settings = settings or Settings()
         self.read_only = read_only
-        self._lock_file = None if read_only else self._lock_data_root()
+        self._lock_file = None if read_only else lock_data_root(self.settings.data_root)
         self.index = Index(self.settings.index_path, read_only=read_only)
         self.writer: SegmentWriter | None = None
         self.archiver: Archiver | None = None
@@ -224,21 +225,22 @@ class Store:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _lock_data_root(self):
-        """One writer per data root: an exclusive flock, released by the OS if the process dies."""
-        self.settings.data_root.mkdir(parents=True, exist_ok=True)
-        path = self.settings.data_root / "writer.lock"
-        lock = open(path, "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "unknown"
-            lock.close()
-            raise StorageError(
-                f"{self.settings.data_root} is already open for writing by another process (pid {holder}); "
-                "stop that recorder first, or open this store with read_only=True to query it") from None
-        lock.truncate(0)
-        lock.write(str(os.getpid()))
-        lock.flush()
-        return lock
+
+def lock_data_root(data_root: Path):
+    """One writer per data root: an exclusive flock, released by the OS if the process dies."""
+    data_root.mkdir(parents=True, exist_ok=True)
+    path = data_root / "writer.lock"
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise StorageError(
+            f"{data_root} is already open for writing by another process (pid {holder}); "
+            "stop that recorder first, or open this store with read_only=True to query it") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock

@@ -1,0 +1,277 @@
+"""Operator's tools over a data root: rebuild the index, verify every file, make a backup.
+
+All three are crash-safe (a kill -9 at any point leaves the store as it was, or as it will be)
+and never delete what they cannot prove redundant:
+
+* :func:`reindex` builds a new ``index.sqlite`` from the archive and buffer files beside the old
+  one, then swaps it in; the old one goes to the quarantine.
+* :func:`verify` opens the store for writing (start-up recovery checks every segment), then
+  checks every archived hour against the index and quarantines what fails.
+* :func:`backup` copies a consistent store (SQLite's online backup of the index, the files it
+  names, the buffer) into a new folder, while a recorder may go on recording.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ibstream.errors import CorruptFileError, DamagedDataError, StorageError
+from ibstream.settings import Settings
+from storage.archive import FILE_NAME, Archiver, check_archive_file
+from storage.failpoints import failpoint
+from storage.index import Index
+from storage.quarantine import Damage, quarantine_file
+from storage.schemas import TickType
+from storage.segments import SUFFIX, SegmentWriter, StreamKey, fsync_dir
+from storage.store import Store, lock_data_root
+from storage.times import US_PER_HOUR, now_us
+
+log = logging.getLogger(__name__)
+
+REBUILD_SUFFIX = ".rebuild"
+BACKUP_MARK = "BACKUP-IN-PROGRESS"
+Progress = Callable[[Iterable, str, int], Iterable]  # (items, description, total) -> the items, reported
+
+
+def _quiet(items: Iterable, description: str, total: int) -> Iterable:
+    return items
+
+
+@dataclass
+class Report:
+    """What a maintenance run did: counts, and one line per problem found."""
+
+    files: int = 0
+    ticks: int = 0
+    problems: list[str] = field(default_factory=list)
+    damage: list[Damage] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and not self.damage
+
+
+def _sidecars(path: Path) -> list[Path]:
+    return [path.with_name(path.name + suffix) for suffix in ("-wal", "-shm", "-journal")]
+
+
+# ---------------------------------------------------------------------------------------------
+# reindex
+
+
+def require_store(settings: Settings) -> None:
+    """Refuse a data root that holds no store (a mistyped --data-root must not create one)."""
+    root = settings.data_root
+    if not any(p.exists() for p in (settings.index_path, settings.buffer_root, settings.archive_root)):
+        raise StorageError(f"{root} holds no ibstream store (no index.sqlite, buffer/ or archive/); "
+                           "check --data-root or IBSTREAM_DATA_ROOT")
+
+
+def reindex(settings: Settings, progress: Progress = _quiet) -> Report:
+    """Rebuild ``index.sqlite`` from the files: archived hours (from each file's own metadata),
+    their statistics and 1-minute pre-aggregates; contracts, coverage and damage records from the
+    old index when it can still be read, else from the files' metadata (spans no file
+    describes are coverage ``unknown``). Needs the data root's writer lock."""
+    require_store(settings)
+    lock = lock_data_root(settings.data_root)
+    try:
+        return _reindex(settings, progress)
+    finally:
+        lock.close()
+
+
+def _reindex(settings: Settings, progress: Progress) -> Report:
+    report = Report()
+    target = settings.index_path
+    rebuild = target.with_name(target.name + REBUILD_SUFFIX)
+    for leftover in [rebuild, *_sidecars(rebuild)]:
+        leftover.unlink(missing_ok=True)  # an earlier rebuild that was cut off: ours, never in service
+    new = Index(rebuild)
+    old = _readable_index(target, report)
+    if old is not None:
+        _carry_over(old, new)
+    writer = SegmentWriter(settings, on_damage=new.record_damage)
+    archiver = Archiver(settings, new, writer)
+    files = sorted(settings.archive_root.rglob(FILE_NAME)) if settings.archive_root.is_dir() else []
+    for path in progress(files, "re-indexing archive files", len(files)):
+        entry = archiver.adopt(path)
+        if entry is not None:
+            report.files += 1
+            report.ticks += entry.tick_count
+    archiver.recover()  # segments of published hours, proven redundant or quarantined
+    if old is not None:
+        _report_missing(old, new, report)
+        old.close()
+    report.damage = new.damage()
+    writer.close()
+    new.close()
+    failpoint("reindex.before_swap")
+    if target.exists():
+        quarantine_file(settings.data_root, target, {"reason": "replaced by `ibstream reindex`"}, keep=True,
+                        level=logging.INFO)
+    for sidecar in _sidecars(target):
+        if sidecar.exists():
+            quarantine_file(settings.data_root, sidecar, {"reason": "replaced by `ibstream reindex`"},
+                            level=logging.INFO)
+    os.replace(rebuild, target)
+    fsync_dir(target.parent)
+    log.info("rebuilt %s: %d archive files, %d ticks", target, report.files, report.ticks)
+    return report
+
+
+def _readable_index(path: Path, report: Report) -> Index | None:
+    if not path.exists():
+        report.problems.append(f"{path.name} was missing: contracts and coverage come from the archive files")
+        return None
+    try:
+        index = Index(path)
+        if problems := index.integrity_problems():
+            raise CorruptFileError("; ".join(problems[:5]))
+        return index
+    except (CorruptFileError, OSError) as exc:
+        report.problems.append(f"{path.name} could not be read ({exc}): contracts and coverage come from the files")
+        return None
+
+
+def _carry_over(old: Index, new: Index) -> None:
+    for details in old.contracts():
+        new.upsert_contract(details)
+    rows = old._connection().execute(
+        "SELECT contract_id, tick_type, status, reason, start_time, end_time, is_open FROM coverage ORDER BY id")
+    new._connection().executemany(
+        "INSERT INTO coverage (contract_id, tick_type, status, reason, start_time, end_time, is_open) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)", rows.fetchall())
+    for damage in old.damage():
+        new.record_damage(damage)
+
+
+def _report_missing(old: Index, new: Index, report: Report) -> None:
+    """Hours the old index published whose file is gone: reported as damage, not silently dropped."""
+    known = new.all_archive_paths()
+    rows = old._connection().execute(
+        "SELECT contract_id, tick_type, hour_start, start_time, end_time, file_path FROM tick_archives")
+    for contract_id, tick_type, hour, start, end, file_path in rows:
+        if file_path not in known:
+            damage = Damage(contract_id, tick_type, start, end, f"archive/{file_path}", "",
+                            "archive file missing: the old index published it, no file holds it", now_us())
+            new.record_damage(damage)
+            report.problems.append(f"archive/{file_path} is missing (hour {hour // US_PER_HOUR})")
+
+
+# ---------------------------------------------------------------------------------------------
+# verify
+
+
+def verify(settings: Settings, progress: Progress = _quiet) -> Report:
+    """Check every file: segments (checksums, on opening the store), archive files against the
+    index (page CRCs, decoding, counts, ``ts`` order and bounds, sizes) and the index itself.
+    What fails is quarantined and reported as damaged in coverage."""
+    require_store(settings)
+    report = Report()
+    with Store(settings) as store:
+        before = {d.detected_at for d in store.index.damage()}  # start-up recovery may have found some
+        report.problems += [f"index: {p}" for p in store.index.integrity_problems()]
+        entries = store.index.archives_all()
+        for entry in progress(entries, "verifying archive files", len(entries)):
+            path = settings.archive_root / entry.file_path
+            try:
+                if not path.exists():
+                    raise DamagedDataError(f"archive file {entry.file_path} is missing")
+                check_archive_file(settings.archive_root, path, entry)
+            except DamagedDataError as exc:
+                report.problems.append(str(exc))
+                _retire(store, entry.contract_id, entry.tick_type, entry.hour_start, path, str(exc))
+                continue
+            report.files += 1
+            report.ticks += entry.tick_count
+        report.damage = [d for d in store.index.damage() if d.detected_at not in before]
+    return report
+
+
+def _retire(store: Store, contract_id: int, tick_type: str, hour: int, path: Path, reason: str) -> None:
+    """Take a failed archived hour out of service: quarantine its file, drop its index rows,
+    record the damage, recompute its day's statistics."""
+    assert store.archiver is not None
+    store.index.remove_archive(contract_id, tick_type, hour)
+    if path.exists():
+        store.archiver._quarantine_file(path, reason)
+    else:
+        store.index.record_damage(Damage(contract_id, tick_type, hour, hour + US_PER_HOUR - 1,
+                                         path.relative_to(store.settings.data_root).as_posix(), "", reason[:500],
+                                         now_us()))
+    key = StreamKey(contract_id, TickType(tick_type))
+    store.index.put_statistics(store.archiver._statistics_with(key, hour))
+    store.cache.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# backup
+
+
+def backup(settings: Settings, destination: Path, progress: Progress = _quiet) -> Report:
+    """Copy the store to ``destination`` (a new folder) consistently, while it may be recording.
+
+    Order: the buffer segments first, then SQLite's online backup of the index, then every
+    archive file that backup names. A segment the archiver removes during the copy had its hour
+    published before the index was copied, so the copy holds that hour's file instead; a segment
+    copied and also archived is proven redundant and removed when the copy is opened. The copy is
+    built in ``{destination}.partial`` and renamed into place when complete.
+    """
+    require_store(settings)
+    if destination.exists() and any(destination.iterdir()):
+        raise StorageError(f"backup destination {destination} exists and is not empty; name a new folder")
+    partial = destination.with_name(destination.name + ".partial")
+    if partial.exists():
+        if not (partial / BACKUP_MARK).exists():
+            raise StorageError(f"{partial} exists and is not an unfinished ibstream backup; move it away")
+        shutil.rmtree(partial)  # an earlier backup that was cut off: a copy, never the only one
+    partial.mkdir(parents=True)
+    (partial / BACKUP_MARK).write_text("an ibstream backup is being written here; it is incomplete\n")
+    report = Report()
+    segments = sorted(settings.buffer_root.rglob(f"*{SUFFIX}")) if settings.buffer_root.is_dir() else []
+    for path in progress(segments, "copying buffer segments", len(segments)):
+        _copy(path, partial / path.relative_to(settings.data_root), report, missing_ok=True)
+    failpoint("backup.after_segments")
+    index = Index(settings.index_path, read_only=True)
+    try:
+        copied = partial / settings.index_path.name
+        index.backup_to(copied)
+    finally:
+        index.close()
+    snapshot = Index(copied)
+    entries = snapshot.archives_all()
+    snapshot.close()
+    for leftover in _sidecars(copied):
+        leftover.unlink(missing_ok=True)
+    for entry in progress(entries, "copying archive files", len(entries)):
+        source = settings.archive_root / entry.file_path
+        _copy(source, partial / source.relative_to(settings.data_root), report, missing_ok=False)
+        report.ticks += entry.tick_count
+    failpoint("backup.before_rename")
+    (partial / BACKUP_MARK).unlink()
+    for folder in sorted({p.parent for p in partial.rglob("*")} | {partial}, key=lambda p: -len(p.parts)):
+        fsync_dir(folder)
+    if destination.exists():
+        destination.rmdir()
+    os.replace(partial, destination)
+    fsync_dir(destination.parent)
+    return report
+
+
+def _copy(source: Path, target: Path, report: Report, *, missing_ok: bool) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copyfile(source, target)
+    except FileNotFoundError:
+        if missing_ok:
+            return  # a segment archived meanwhile: the index copied after this has its hour
+        report.problems.append(f"{source} is named by the index but missing; run `ibstream verify`")
+        return
+    with open(target, "rb") as handle:
+        os.fsync(handle.fileno())
+    report.files += 1
