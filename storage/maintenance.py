@@ -173,8 +173,12 @@ def verify(settings: Settings, progress: Progress = _quiet) -> Report:
     What fails is quarantined and reported as damaged in coverage."""
     require_store(settings)
     report = Report()
-    with Store(settings) as store:
-        before = {d.detected_at for d in store.index.damage()}  # start-up recovery may have found some
+    before: set[Damage] = set()
+    if settings.index_path.exists():  # a damaged index is refused here, naming `ibstream reindex`
+        index = Index(settings.index_path)
+        before = set(index.damage())
+        index.close()
+    with Store(settings) as store:  # start-up recovery checks every segment (and may find damage)
         report.problems += [f"index: {p}" for p in store.index.integrity_problems()]
         entries = store.index.archives_all()
         for entry in progress(entries, "verifying archive files", len(entries)):
@@ -189,7 +193,7 @@ def verify(settings: Settings, progress: Progress = _quiet) -> Report:
                 continue
             report.files += 1
             report.ticks += entry.tick_count
-        report.damage = [d for d in store.index.damage() if d.detected_at not in before]
+        report.damage = [d for d in store.index.damage() if d not in before]
     return report
 
 
