@@ -12,6 +12,8 @@ ibstream error                 raised as                gRPC status
 InvalidRequestError            ``pa.ArrowInvalid``      INVALID_ARGUMENT
 RequestTooLargeError           ``pa.ArrowInvalid``      INVALID_ARGUMENT
 NotFoundError                  ``pa.ArrowKeyError``     NOT_FOUND
+CorruptFileError (damaged      ``FlightInternalError``  INTERNAL, the message names the file, the hour
+data, a damaged index)                                    and what to do (``ibstream verify``)
 anything unexpected            ``FlightInternalError``  INTERNAL
 =============================  =======================  ==================
 """
@@ -36,6 +38,7 @@ from flight_server.commands import (
     Ticket,
 )
 from ibstream.errors import (
+    CorruptFileError,
     InvalidRequestError,
     NotFoundError,
     RequestTooLargeError,
@@ -84,6 +87,9 @@ def _flight_errors(handler: Callable) -> Callable:
             raise flight.FlightUnavailableError(str(exc)) from None
         except flight.FlightError:
             raise
+        except CorruptFileError as exc:
+            log.error("%s failed: %s", handler.__name__, exc)
+            raise flight.FlightInternalError(str(exc)) from None
         except Exception as exc:
             log.exception("%s failed", handler.__name__)
             raise flight.FlightInternalError(f"{handler.__name__} failed: {type(exc).__name__}: {exc}") from None
@@ -391,6 +397,9 @@ def _streamed(batches, ticket: Ticket):
         level = logging.WARNING if isinstance(exc, SubscriberTooSlowError) else logging.INFO
         log.log(level, "do_get of %s/%s ended: %s", ticket.contract_id, ticket.tick_type.value, exc)
         raise flight.FlightUnavailableError(str(exc)) from None
+    except CorruptFileError as exc:  # stored bytes that fail their checks: say which, no traceback
+        log.error("do_get of %s/%s failed: %s", ticket.contract_id, ticket.tick_type.value, exc)
+        raise flight.FlightInternalError(str(exc)) from None
     except Exception as exc:
         log.exception("do_get of %s/%s failed mid-stream", ticket.contract_id, ticket.tick_type.value)
         raise flight.FlightInternalError(f"reading {ticket.contract_id}/{ticket.tick_type.value} failed: "

@@ -59,6 +59,10 @@ class IOFaults:
             else:
                 self._faults.pop(point, None)
 
+    def armed(self, point: str) -> bool:
+        with self._lock:
+            return point in self._faults
+
     def check(self, point: str) -> _Fault | None:
         """The fault to raise at ``point`` now, if one is armed (counting it down)."""
         if not self._faults:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,6 +203,15 @@ class CoverageInterval:
     is_open: bool
 
 
+class _Held:
+    """A thread's connection, held by the thread's local storage (the index keeps a weak reference)."""
+
+    __slots__ = ("conn", "__weakref__")
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+
 class Index:
     """SQLite metadata index; one connection per thread, safe for concurrent readers.
 
@@ -214,7 +224,7 @@ class Index:
         self.read_only = read_only
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: weakref.WeakSet[_Held] = weakref.WeakSet()
         self._connections_lock = threading.Lock()
         try:
             conn = self._connection()
@@ -230,15 +240,15 @@ class Index:
                 f"`ibstream reindex --data-root {path.parent}` (the damaged file is kept aside)") from None
 
     def _connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
+        held = getattr(self._local, "held", None)
+        if held is None:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
-            self._local.conn = conn
+            held = self._local.held = _Held(conn)
             with self._connections_lock:
-                self._connections.append(conn)
-        return conn
+                self._connections.add(held)  # weakly: a thread's connection goes when the thread does
+        return held.conn
 
     # -- archive -------------------------------------------------------------------------------
 
@@ -476,7 +486,8 @@ class Index:
         """Close every connection; the last one checkpoints the WAL into the database file, so
         ``index.sqlite`` alone holds everything committed."""
         with self._connections_lock:
-            connections, self._connections = self._connections, []
+            connections = [held.conn for held in self._connections]
+            self._connections = weakref.WeakSet()
         for conn in connections[:-1]:
             conn.close()
         for conn in connections[-1:]:

@@ -1,0 +1,64 @@
+"""End to end through ``ibapi`` and the gateway simulator: a disk that refuses writes for a while,
+then a lost index and a damaged segment between two runs of the recorder."""
+
+from __future__ import annotations
+
+import errno
+from datetime import timedelta
+
+import polars as pl
+import pyarrow as pa
+
+from storage import Store
+from storage.failpoints import io_faults
+from storage.segments import list_segments, scan_segment, stream_dir, StreamKey
+from storage.schemas import TickType
+from test_recorder_ib import EVERYTHING, Recording, ib_settings, wait_until
+from simulator.market import SIM_MNQ
+
+CID = SIM_MNQ.con_id
+
+
+def test_refused_writes_then_lost_index_and_damage_between_runs(tmp_path, gateway):
+    settings = ib_settings(tmp_path, gateway, rotation_interval=timedelta(seconds=1),
+                           contracts=ib_settings(tmp_path, gateway).contracts[:1])
+    first = Recording(settings, gateway)
+    try:
+        first.wait_for_ticks(500)
+        io_faults.arm("segment.write", errno.ENOSPC, partial_bytes=300, times=40)  # the disk is full a while
+        wait_until(lambda: not io_faults.armed("segment.write"), timeout=30, what="the faults to be used up")
+        first.wait_for_ticks(500)
+        first.settle()
+        first.assert_served_equals_sent(streams=[(CID, "bid_ask"), (CID, "last")])
+    finally:
+        io_faults.disarm()
+        first.close()
+    with Store(settings, read_only=True) as store:
+        before = store.read(CID, "bid_ask", *EVERYTHING)
+
+    for path in settings.data_root.glob("index.sqlite*"):  # lost between the runs, and a segment damaged
+        path.unlink()
+    closed = list_segments(stream_dir(settings.buffer_root, StreamKey(CID, TickType.BID_ASK)))
+    victim = max(closed, key=lambda p: len(scan_segment(p).batches))
+    batches = scan_segment(victim).batches
+    with open(victim, "r+b") as handle:
+        handle.seek(victim.stat().st_size // 2)
+        handle.write(b"\x00" * 64)
+
+    gateway.resume()
+    second = Recording(settings, gateway)
+    try:
+        kept = scan_segment(victim).batches  # the repaired segment: every batch the damage spared
+        assert 0 < len(kept) < len(batches)
+        lost = pl.from_arrow(pa.Table.from_batches([b for b in batches if not any(b.equals(k) for k in kept)]))
+        expected = pl.from_arrow(before).join(lost, on=lost.columns, how="anti")
+        last = before.column("ts")[-1].as_py()
+        served = pl.from_arrow(second.service.store.read(CID, "bid_ask", *EVERYTHING)).filter(pl.col("ts") <= last)
+        assert served.equals(expected), "everything but the damaged batches, in order"
+        coverage = second.service.store.coverage(CID, "bid_ask", *EVERYTHING).to_pylist()
+        (damaged,) = [row for row in coverage if row["status"] == "damaged"]
+        assert damaged["start"] <= lost["ts"].min() and lost["ts"].max() <= damaged["end"]
+        assert victim.name in damaged["reason"] or victim.name in str(damaged)
+        second.wait_for_ticks(200)  # and recording goes on
+    finally:
+        second.close()
