@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+import subprocess
 from datetime import timedelta
 from pathlib import Path
 
@@ -345,3 +346,50 @@ def test_a_changed_rotation_interval_keeps_ticks_in_order(settings, first, then)
     with Store(changed) as store:
         store.archive(now=utc(2025, 1, 10, 16))
         assert store.read(CID, "bid_ask", *EVERYTHING).equals(table)
+
+
+# -- a real full filesystem ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (root only; skipped where mounting is not allowed, e.g. in some CI sandboxes:
+    the injected faults above cover the same paths portably)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; the portable fault injection tests cover this path")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.decode().strip()}); fault injection covers this path")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_real_full_disk_refuses_cleanly_and_recording_resumes_when_room_returns(small_disk):
+    settings = Settings(data_root=small_disk / "data", rotation_interval=timedelta(minutes=5), fsync="batch")
+    table = ticks(utc(2025, 1, 10, 14), 20_000, rate_scale=5)  # ~1.3 MB of segments
+    filler = small_disk / "filler"
+    acked = 0
+    with Store(settings) as store:
+        with open(filler, "wb") as handle:  # fill the disk, then leave 300 kB free
+            try:
+                while True:
+                    handle.write(b"\0" * 65_536)
+                    handle.flush()
+            except OSError:
+                pass
+        os.truncate(filler, max(0, filler.stat().st_size - 300_000))
+        with pytest.raises(StorageUnavailableError) as refused:
+            while acked < table.num_rows:
+                store.append(CID, "bid_ask", table.slice(acked, 1_000))
+                acked += 1_000
+        assert refused.value.errno == errno.ENOSPC
+        acked += refused.value.acknowledged
+        assert 0 < acked < table.num_rows
+        assert store.read(CID, "bid_ask", *EVERYTHING).equals(table.slice(0, acked)), "no torn or doubled batch"
+        filler.unlink()  # room again
+        append_in_batches(store, table.slice(acked), 1_000)
+        assert store.read(CID, "bid_ask", *EVERYTHING).equals(table)
+    assert read_all(settings).equals(table)
+    assert not quarantined(settings)
