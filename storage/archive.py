@@ -101,17 +101,20 @@ def open_archive_file(path: Path) -> pq.ParquetFile:
     return pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
 
 
-def read_archive_file(path: Path) -> pa.Table:
-    """Every tick of an archive file, checked; :class:`DamagedDataError` names the file if it fails."""
+def read_archive_file(path: Path, name: str | None = None) -> pa.Table:
+    """Every tick of an archive file, checked; :class:`DamagedDataError` names the file (as ``name``) if it fails."""
+    name = name or str(path)
     try:
         parquet = open_archive_file(path)
         table = parquet.read(use_threads=True)
+    except FileNotFoundError:
+        raise
     except (OSError, pa.ArrowException) as exc:
-        raise DamagedDataError(f"archive file {path} cannot be read: {exc}") from None
+        raise DamagedDataError(f"archive file {name} cannot be read: {exc}") from None
     tick_type = TickType(table.schema.metadata[b"ibstream.tick_type"].decode()) if table.schema.metadata and \
         b"ibstream.tick_type" in table.schema.metadata else None
     if tick_type is None or not table.schema.equals(schema_for(tick_type)):
-        raise DamagedDataError(f"archive file {path} does not have a tick schema: {table.schema.names}")
+        raise DamagedDataError(f"archive file {name} does not have a tick schema: {table.schema.names}")
     return table.replace_schema_metadata(schema_for(tick_type).metadata)
 
 
@@ -163,7 +166,7 @@ def check_archive_file(root: Path, path: Path, expected: ArchiveEntry | None = N
     Raises :class:`DamagedDataError` saying what failed."""
     relative = path.relative_to(root).as_posix()
     facts = file_facts(root, path)
-    table = read_archive_file(path)
+    table = read_archive_file(path, relative)
     problems = []
     if table.schema.metadata[b"ibstream.tick_type"].decode() != facts.key.tick_type.value:
         problems.append(f"holds {table.schema.metadata[b'ibstream.tick_type'].decode()} ticks, not {facts.key.tick_type}")
@@ -334,6 +337,11 @@ class Archiver:
         """Archive one hour of a stream; None when its segments held no tick (they are removed)."""
         hour_end = hour + US_PER_HOUR
         self.writer.seal(key, hour_end)
+        published = self.index.archives(key.contract_id, key.tick_type.value, hour, hour_end)
+        if published:  # segments of an hour published already: never overwrite its file
+            self._settle_hour(key, published[0], [p for p in self.writer.snapshot(key).closed
+                                                  if hour_floor(segment_start_us(p)) == hour])
+            return None
         segments, table = self._hour_segments(key, hour)
         if table.num_rows == 0:
             self.writer.forget_segments(key, segments)
@@ -399,14 +407,16 @@ class Archiver:
         return path.stat().st_size
 
     def _statistics_with(self, key: StreamKey, hour: int, new_file: Path | None = None) -> DailyStatistics:
-        """The statistics of the UTC day of ``hour`` over its published files up to ``hour`` and ``new_file``
-        (the whole published day when ``new_file`` is None)."""
+        """The statistics of the UTC day of ``hour`` over its published files, with ``new_file`` as
+        that hour's (the hour in publication); all zero when the day has no file left."""
         day_start = hour - hour % (24 * US_PER_HOUR)
-        until = hour if new_file is not None else day_start + 24 * US_PER_HOUR
-        earlier = self.index.archives(key.contract_id, key.tick_type.value, day_start, until)
-        files = [self.root / e.file_path for e in earlier] + ([new_file] if new_file is not None else [])
-        frames = [pl.scan_parquet(f) for f in files]
-        return day_statistics(key, f"{datetime.fromtimestamp(hour / 1e6, UTC):%Y-%m-%d}", frames)
+        published = self.index.archives(key.contract_id, key.tick_type.value, day_start, day_start + 24 * US_PER_HOUR)
+        files = [self.root / e.file_path for e in published if e.hour_start != hour or new_file is None]
+        files += [new_file] if new_file is not None else []
+        date = f"{datetime.fromtimestamp(hour / 1e6, UTC):%Y-%m-%d}"
+        if not files:
+            return DailyStatistics(key.contract_id, key.tick_type.value, date, 0, 0, None, None, None, None)
+        return day_statistics(key, date, [pl.scan_parquet(f) for f in files])
 
     # -- recovery ------------------------------------------------------------------------------
 
@@ -466,20 +476,24 @@ class Archiver:
             by_hour.setdefault(hour_floor(segment_start_us(path)), []).append(path)
         for hour, paths in sorted(by_hour.items()):
             entries = self.index.archives(key.contract_id, key.tick_type.value, hour, hour + US_PER_HOUR)
-            if not entries:
-                continue
-            try:
-                archived = read_archive_file(self.root / entries[0].file_path)
-            except (DamagedDataError, FileNotFoundError) as exc:
-                log.error("%s hour %s is published but its file cannot be read (%s); its %d segments are kept. "
-                          "Run `ibstream verify`", key, iso(hour), exc, len(paths))
-                continue
-            redundant = [p for p in paths if contains(archived, read_segments([p], archived.schema))]
-            self.writer.forget_segments(key, redundant)
-            for path in redundant:
-                log.warning("removed segment %s: the published archive file of its hour holds its every tick", path)
-            for path in set(paths) - set(redundant):
-                self._quarantine_segment(key, hour, path)
+            if entries:
+                self._settle_hour(key, entries[0], paths)
+
+    def _settle_hour(self, key: StreamKey, entry: ArchiveEntry, paths: list[Path]) -> None:
+        """Segments of a published hour: delete each one the file holds row for row, quarantine the rest."""
+        try:
+            archived = read_archive_file(self.root / entry.file_path)
+        except (DamagedDataError, FileNotFoundError) as exc:
+            log.error("%s hour %s is published but its file cannot be read (%s); its %d segments are kept. "
+                      "Run `ibstream verify`", key, iso(entry.hour_start), exc, len(paths))
+            return
+        redundant = [p for p in paths if contains(archived, read_segments([p], archived.schema))]
+        self.writer.forget_segments(key, redundant)
+        for path in redundant:
+            log.warning("removed segment %s: the published archive file of its hour holds its every tick", path)
+        for path in paths:
+            if path not in redundant:
+                self._quarantine_segment(key, entry.hour_start, path)
 
     def _quarantine_segment(self, key: StreamKey, hour: int, path: Path) -> None:
         data_root = self.settings.data_root

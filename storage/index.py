@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ibstream.errors import CorruptFileError
+from storage.failpoints import io_faults
 from storage.quarantine import Damage
 
 COVERAGE_DDL = """
@@ -250,11 +251,17 @@ class Index:
                 self._connections.add(held)  # weakly: a thread's connection goes when the thread does
         return held.conn
 
+    def _writable(self) -> sqlite3.Connection:
+        """The connection for a write (where tests inject a full disk: point ``index.write``)."""
+        if io_faults.check("index.write") is not None:
+            raise sqlite3.OperationalError("database or disk is full (injected at index.write)")
+        return self._connection()
+
     # -- archive -------------------------------------------------------------------------------
 
     def publish(self, entry: ArchiveEntry, statistics: DailyStatistics, minute_bars: bytes) -> None:
         """Record an archived hour, its 1-minute partial bars and its day's statistics in one transaction."""
-        conn = self._connection()
+        conn = self._writable()
         conn.execute("BEGIN IMMEDIATE")
         try:
             self._put_hour_bars(conn, entry.contract_id, entry.tick_type, entry.hour_start, minute_bars)
@@ -301,7 +308,7 @@ class Index:
 
     def put_hour_bars(self, contract_id: int, tick_type: str, hour_start: int, minute_bars: bytes) -> None:
         """Keep the partial bars of an hour archived before they existed (computed on first use)."""
-        self._put_hour_bars(self._connection(), contract_id, tick_type, hour_start, minute_bars)
+        self._put_hour_bars(self._writable(), contract_id, tick_type, hour_start, minute_bars)
 
     @staticmethod
     def _put_hour_bars(conn: sqlite3.Connection, contract_id: int, tick_type: str, hour_start: int,
@@ -354,7 +361,7 @@ class Index:
     def upsert_contract(self, details: ContractDetails) -> None:
         names = ", ".join(ContractDetails.__dataclass_fields__)
         marks = ", ".join("?" * len(ContractDetails.__dataclass_fields__))
-        self._connection().execute(f"INSERT OR REPLACE INTO contracts ({names}) VALUES ({marks})",
+        self._writable().execute(f"INSERT OR REPLACE INTO contracts ({names}) VALUES ({marks})",
                                    tuple(details.__dict__.values()))
 
     def contract(self, contract_id: int) -> ContractDetails | None:
@@ -374,7 +381,7 @@ class Index:
 
     def coverage_transition(self, contract_id: int, tick_type: str, at_us: int, status: str, reason: str) -> None:
         """Close the stream's open interval at ``at_us`` and open a new one (no-op if unchanged)."""
-        conn = self._connection()
+        conn = self._writable()
         conn.execute("BEGIN IMMEDIATE")
         try:
             current = conn.execute(
@@ -397,14 +404,14 @@ class Index:
 
     def add_coverage(self, rows: list[CoverageInterval]) -> None:
         """Insert closed coverage rows as they are (rebuilding an index from archive files)."""
-        self._connection().executemany(
+        self._writable().executemany(
             "INSERT INTO coverage (contract_id, tick_type, status, reason, start_time, end_time, is_open) "
             "VALUES (?, ?, ?, ?, ?, ?, 0)",
             [(r.contract_id, r.tick_type, r.status, r.reason, r.start_time, r.end_time) for r in rows])
 
     def coverage_confirm(self, streams: list[tuple[int, str]], at_us: int) -> None:
         """Advance the open 'recorded' intervals of ``streams`` to ``at_us`` (all received is acknowledged)."""
-        self._connection().executemany(
+        self._writable().executemany(
             "UPDATE coverage SET end_time = MAX(end_time, ?) "
             "WHERE contract_id = ? AND tick_type = ? AND is_open = 1 AND status = 'recorded'",
             [(at_us, cid, tt) for cid, tt in streams])
@@ -433,7 +440,7 @@ class Index:
     def record_damage(self, damage: Damage) -> None:
         names = ", ".join(Damage.__dataclass_fields__)
         marks = ", ".join("?" * len(Damage.__dataclass_fields__))
-        self._connection().execute(f"INSERT INTO damage ({names}) VALUES ({marks})", tuple(damage.__dict__.values()))
+        self._writable().execute(f"INSERT INTO damage ({names}) VALUES ({marks})", tuple(damage.__dict__.values()))
 
     def damage(self, contract_id: int | None = None, tick_type: str | None = None, start_us: int = -(2**63),
                end_us: int = 2**63 - 1) -> list[Damage]:
@@ -448,7 +455,7 @@ class Index:
 
     def remove_archive(self, contract_id: int, tick_type: str, hour_start: int) -> None:
         """Take an archived hour out of service (its file was quarantined): its row and its bars."""
-        conn = self._connection()
+        conn = self._writable()
         conn.execute("BEGIN IMMEDIATE")
         try:
             for table in ("tick_archives", "hour_bars"):
@@ -460,7 +467,12 @@ class Index:
             raise
 
     def put_statistics(self, statistics: DailyStatistics) -> None:
-        self._put_statistics(self._connection(), statistics)
+        """Keep a day's statistics; a day with no tick left loses its row."""
+        if statistics.total_ticks == 0:
+            self._writable().execute("DELETE FROM data_statistics WHERE contract_id = ? AND tick_type = ? AND date = ?",
+                                     (statistics.contract_id, statistics.tick_type, statistics.date))
+            return
+        self._put_statistics(self._writable(), statistics)
 
     @staticmethod
     def _put_statistics(conn: sqlite3.Connection, statistics: DailyStatistics) -> None:

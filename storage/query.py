@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from storage.bars import (
     BAR_RESOLUTIONS,
@@ -39,6 +38,7 @@ from storage.bars import (
     rollup,
     rollup_sessions,
 )
+from storage.archive import read_archive_file
 from storage.schemas import TIMESTAMP
 from storage.segments import StreamKey, from_ipc_bytes, ipc_bytes
 from storage.times import US_PER_HOUR
@@ -135,7 +135,7 @@ def _preaggregated_hours(store: "Store", key: StreamKey, start_us: int, end_us: 
 
 def _backfill(store: "Store", key: StreamKey, hour: int, file_path: str) -> bytes:
     """Pre-aggregates of an hour archived before they existed; kept if this store may write."""
-    ticks = pq.read_table(store.settings.archive_root / file_path)
+    ticks = read_archive_file(store.settings.archive_root / file_path, file_path)
     blob = ipc_bytes(partial_table(ticks, key.tick_type, PREAGGREGATE_US))
     if not store.read_only:
         store.index.put_hour_bars(key.contract_id, key.tick_type.value, hour, blob)

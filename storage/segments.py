@@ -646,7 +646,7 @@ class SegmentWriter:
             self._rotate(stream)
             segment = None
         if segment is None:
-            segment = self._create(stream, bucket)
+            segment = self._open(stream, self._create(stream, bucket))
         message = encode_batch(batch, stream.key.tick_type)
         if os.fstat(segment.fd).st_size != segment.offset:
             segment = self._replace_changed(stream, segment)
@@ -671,6 +671,11 @@ class SegmentWriter:
             if self.settings.fsync == "batch":
                 os.fsync(segment.fd)
         except OSError as exc:
+            try:  # overwriting bytes already allocated needs no room: the failed message can never read back
+                os.pwrite(segment.fd, b"\0" * 8, segment.offset)
+                os.fsync(segment.fd)
+            except OSError:
+                pass
             log.error("could not cut a failed write off %s (%s); closing it at its last acknowledged byte %d "
                       "(recovery treats what follows as damage and quarantines it)", segment.path, exc, segment.offset)
             os.close(segment.fd)
@@ -679,23 +684,28 @@ class SegmentWriter:
                 stream.open = None
 
     def _replace_changed(self, stream: _Stream, segment: _OpenSegment) -> _OpenSegment:
-        """Another process changed the open segment (truncated it, say): quarantine it and write its
-        acknowledged batches, still held in memory, to a new segment that takes its place."""
+        """Another process changed the open segment (truncated it, say): write its acknowledged
+        batches, still held in memory, to a new segment, then quarantine the changed file. If the
+        rewrite fails, the changed segment stays open and the next append tries again."""
         size = os.fstat(segment.fd).st_size
-        note = {"reason": f"changed by something else while open: {size} bytes where {segment.offset} were written",
-                "rewritten_batches": len(segment.batches)}
-        quarantine_file(self.settings.data_root, segment.path, note, keep=True)
-        os.close(segment.fd)
         replacement = self._create(stream, segment.bucket_start_us)
-        messages = b"".join(encode_batch(b, stream.key.tick_type) for b in segment.batches)
-        write_all(replacement.fd, messages, replacement.offset, "segment.write")
-        os.fsync(replacement.fd)
+        try:
+            messages = b"".join(encode_batch(b, stream.key.tick_type) for b in segment.batches)
+            write_all(replacement.fd, messages, replacement.offset, "segment.write")
+            fsync(replacement.fd, "segment.fsync")
+        except OSError:
+            os.close(replacement.fd)
+            replacement.path.unlink(missing_ok=True)  # ours, and incomplete: the batches are still in memory
+            raise
         replacement.offset += len(messages)
         replacement.batches = segment.batches
-        segment.path.unlink()
+        note = {"reason": f"changed by something else while open: {size} bytes where {segment.offset} were written",
+                "rewritten_batches": len(segment.batches), "rewritten_to": replacement.path.name}
+        quarantine_file(self.settings.data_root, segment.path, note)
+        os.close(segment.fd)
         log.error("segment %s was changed by another process; its %d acknowledged batches were rewritten from "
                   "memory to %s", segment.path, len(segment.batches), replacement.path.name)
-        return replacement
+        return self._open(stream, replacement)
 
     def _create(self, stream: _Stream, bucket: int) -> _OpenSegment:
         """A new segment holding the schema: written aside, fsynced, then renamed into place."""
@@ -717,7 +727,9 @@ class SegmentWriter:
             tmp.unlink(missing_ok=True)
             raise
         stream.next_seq += 1
-        segment = _OpenSegment(path, bucket, fd, len(header))
+        return _OpenSegment(path, bucket, fd, len(header))
+
+    def _open(self, stream: _Stream, segment: _OpenSegment) -> _OpenSegment:
         with stream.state_lock:
             stream.open = segment
         return segment

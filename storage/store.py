@@ -72,6 +72,8 @@ class Store:
             self.writer = SegmentWriter(self.settings, sealed, on_damage=self.index.record_damage)
             self.archiver = Archiver(self.settings, self.index, self.writer)
             self.archiver.recover()
+            for (cid, tt), until in self.index.archived_until().items():  # hours recovery adopted, too
+                self.writer.seal(StreamKey(cid, TickType(tt)), until)
         self.planner = Planner(self.index, self.settings.buffer_root, self.settings.archive_root, self.writer)
         self.cache = ResultCache(self.settings.cache_max_bytes, self.settings.cache_ttl.total_seconds())
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pytest
 
 from conftest import append_in_batches, between, ticks, utc
-from ibstream.errors import CorruptFileError, DamagedDataError, StorageUnavailableError
+from ibstream.errors import CorruptFileError, DamagedDataError, SealedHourError, StorageUnavailableError
 from ibstream.settings import Settings
 from recorder.synthetic import MNQ
 from storage import Store
@@ -102,6 +102,20 @@ def test_a_lost_index_is_rebuilt_from_the_files_on_the_next_start(settings, reco
                                                                                    utc(2025, 1, 10, 16)).num_rows]
     recorded_rows = coverage(settings, "recorded")
     assert (recorded_rows[0]["start"], recorded_rows[-1]["end"]) == (START, utc(2025, 1, 10, 16))
+
+
+def test_hours_adopted_after_a_lost_index_are_sealed(settings):
+    quotes = ticks(START, 20_000, rate_scale=0.25)
+    with Store(settings) as store:
+        append_in_batches(store, quotes)
+        store.archive(now=utc(2025, 1, 11))  # every hour archived: the buffer is empty
+    for path in settings.data_root.glob("index.sqlite*"):
+        path.unlink()
+    with Store(settings) as store:
+        with pytest.raises(SealedHourError, match="already archived"):
+            store.append(CID, "bid_ask", ticks(utc(2025, 1, 10, 14, 30), 10))
+        assert store.archive(now=utc(2025, 1, 11)) == []  # nothing to archive, nothing overwritten
+        assert store.read(CID, "bid_ask", *EVERYTHING).equals(quotes)
 
 
 def test_a_stale_index_adopts_the_hours_archived_after_it(settings):
@@ -324,6 +338,19 @@ def test_a_damaged_archive_file_is_named_then_quarantined_by_verify(settings, re
         assert pl.from_arrow(bars)["quote_count"].to_list() == [
             between(expected, utc(2025, 1, 10, h), utc(2025, 1, 10, h + 1)).num_rows for h in (13, 15, 16)]
     assert verify(settings).ok, "a second run finds nothing new"
+
+
+def test_verify_retiring_the_only_hour_of_a_day_drops_that_days_statistics(settings):
+    quotes = ticks(utc(2025, 1, 10, 23, 30), 8_000, rate_scale=0.25)  # 23:30 to past midnight
+    with Store(settings) as store:
+        append_in_batches(store, quotes)
+        store.archive(now=utc(2025, 1, 11, 2))
+        assert [s.date for s in store.statistics(CID, "bid_ask")] == ["2025-01-10", "2025-01-11"]
+    (first, *_) = sorted(settings.archive_root.rglob("*.parquet"))
+    damage(first, first.stat().st_size // 2)
+    assert len(verify(settings).damage) == 1
+    with Store(settings, read_only=True) as store:
+        assert [s.date for s in store.statistics(CID, "bid_ask")] == ["2025-01-11"]
 
 
 # -- settings changed between runs ---------------------------------------------------------------
