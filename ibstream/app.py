@@ -15,6 +15,45 @@ from storage.store import Store
 log = logging.getLogger(__name__)
 
 
+class StopSignals:
+    """SIGINT/SIGTERM handlers of a recording process: the first signal sets ``stop``; any later one is
+    logged once and otherwise ignored, so a second Ctrl-C cannot skip the final flush. Python lets
+    only the main thread install handlers; elsewhere this does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, stop: threading.Event):
+        self.stop = stop
+        self.received = False  # a signal set ``stop``
+        self._previous: dict[int, object] = {}
+        self._told = False
+
+    def install(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+            for sig in self.SIGNALS:
+                signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, number: int, frame) -> None:
+        name = signal.Signals(number).name
+        if not self.stop.is_set():
+            self.received = True
+            log.info("%s: stopping, flushing acknowledged ticks", name)
+            self.stop.set()
+        elif not self._told:
+            self._told = True
+            log.info("%s: already stopping; waiting for the final flush", name)
+
+    def restore(self) -> None:
+        """Put the previous handlers back; once a signal asked to stop, ignore further ones instead:
+        the process is on its way out, and one arriving while the interpreter shuts down would
+        otherwise kill it (exit status -2) after everything was flushed."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_IGN if self.received or self._told else handler)
+        self._previous = {}
+
+
 class RecordingService:
     """Records a feed into a store and serves it over Flight; use as a context manager."""
 
@@ -25,6 +64,7 @@ class RecordingService:
         self.feed = feed
         self.server = FlightServer(self.store, settings.flight_location)
         self._serve = threading.Thread(target=self.server.serve, name="flight-server", daemon=True)
+        self.signals: StopSignals | None = None  # run_for's, once a signal stopped it: kept until the final flush
 
     @property
     def location(self) -> str:
@@ -39,43 +79,58 @@ class RecordingService:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.feed.stop()
-        self.recorder.stop()  # last flush: everything received is acknowledged
-        self.server.shutdown()
-        self._serve.join()
-        self.store.close()
+        if self.signals is None:  # stopping without a signal: still, a Ctrl-C now must not skip the flush
+            stopping = threading.Event()
+            stopping.set()
+            self.signals = StopSignals(stopping).install()
+        try:
+            self.feed.stop()
+            self.recorder.stop()  # last flush: everything received is acknowledged or reported
+            recorder = self.recorder
+            log.info("stopped: %s ticks acknowledged, %s dropped, %s held ticks not stored",
+                     f"{sum(recorder.acknowledged.values()):,}", f"{sum(recorder.dropped.values()):,}",
+                     f"{recorder.held():,}")
+            self.server.shutdown()
+            self._serve.join()
+            self.store.close()
+        finally:
+            self.signals.restore()
+            self.signals = None
 
     def log_rates(self, every: float, until: threading.Event) -> None:
-        """Log one line per stream every ``every`` seconds until set: rate, total, and whether it is
-        being recorded, e.g. ``711280073 bid_ask: 452 ticks/s, 27,113 acknowledged, recording``."""
+        """Log one line per stream every ``every`` seconds until set: rate, total, and how its ticks
+        fare, e.g. ``711280073 bid_ask: 452 ticks/s, 27,113 acknowledged, storing``, ``..., STORAGE
+        UNAVAILABLE (No space left on device), holding 12,000 ticks``, ``..., DROPPING (12,345 dropped)``
+        or ``..., NOT recording (see coverage)``."""
         recorder = self.recorder
         previous = dict(recorder.acknowledged)
         while not until.wait(every):
             current = dict(recorder.acknowledged)
             for key in sorted(current.keys() | recorder.recording.keys()):
                 count = current.get(key, 0)
-                state = "recording" if recorder.recording.get(key) else "NOT recording (see coverage)"
-                dropped = f", {recorder.dropped[key]:,} DROPPED" if recorder.dropped.get(key) else ""
-                log.info("%d %s: %.0f ticks/s, %s acknowledged, %s%s", key.contract_id, key.tick_type.value,
-                         (count - previous.get(key, 0)) / every, f"{count:,}", state, dropped)
+                state = recorder.storage_state(key)
+                if not recorder.recording.get(key) and not recorder.held(key):
+                    state = "NOT recording (see coverage)" + ("" if state == "storing" else f"; {state}")
+                log.info("%d %s: %.0f ticks/s, %s acknowledged, %s", key.contract_id, key.tick_type.value,
+                         (count - previous.get(key, 0)) / every, f"{count:,}", state)
             previous = current
 
 
 def run_for(service: RecordingService, seconds: float, report_every: float = 2.0) -> None:
-    """Run until ``seconds`` pass (0: forever) or SIGINT/SIGTERM arrives, logging rates meanwhile."""
+    """Run until ``seconds`` pass (0: forever) or SIGINT/SIGTERM arrives, logging rates meanwhile.
+
+    Once a signal stopped it, the handlers stay installed until ``service`` has done its final flush
+    (in its ``__exit__``): a second signal during shutdown is logged, not obeyed.
+    """
     stop = threading.Event()
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    in_main = threading.current_thread() is threading.main_thread()
-    if in_main:
-        for sig in previous:
-            signal.signal(sig, lambda number, frame: (log.info("%s: stopping, flushing acknowledged ticks",
-                                                               signal.Signals(number).name), stop.set()))
+    signals = StopSignals(stop).install()
     reporter = threading.Thread(target=service.log_rates, args=(report_every, stop), daemon=True)
     reporter.start()
     try:
         stop.wait(seconds if seconds > 0 else None)
     finally:
         stop.set()
-        if in_main:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        if signals.received:
+            service.signals = signals
+        else:
+            signals.restore()

@@ -179,3 +179,24 @@ class Settings(BaseSettings):
     @property
     def flight_location(self) -> str:
         return f"grpc://{self.flight_host}:{self.flight_port}"
+
+    # -- recorder under storage failure (declared last so the fields above keep their order) --------
+    max_held_ticks: int = Field(
+        2_000_000, gt=0,
+        description="Ticks per stream the recorder holds in memory while storage refuses them (disk full, I/O "
+        "error); past it the newest ticks are dropped, counted, and coverage gets a 'storage_unavailable' gap.")
+    storage_retry_max: timedelta = Field(
+        timedelta(seconds=5),
+        description="While storage is unavailable the recorder retries after flush_interval, doubling per failed "
+        "attempt up to this.")
+    storage_summary_interval: timedelta = Field(
+        timedelta(seconds=30),
+        description="While storage is unavailable or ticks are dropped, the recorder logs one summary line this often.")
+    disk_warn_free_bytes: int = Field(
+        1024**3, ge=0,
+        description="The recorder warns once when free space on the data root falls below this (and says when it "
+        "recovers); checked about every 10 s. 0 disables the check.")
+    stop_flush_timeout: timedelta = Field(
+        timedelta(seconds=10),
+        description="On stop, how long the final flush keeps retrying while storage is unavailable before it gives "
+        "up and reports the held ticks it could not store.")
