@@ -205,7 +205,9 @@ class Store:
         tick_type = TickType.parse(str(tick_type)).value
         start_us, end_us = to_us(start, name="start"), to_us(end, name="end")
         rows = self.index.coverage(contract_id, tick_type, start_us, end_us)
-        rows += [CoverageInterval(d.contract_id, d.tick_type, "damaged", d.reason, d.start_time, d.end_time, False)
+        rows += [CoverageInterval(d.contract_id, d.tick_type, "damaged",
+                                  f"{d.reason}; in {d.file}" + (f", kept in {d.quarantined}" if d.quarantined else ""),
+                                  d.start_time, d.end_time, False)
                  for d in self.index.damage(contract_id, tick_type, start_us, end_us - 1)]
         rows.sort(key=lambda r: r.start_time)
         return records_table(rows, COVERAGE_SCHEMA, {"start": "start_time", "end": "end_time", "open": "is_open"})
