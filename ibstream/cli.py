@@ -62,29 +62,29 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--data-root", type=Path, help=DATA_ROOT_HELP)
     serve.add_argument("--port", type=int, help="Flight port (default IBSTREAM_FLIGHT_PORT or 8815)")
 
-    verify = commands.add_parser(
-        "verify", help="check every stored file; quarantine and report what is damaged",
-        description="Opens the store for writing (stop the recorder first), checks every buffer segment's batch "
-        "checksums, every archive file against the index (page CRCs, decoding, tick counts, ts order and bounds, "
-        "sizes) and the index itself. Damaged files are moved to DATA_ROOT/quarantine/ with a note, never deleted; "
-        "what they held is reported in coverage as 'damaged'. Exit status 0: all sound; 1: damage found.")
-    verify.add_argument("--data-root", type=Path, help=DATA_ROOT_HELP)
-
-    reindex = commands.add_parser(
-        "reindex", help="rebuild index.sqlite from the archive and buffer files",
-        description="For a lost, damaged or stale index (say, a backup that copied index.sqlite alone). Builds a new "
-        "index beside the old one from each archive file's own metadata (hours, statistics, 1-minute bars, contract "
-        "details, coverage), keeps contracts, coverage and damage records from the old index when it can still be "
-        "read, then swaps it in; the old index goes to DATA_ROOT/quarantine/. Stop the recorder first.")
-    reindex.add_argument("--data-root", type=Path, help=DATA_ROOT_HELP)
-
-    backup = commands.add_parser(
-        "backup", help="copy the store consistently into a new folder (recording may go on)",
-        description="Copies the buffer segments, then the index (SQLite's online backup), then every archive file "
-        "that index names, into DESTINATION.partial, renamed to DESTINATION when complete. Restore by pointing "
-        "--data-root (or IBSTREAM_DATA_ROOT) at the copy.")
-    backup.add_argument("destination", type=Path, help="a new (or empty) folder for the copy")
-    backup.add_argument("--data-root", type=Path, help=DATA_ROOT_HELP)
+    maintenance = {
+        "verify": ("check every stored file; quarantine and report what is damaged",
+                   "Opens the store for writing (stop the recorder first), checks every buffer segment's batch "
+                   "checksums, every archive file against the index (page CRCs, decoding, tick counts, ts order and "
+                   "bounds, sizes) and the index itself. Damaged files are moved to DATA_ROOT/quarantine/ with a note, "
+                   "never deleted; what they held is reported in coverage as 'damaged'. Exit status 0: all sound; 1: "
+                   "damage found."),
+        "reindex": ("rebuild index.sqlite from the archive and buffer files",
+                    "For a lost, damaged or stale index (say, a backup that copied index.sqlite alone). Builds a new "
+                    "index beside the old one from each archive file's own metadata (hours, statistics, 1-minute bars, "
+                    "contract details, coverage), keeps contracts, coverage and damage records from the old index when "
+                    "it can still be read, then swaps it in; the old index goes to DATA_ROOT/quarantine/. Stop the "
+                    "recorder first."),
+        "backup": ("copy the store consistently into a new folder (recording may go on)",
+                   "Copies the buffer segments, then the index (SQLite's online backup), then every archive file that "
+                   "index names, into DESTINATION.partial, renamed to DESTINATION when complete. Restore by pointing "
+                   "--data-root (or IBSTREAM_DATA_ROOT) at the copy."),
+    }
+    for name, (summary, description) in maintenance.items():
+        verb = commands.add_parser(name, help=summary, description=description)
+        if name == "backup":
+            verb.add_argument("destination", type=Path, help="a new (or empty) folder for the copy")
+        verb.add_argument("--data-root", type=Path, help=DATA_ROOT_HELP)
     return parser
 
 
