@@ -61,6 +61,7 @@ CONTINUATION = b"\xff\xff\xff\xff"
 EOS = CONTINUATION + b"\x00\x00\x00\x00"
 _CRC_VALUE = re.compile(rb"\x08\x00\x00\x00([0-9a-f]{8})\x00")  # a flatbuffer string of 8 hex digits
 NO_TS = -(2**63)
+_PLACEHOLDER_METADATA = {CRC_KEY: PLACEHOLDER.decode()}
 
 
 @dataclass(frozen=True, order=True)
@@ -150,15 +151,15 @@ def encode_batch(batch: pa.RecordBatch, tick_type: TickType) -> bytes:
     """One IPC record-batch message of ``batch`` with its CRC-32 in its custom metadata."""
     sink = pa.BufferOutputStream()
     writer = pa.ipc.new_stream(sink, segment_schema(tick_type))
-    writer.write_batch(batch, custom_metadata={CRC_KEY: PLACEHOLDER.decode()})
+    writer.write_batch(batch, custom_metadata=_PLACEHOLDER_METADATA)
     writer.close()
-    message = bytearray(sink.getvalue().to_pybytes()[len(header_bytes(tick_type)):-len(EOS)])
+    stream = sink.getvalue()
+    message = memoryview(stream).cast("B")[len(header_bytes(tick_type)):stream.size - len(EOS)]
     metadata_end = 8 + struct.unpack_from("<i", message, 4)[0]
     found = _CRC_VALUE.search(message, 8, metadata_end)
     assert found is not None and found.group(1) == PLACEHOLDER
     at = found.start(1)
-    message[at:at + 8] = b"%08x" % _crc(memoryview(message), at)
-    return bytes(message)
+    return b"".join((message[:at], b"%08x" % _crc(message, at), message[at + 8:]))
 
 
 # ---------------------------------------------------------------------------------------------
