@@ -9,6 +9,7 @@ every tick is counted once and none is missed while writing, rotation and archiv
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -25,13 +26,15 @@ from storage.segments import (
     SegmentWriter,
     StreamKey,
     list_segments,
-    read_segment,
+    scan_segment,
     segment_seq,
     segment_start_us,
     stream_dir,
 )
 from storage.schemas import schema_for
 from storage.times import hour_floor, iso
+
+log = logging.getLogger(__name__)
 
 
 def ts_bounds(ts: pa.Array | pa.ChunkedArray, start_us: int, end_us: int) -> tuple[int, int]:
@@ -65,6 +68,7 @@ class SegmentCache:
         self._entries: OrderedDict[tuple[Path, int], pa.Table] = OrderedDict()
         self._lock = threading.Lock()
         self._max = max_entries
+        self._reported: set[Path] = set()  # damaged segments already logged
 
     def get(self, path: Path, source: pa.MemoryMappedFile, schema: pa.Schema, batch_rows: int) -> pa.Table:
         key = (path, source.size())
@@ -73,7 +77,13 @@ class SegmentCache:
             if table is not None:
                 self._entries.move_to_end(key)
                 return table
-        table = coalesce(read_segment(path, source)[0], schema, batch_rows)
+        scan = scan_segment(path, source)
+        if scan.damaged and path not in self._reported:
+            self._reported.add(path)
+            log.error("segment %s has damaged bytes (%s); serving its %d good batches. The archiver or "
+                      "`ibstream verify` quarantines it and reports the span in coverage", path,
+                      ", ".join(f"{a}-{b}" for a, b, _ in scan.damaged), len(scan.batches))
+        table = coalesce(scan.batches, schema, batch_rows)
         with self._lock:
             for older in [k for k in self._entries if k[0] == path]:  # a growing segment: keep its newest size only
                 del self._entries[older]

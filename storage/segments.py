@@ -99,11 +99,23 @@ def segment_seq(path: Path) -> int:
     return int(path.name[: -len(SUFFIX)].rsplit("-", 1)[1])
 
 
+_SEGMENT_NAME = re.compile(r"\d{8}T\d{6}Z-\d+" + re.escape(SUFFIX))
+_foreign_reported: set[Path] = set()
+
+
 def list_segments(directory: Path) -> list[Path]:
-    """The segment files of a stream, by name (bucket, then seq); see :func:`in_stream_order`."""
+    """The segment files of a stream, by name (bucket, then seq); see :func:`in_stream_order`.
+    Files whose names ibstream does not write are left alone, and reported once."""
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX))
+    paths = []
+    for path in directory.iterdir():
+        if _SEGMENT_NAME.fullmatch(path.name):
+            paths.append(path)
+        elif path.name.endswith(SUFFIX) and path not in _foreign_reported:
+            _foreign_reported.add(path)
+            log.warning("ignoring %s: not a segment name ibstream writes (YYYYmmddTHHMMSSZ-seq%s)", path, SUFFIX)
+    return sorted(paths)
 
 
 def list_streams(buffer_root: Path) -> list[StreamKey]:

@@ -420,3 +420,15 @@ def test_a_real_full_disk_refuses_cleanly_and_recording_resumes_when_room_return
         assert store.read(CID, "bid_ask", *EVERYTHING).equals(table)
     assert read_all(settings).equals(table)
     assert not quarantined(settings)
+
+
+def test_files_ibstream_does_not_write_are_left_alone(settings, caplog):
+    table = ticks(utc(2025, 1, 10, 14), 2_000)
+    write_batches(settings, table)
+    directory = stream_dir(settings.buffer_root, KEY)
+    (directory / "copy of segment.arrows").write_bytes(b"whatever")
+    (directory / "README").write_text("notes")
+    assert read_all(settings).equals(table)
+    assert read_all(settings, read_only=True).equals(table)
+    assert (directory / "copy of segment.arrows").exists() and (directory / "README").exists()
+    assert sum("not a segment name" in r.message for r in caplog.records) == 1
