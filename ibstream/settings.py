@@ -144,6 +144,31 @@ class Settings(BaseSettings):
     flush_interval: timedelta = Field(
         timedelta(milliseconds=20), description="Group commit: received ticks are appended and fsynced this often.")
 
+    max_held_ticks: int = Field(
+        2_000_000, gt=0,
+        description="Ticks per stream the recorder holds in memory while storage refuses them (disk full, I/O "
+        "error); past it the newest ticks are dropped, counted, and coverage gets a 'storage_unavailable' gap.")
+    storage_retry_max: timedelta = Field(
+        timedelta(seconds=5),
+        description="While storage is unavailable the recorder retries after flush_interval, doubling per failed "
+        "attempt up to this.")
+    storage_summary_interval: timedelta = Field(
+        timedelta(seconds=30),
+        description="While storage is unavailable or ticks are dropped, the recorder logs one summary line this often.")
+    disk_warn_free_bytes: int = Field(
+        1024**3, ge=0,
+        description="The recorder warns once when free space on the data root falls below this (and says when it "
+        "recovers); checked about every 10 s. 0 disables the check.")
+    stop_flush_timeout: timedelta = Field(
+        timedelta(seconds=10),
+        description="On stop, how long the final flush keeps retrying while storage is unavailable before it gives "
+        "up and reports the held ticks it could not store.")
+    scrub_interval: timedelta = Field(
+        timedelta(minutes=5),
+        description="The recording process checks a few archive files this often (page CRCs, counts, ts order), in "
+        "turn, so damage is found and quarantined without waiting for `ibstream verify`; 0 turns it off.")
+    scrub_files: int = Field(10, gt=0, description="Archive files checked per scrub run.")
+
     @field_validator("contracts")
     @classmethod
     def _distinct_contracts(cls, value: tuple[ContractSpec, ...]) -> tuple[ContractSpec, ...]:
@@ -179,24 +204,3 @@ class Settings(BaseSettings):
     @property
     def flight_location(self) -> str:
         return f"grpc://{self.flight_host}:{self.flight_port}"
-
-    # -- recorder under storage failure (declared last so the fields above keep their order) --------
-    max_held_ticks: int = Field(
-        2_000_000, gt=0,
-        description="Ticks per stream the recorder holds in memory while storage refuses them (disk full, I/O "
-        "error); past it the newest ticks are dropped, counted, and coverage gets a 'storage_unavailable' gap.")
-    storage_retry_max: timedelta = Field(
-        timedelta(seconds=5),
-        description="While storage is unavailable the recorder retries after flush_interval, doubling per failed "
-        "attempt up to this.")
-    storage_summary_interval: timedelta = Field(
-        timedelta(seconds=30),
-        description="While storage is unavailable or ticks are dropped, the recorder logs one summary line this often.")
-    disk_warn_free_bytes: int = Field(
-        1024**3, ge=0,
-        description="The recorder warns once when free space on the data root falls below this (and says when it "
-        "recovers); checked about every 10 s. 0 disables the check.")
-    stop_flush_timeout: timedelta = Field(
-        timedelta(seconds=10),
-        description="On stop, how long the final flush keeps retrying while storage is unavailable before it gives "
-        "up and reports the held ticks it could not store.")

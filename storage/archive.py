@@ -254,6 +254,7 @@ class Archiver:
     writer: SegmentWriter
     _failing: str | None = None  # why the last run stopped (storage), logged once per change
     _bad_hours: set = field(default_factory=set)  # (key, hour) already reported as failing
+    _scrubbed: tuple = (-1, "", -1)  # the last hour scrub checked: (contract_id, tick_type, hour_start)
 
     @property
     def root(self) -> Path:
@@ -417,6 +418,46 @@ class Archiver:
         if not files:
             return DailyStatistics(key.contract_id, key.tick_type.value, date, 0, 0, None, None, None, None)
         return day_statistics(key, date, [pl.scan_parquet(f) for f in files])
+
+    # -- checking what is published ---------------------------------------------------------
+
+    def check(self, entry: ArchiveEntry) -> str | None:
+        """Check a published hour's file against the index; if it fails, retire it and say why."""
+        path = self.root / entry.file_path
+        try:
+            if not path.exists():
+                raise DamagedDataError(f"archive file {entry.file_path} is missing")
+            check_archive_file(self.root, path, entry)
+        except DamagedDataError as exc:
+            self.retire(entry, str(exc))
+            return str(exc)
+        return None
+
+    def retire(self, entry: ArchiveEntry, reason: str) -> None:
+        """Take a failed archived hour out of service: drop its index rows (readers stop using it at
+        once), quarantine its file, record the damage, recompute its day's statistics."""
+        self.index.remove_archive(entry.contract_id, entry.tick_type, entry.hour_start)
+        path = self.root / entry.file_path
+        if path.exists():
+            self._quarantine_file(path, reason)
+        else:
+            self.index.record_damage(Damage(entry.contract_id, entry.tick_type, entry.hour_start,
+                                            entry.hour_start + US_PER_HOUR - 1,
+                                            path.relative_to(self.settings.data_root).as_posix(), "", reason[:500],
+                                            now_us()))
+        key = StreamKey(entry.contract_id, TickType(entry.tick_type))
+        self.index.put_statistics(self._statistics_with(key, entry.hour_start))
+
+    def scrub(self, count: int) -> list[str]:
+        """Check the next ``count`` published hours, in turn across calls; returns what failed."""
+        entries = self.index.archives_all()
+        if not entries:
+            return []
+        start = next((i for i, e in enumerate(entries) if (e.contract_id, e.tick_type, e.hour_start) > self._scrubbed),
+                     0)
+        chosen = (entries[start:] + entries[:start])[:count]
+        self._scrubbed = (chosen[-1].contract_id, chosen[-1].tick_type, chosen[-1].hour_start)
+        return [problem for entry in chosen if (problem := self.check(entry)) is not None]
 
     # -- recovery ------------------------------------------------------------------------------
 

@@ -20,14 +20,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ibstream.errors import CorruptFileError, DamagedDataError, StorageError
+from ibstream.errors import CorruptFileError, StorageError
 from ibstream.settings import Settings
-from storage.archive import FILE_NAME, Archiver, check_archive_file
+from storage.archive import FILE_NAME, Archiver
 from storage.failpoints import failpoint
 from storage.index import Index
 from storage.quarantine import Damage, quarantine_file
-from storage.schemas import TickType
-from storage.segments import SUFFIX, SegmentWriter, StreamKey, fsync_dir
+from storage.segments import SUFFIX, SegmentWriter, fsync_dir
 from storage.store import Store, lock_data_root
 from storage.times import US_PER_HOUR, now_us
 
@@ -182,35 +181,14 @@ def verify(settings: Settings, progress: Progress = _quiet) -> Report:
         report.problems += [f"index: {p}" for p in store.index.integrity_problems()]
         entries = store.index.archives_all()
         for entry in progress(entries, "verifying archive files", len(entries)):
-            path = settings.archive_root / entry.file_path
-            try:
-                if not path.exists():
-                    raise DamagedDataError(f"archive file {entry.file_path} is missing")
-                check_archive_file(settings.archive_root, path, entry)
-            except DamagedDataError as exc:
-                report.problems.append(str(exc))
-                _retire(store, entry.contract_id, entry.tick_type, entry.hour_start, path, str(exc))
+            problem = store.check_archived(entry)
+            if problem is not None:
+                report.problems.append(problem)
                 continue
             report.files += 1
             report.ticks += entry.tick_count
         report.damage = [d for d in store.index.damage() if d not in before]
     return report
-
-
-def _retire(store: Store, contract_id: int, tick_type: str, hour: int, path: Path, reason: str) -> None:
-    """Take a failed archived hour out of service: quarantine its file, drop its index rows,
-    record the damage, recompute its day's statistics."""
-    assert store.archiver is not None
-    store.index.remove_archive(contract_id, tick_type, hour)
-    if path.exists():
-        store.archiver._quarantine_file(path, reason)
-    else:
-        store.index.record_damage(Damage(contract_id, tick_type, hour, hour + US_PER_HOUR - 1,
-                                         path.relative_to(store.settings.data_root).as_posix(), "", reason[:500],
-                                         now_us()))
-    key = StreamKey(contract_id, TickType(tick_type))
-    store.index.put_statistics(store.archiver._statistics_with(key, hour))
-    store.cache.clear()
 
 
 # ---------------------------------------------------------------------------------------------

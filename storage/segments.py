@@ -25,7 +25,6 @@ reported (coverage ``damaged``).
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re

@@ -24,13 +24,10 @@ from storage.schemas import COVERAGE_SCHEMA, TickType, records_table
 from storage.segments import (
     SegmentWriter,
     StreamKey,
-    list_segments,
     list_streams,
-    segment_start_us,
-    stream_dir,
 )
 from storage.sessions import ContractSessions, Session, no_calendar_error
-from storage.times import US_PER_HOUR, from_us, hour_floor, to_us
+from storage.times import from_us, to_us
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +98,30 @@ class Store:
             seconds=self.settings.archive_check_interval.total_seconds(),
             id="archiver", max_instances=1, coalesce=True,
         )
+        if self.settings.scrub_interval.total_seconds() > 0:
+            self._scheduler.add_job(self.scrub, "interval", seconds=self.settings.scrub_interval.total_seconds(),
+                                    id="scrub", max_instances=1, coalesce=True)
         self._scheduler.start()
+
+    def check_archived(self, entry: ArchiveEntry) -> str | None:
+        """Check one published hour; a file that fails is quarantined and reported (see :meth:`scrub`)."""
+        if self.archiver is None:
+            raise RuntimeError("this store was opened read_only; only the recording process quarantines")
+        problem = self.archiver.check(entry)
+        if problem is not None:
+            self.cache.clear()
+        return problem
+
+    def scrub(self, count: int | None = None) -> list[str]:
+        """Check the next ``count`` (``scrub_files``) archived hours in turn, so damage is found and
+        quarantined between runs of ``ibstream verify``; the background job runs it every
+        ``scrub_interval``. Returns what failed."""
+        if self.archiver is None:
+            raise RuntimeError("this store was opened read_only; only the recording process scrubs")
+        problems = self.archiver.scrub(count or self.settings.scrub_files)
+        if problems:
+            self.cache.clear()
+        return problems
 
     # -- reading -------------------------------------------------------------------------------
 

@@ -432,3 +432,17 @@ def test_files_ibstream_does_not_write_are_left_alone(settings, caplog):
     assert read_all(settings, read_only=True).equals(table)
     assert (directory / "copy of segment.arrows").exists() and (directory / "README").exists()
     assert sum("not a segment name" in r.message for r in caplog.records) == 1
+
+
+def test_the_recorders_scrub_finds_a_damaged_archive_file_without_verify(settings, recorded):
+    files = sorted(settings.archive_root.rglob("*.parquet"))
+    damage(files[2], files[2].stat().st_size // 2)  # hour 15
+    with Store(settings) as store:
+        assert store.scrub(2) == []  # hours 13 and 14 are sound
+        (problem,) = store.scrub(2)  # hour 15, then round again to 13
+        assert "hour=15/data.parquet" in problem
+        expected = pa.concat_tables([between(recorded, START, utc(2025, 1, 10, 15)),
+                                     between(recorded, utc(2025, 1, 10, 16), EVERYTHING[1])])
+        assert store.read(CID, "bid_ask", *EVERYTHING).equals(expected)
+    (damaged,) = coverage(settings, "damaged")
+    assert damaged["start"] == utc(2025, 1, 10, 15) and "quarantine/" in damaged["reason"]

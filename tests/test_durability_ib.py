@@ -13,13 +13,13 @@ from storage import Store
 from storage.failpoints import io_faults
 from storage.segments import list_segments, scan_segment, stream_dir, StreamKey
 from storage.schemas import TickType
-from test_recorder_ib import EVERYTHING, Recording, gateway, ib_settings, wait_until  # noqa: F401 (fixture)
+from test_recorder_ib import EVERYTHING, Recording, gateway, ib_settings, wait_until  # noqa: F401,F811 (a fixture)
 from simulator.market import SIM_MNQ
 
 CID = SIM_MNQ.con_id
 
 
-def test_refused_writes_then_lost_index_and_damage_between_runs(tmp_path, gateway):
+def test_refused_writes_then_lost_index_and_damage_between_runs(tmp_path, gateway):  # noqa: F811
     settings = ib_settings(tmp_path, gateway, rotation_interval=timedelta(seconds=1),
                            contracts=ib_settings(tmp_path, gateway).contracts[:1])
     first = Recording(settings, gateway)
