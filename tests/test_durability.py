@@ -233,6 +233,7 @@ def test_a_damaged_segment_header_loses_nothing(settings, newest):
     write_batches(settings, table)
     target = segments(settings)[-1 if newest else 0]
     damage(target, 20, 40)
+    assert read_all(settings, read_only=True).equals(table)  # a server on the store, before any repair
     assert read_all(settings).equals(table)
     assert read_all(settings, read_only=True).equals(table)
     assert not coverage(settings, "damaged"), "the schema holds no tick: nothing was lost"
