@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/ibstream demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/pytest -q  # not `python -m pytest`: the repo root on sys.path would hide a missed `ibstream.` import
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

@@ -23,9 +23,9 @@ from common import (  # noqa: E402
     DAY_START, QUICK_HOURS, BareServer, archived_store, day_ticks, header, our_server, parse_args, serving,
     target, timed,
 )
-from flight_server.commands import command  # noqa: E402
-from recorder.synthetic import MNQ  # noqa: E402
-from storage import Store  # noqa: E402
+from ibstream.flight_server.commands import command  # noqa: E402
+from ibstream.recorder.synthetic import MNQ  # noqa: E402
+from ibstream.storage import Store  # noqa: E402
 
 
 def main(quick: bool = False) -> dict:

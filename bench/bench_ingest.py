@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, parse_args, target  # noqa: E402
 from ibstream.app import RecordingService  # noqa: E402
 from ibstream.settings import ContractSpec, Settings  # noqa: E402
-from recorder.ib import IBFeed  # noqa: E402
-from simulator.market import SIM_AAPL, SIM_MNQ  # noqa: E402
-from storage.times import now_us  # noqa: E402
+from ibstream.recorder.ib import IBFeed  # noqa: E402
+from ibstream.simulator.market import SIM_AAPL, SIM_MNQ  # noqa: E402
+from ibstream.storage.times import now_us  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACTS = (ContractSpec(con_id=SIM_MNQ.con_id, tick_types=("bid_ask", "last")),
@@ -122,8 +122,8 @@ def decoder_ceiling(count: int) -> float:
 
 
 def main(quick: bool = False) -> dict:
-    logging.getLogger("recorder.recorder").setLevel(logging.ERROR)  # "flush took" warnings under overload
-    logging.getLogger("simulator.gateway").setLevel(logging.ERROR)
+    logging.getLogger("ibstream.recorder.recorder").setLevel(logging.ERROR)  # "flush took" warnings under overload
+    logging.getLogger("ibstream.simulator.gateway").setLevel(logging.ERROR)
     seconds = 4 if quick else 12
     header(f"ingest through the IB wire protocol (simulator process -> ibapi -> recorder, fsync=batch), {seconds} s windows")
     ceiling = decoder_ceiling(100_000 if quick else 400_000)

@@ -37,10 +37,10 @@ from common import (  # noqa: E402
 )
 from ibstream.app import RecordingService  # noqa: E402
 from ibstream.settings import ContractSpec  # noqa: E402
-from recorder.ib import IBFeed  # noqa: E402
-from recorder.synthetic import MNQ  # noqa: E402
-from storage import Store  # noqa: E402
-from storage.times import to_us  # noqa: E402
+from ibstream.recorder.ib import IBFeed  # noqa: E402
+from ibstream.recorder.synthetic import MNQ  # noqa: E402
+from ibstream.storage import Store  # noqa: E402
+from ibstream.storage.times import to_us  # noqa: E402
 
 SPEED = 300  # the simulated MNQ market at 300x: about 3,000 ticks a second, in bursts
 
@@ -49,8 +49,8 @@ def reader(kind: str, location: str, day: tuple[datetime, datetime], begin: floa
     """One reader process: loop ``kind`` queries from ``begin`` (wall clock) for ``seconds``."""
     import pyarrow.flight as flight
 
-    from clients import Client
-    from flight_server.commands import command
+    from ibstream.clients import Client
+    from ibstream.flight_server.commands import command
 
     client = Client(location)
     out = {"kind": kind, "ops": 0, "bytes": 0, "rows": 0, "errors": [], "latency": []}
@@ -115,7 +115,7 @@ def ingest_rate(service: RecordingService, seconds: float, begin: float | None =
 
 def check_live(store, outs: list[dict]) -> tuple[int, int]:
     """(live readers whose ticks were exactly the store's, live readers checked)."""
-    from storage.live import Cursor
+    from ibstream.storage.live import Cursor
 
     exact = 0
     live = [o for o in outs if o["kind"] == "live" and not o["errors"] and o.get("cursor")]

@@ -18,13 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pyarrow as pa  # noqa: E402
 
-from clients import Client  # noqa: E402
+from ibstream.clients import Client  # noqa: E402
 from common import (  # noqa: E402
     DAY_START, DAY_START_US, QUICK_HOURS, append_batches, archived_store, day_ticks, header, our_server,
     MEASURE_HEADER, measure, parse_args, serving, target,
 )
-from recorder.synthetic import MNQ  # noqa: E402
-from storage.times import US_PER_HOUR, from_us  # noqa: E402
+from ibstream.recorder.synthetic import MNQ  # noqa: E402
+from ibstream.storage.times import US_PER_HOUR, from_us  # noqa: E402
 
 LIVE_BATCH = 50  # ticks per live append (a few seconds of quotes)
 

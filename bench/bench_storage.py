@@ -20,7 +20,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from common import QUICK_HOURS, archived_store, day_ticks, header, parse_args, target  # noqa: E402
-from storage.archive import parquet_options  # noqa: E402
+from ibstream.storage.archive import parquet_options  # noqa: E402
 
 
 def json_lines(table: pa.Table) -> pl.DataFrame:

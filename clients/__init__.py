@@ -1,6 +1,6 @@
 """Flight clients: ``Client`` returns polars (or pandas) DataFrames."""
 
-from clients.client import Client
-from clients.live import LiveFrame, LiveStream
+from ibstream.clients.client import Client
+from ibstream.clients.live import LiveFrame, LiveStream
 
 __all__ = ["Client", "LiveFrame", "LiveStream"]

@@ -10,9 +10,9 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from clients.live import LiveFrame, LiveStream
-from flight_server.commands import command, iso_time
-from clients.errors import translated
+from ibstream.clients.live import LiveFrame, LiveStream
+from ibstream.flight_server.commands import command, iso_time
+from ibstream.clients.errors import translated
 from ibstream.errors import InvalidRequestError
 
 DEFAULT_LOCATION = "grpc://127.0.0.1:8815"

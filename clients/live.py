@@ -21,8 +21,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from clients.errors import translated
-from flight_server.commands import command
+from ibstream.clients.errors import translated
+from ibstream.flight_server.commands import command
 from ibstream.errors import IbstreamError, ServerUnavailableError
 
 log = logging.getLogger(__name__)

@@ -21,11 +21,11 @@ from pydantic import (
 )
 
 from ibstream.errors import InvalidRequestError
-from storage.bars import DAILY, TICK, parse_resolution, parse_window
-from storage.live import Cursor
-from storage.schemas import TickType
-from storage.sessions import normalize_kind
-from storage.times import iso, to_us
+from ibstream.storage.bars import DAILY, TICK, parse_resolution, parse_window
+from ibstream.storage.live import Cursor
+from ibstream.storage.schemas import TickType
+from ibstream.storage.sessions import normalize_kind
+from ibstream.storage.times import iso, to_us
 
 COMMAND_VERSION = 1
 

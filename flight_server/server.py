@@ -30,7 +30,7 @@ from datetime import date
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from flight_server.commands import (
+from ibstream.flight_server.commands import (
     CoverageBody,
     QueryCommand,
     SessionsBody,
@@ -47,7 +47,7 @@ from ibstream.errors import (
     SubscriberTooSlowError,
 )
 from ibstream.settings import Settings
-from storage.bars import (
+from ibstream.storage.bars import (
     BAR_RESOLUTIONS,
     DAILY,
     PREAGGREGATE_US,
@@ -56,12 +56,12 @@ from storage.bars import (
     parse_window,
     partial_step_us,
 )
-from storage.live import FOREVER_US, Cursor, LiveBars, LiveFeed, live_bar_schema
-from storage.schemas import SESSIONS_SCHEMA, STATISTICS_SCHEMA, records_table, schema_for
-from storage.segments import StreamKey, ipc_bytes
-from storage.sessions import ContractSessions, Session
-from storage.store import Store
-from storage.times import duration_us, from_us, iso, now_us, to_us
+from ibstream.storage.live import FOREVER_US, Cursor, LiveBars, LiveFeed, live_bar_schema
+from ibstream.storage.schemas import SESSIONS_SCHEMA, STATISTICS_SCHEMA, records_table, schema_for
+from ibstream.storage.segments import StreamKey, ipc_bytes
+from ibstream.storage.sessions import ContractSessions, Session
+from ibstream.storage.store import Store
+from ibstream.storage.times import duration_us, from_us, iso, now_us, to_us
 
 log = logging.getLogger(__name__)
 

@@ -6,11 +6,11 @@ import logging
 import signal
 import threading
 
-from flight_server.server import FlightServer
+from ibstream.flight_server.server import FlightServer
 from ibstream.settings import Settings
-from recorder.feed import TickFeed
-from recorder.recorder import Recorder
-from storage.store import Store
+from ibstream.recorder.feed import TickFeed
+from ibstream.recorder.recorder import Recorder
+from ibstream.storage.store import Store
 
 log = logging.getLogger(__name__)
 

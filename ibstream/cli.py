@@ -119,8 +119,8 @@ def _run(args: argparse.Namespace) -> int:
         return _maintain(args, Settings(**({"data_root": args.data_root} if args.data_root else {})))
     overrides = {k: v for k, v in (("data_root", args.data_root), ("flight_port", args.port)) if v is not None}
     settings = Settings(**overrides)
-    from flight_server.server import FlightServer
-    from storage.store import Store
+    from ibstream.flight_server.server import FlightServer
+    from ibstream.storage.store import Store
 
     with Store(settings, read_only=True) as store:
         server = FlightServer(store, settings.flight_location)
@@ -135,8 +135,8 @@ def _run(args: argparse.Namespace) -> int:
 def _maintain(args: argparse.Namespace, settings) -> int:
     from tqdm import tqdm
 
-    from storage import maintenance
-    from storage.times import iso
+    from ibstream.storage import maintenance
+    from ibstream.storage.times import iso
 
     def progress(items, description, total):
         return tqdm(items, desc=description, total=total, unit="file", disable=None, leave=False)
@@ -164,8 +164,8 @@ def _maintain(args: argparse.Namespace, settings) -> int:
 
 def _record(args: argparse.Namespace, settings) -> int:
     from ibstream.app import RecordingService, run_for
-    from recorder.ib import IBFeed
-    from recorder.synthetic import AAPL, MNQ, SyntheticFeed
+    from ibstream.recorder.ib import IBFeed
+    from ibstream.recorder.synthetic import AAPL, MNQ, SyntheticFeed
 
     feed = SyntheticFeed([MNQ, AAPL]) if args.synthetic else IBFeed(settings)
     if not args.synthetic:
@@ -181,8 +181,8 @@ def _simulate(args: argparse.Namespace, settings) -> int:
     import threading
     from datetime import datetime, timedelta, timezone
 
-    from simulator.gateway import GatewaySimulator
-    from simulator.market import archive_tape
+    from ibstream.simulator.gateway import GatewaySimulator
+    from ibstream.simulator.market import archive_tape
 
     tapes = None
     if args.replay is not None:

@@ -104,7 +104,7 @@ class Settings(BaseSettings):
         "disables it. One result is cached only if it takes at most a quarter of this.")
     cache_ttl: timedelta = Field(timedelta(minutes=5), description="A cached result is dropped this long after it was computed.")
     max_streams: int = Field(
-        64, gt=0, description="Most do_get streams served from storage or live at once; past it a do_get is refused "
+        64, gt=0, description="Most do_get streams served from ibstream.storage or live at once; past it a do_get is refused "
         "with UNAVAILABLE ('server busy'), so memory stays bounded. Cached results do not count.")
     live_queue_rows: int = Field(
         500_000, gt=0, description="Ticks a live reader may fall behind the recorder before it is dropped (it resumes "

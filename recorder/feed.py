@@ -10,8 +10,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Protocol
 
-from storage.index import ContractDetails
-from storage.schemas import TickType
+from ibstream.storage.index import ContractDetails
+from ibstream.storage.schemas import TickType
 
 Size = int | Decimal
 

@@ -46,10 +46,10 @@ from ibapi.reader import EReader
 from ibapi.wrapper import EWrapper
 
 from ibstream.settings import ContractSpec, Settings
-from recorder.feed import TickSink
-from storage.index import ContractDetails
-from storage.schemas import TickType
-from storage.times import now_us
+from ibstream.recorder.feed import TickSink
+from ibstream.storage.index import ContractDetails
+from ibstream.storage.schemas import TickType
+from ibstream.storage.times import now_us
 
 log = logging.getLogger(__name__)
 logging.getLogger("ibapi").setLevel(logging.WARNING)  # ibapi logs every request and message at INFO

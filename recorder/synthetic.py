@@ -16,9 +16,9 @@ from decimal import Decimal
 import numpy as np
 import pyarrow as pa
 
-from recorder.feed import TickSink
-from storage.schemas import TickType, schema_for
-from storage.times import US_PER_SECOND, now_us
+from ibstream.recorder.feed import TickSink
+from ibstream.storage.schemas import TickType, schema_for
+from ibstream.storage.times import US_PER_SECOND, now_us
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,9 @@ from ibapi.server_versions import (
     MIN_SERVER_VER_UNDERLYING_INFO,
 )
 
-from simulator.market import SIM_CONTRACTS, SimContract, Tape, synthetic_tape
-from simulator.wire import HANDSHAKE_PREFIX, FrameReader, WireError, fields_of, frame, parse_version_range
-from storage.schemas import TickType
+from ibstream.simulator.market import SIM_CONTRACTS, SimContract, Tape, synthetic_tape
+from ibstream.simulator.wire import HANDSHAKE_PREFIX, FrameReader, WireError, fields_of, frame, parse_version_range
+from ibstream.storage.schemas import TickType
 
 log = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from zoneinfo import ZoneInfo
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from recorder.synthetic import AAPL, MNQ, SyntheticContract, synthetic_ticks
-from storage.index import ContractDetails
-from storage.schemas import TickType
-from storage.times import to_us
+from ibstream.recorder.synthetic import AAPL, MNQ, SyntheticContract, synthetic_ticks
+from ibstream.storage.index import ContractDetails
+from ibstream.storage.schemas import TickType
+from ibstream.storage.times import to_us
 
 Tape = Iterator[pa.Table]
 
@@ -171,7 +171,7 @@ def archive_tape(data_root: Path, contract_id: int, tick_type: TickType, start: 
                  speed: float = 1.0, chunk_rows: int = 4_096) -> Tape:
     """Ticks of one stream from our own store, replayed with their original spacing / ``speed``."""
     from ibstream.settings import Settings
-    from storage.store import Store
+    from ibstream.storage.store import Store
 
     with Store(Settings(data_root=data_root), read_only=True) as store:
         table = store.read(contract_id, tick_type, start, end)

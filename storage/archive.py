@@ -44,12 +44,12 @@ import pyarrow.parquet as pq
 
 from ibstream.errors import DamagedDataError
 from ibstream.settings import Settings
-from storage.bars import PREAGGREGATE_US, partial_table
-from storage.failpoints import failpoint, io_faults
-from storage.index import ArchiveEntry, ContractDetails, CoverageInterval, DailyStatistics, Index
-from storage.quarantine import Damage, quarantine_file
-from storage.schemas import TickType, schema_for
-from storage.segments import (
+from ibstream.storage.bars import PREAGGREGATE_US, partial_table
+from ibstream.storage.failpoints import failpoint, io_faults
+from ibstream.storage.index import ArchiveEntry, ContractDetails, CoverageInterval, DailyStatistics, Index
+from ibstream.storage.quarantine import Damage, quarantine_file
+from ibstream.storage.schemas import TickType, schema_for
+from ibstream.storage.segments import (
     SegmentWriter,
     StreamKey,
     fsync_dir,
@@ -57,7 +57,7 @@ from storage.segments import (
     scan_segment,
     segment_start_us,
 )
-from storage.times import US_PER_HOUR, duration_us, from_us, hour_floor, iso, now_us
+from ibstream.storage.times import US_PER_HOUR, duration_us, from_us, hour_floor, iso, now_us
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ import polars as pl
 import pyarrow as pa
 
 from ibstream.errors import InvalidRequestError
-from storage.schemas import PRICE, SIZE, TIMESTAMP, TickType
-from storage.times import US_PER_HOUR, US_PER_SECOND
+from ibstream.storage.schemas import PRICE, SIZE, TIMESTAMP, TickType
+from ibstream.storage.times import US_PER_HOUR, US_PER_SECOND
 
 TICK = "tick"
 DAILY = "1d"

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ibstream.errors import CorruptFileError
-from storage.failpoints import io_faults
-from storage.quarantine import Damage
+from ibstream.storage.failpoints import io_faults
+from ibstream.storage.quarantine import Damage
 
 COVERAGE_DDL = """
 CREATE TABLE IF NOT EXISTS coverage (

@@ -32,10 +32,10 @@ import polars as pl
 import pyarrow as pa
 
 from ibstream.errors import InvalidRequestError, SubscriberTooSlowError
-from storage.bars import BAR_RESOLUTIONS, bar_schema, finish, partial_bars, rollup
-from storage.schemas import schema_for
-from storage.segments import StreamKey
-from storage.times import now_us
+from ibstream.storage.bars import BAR_RESOLUTIONS, bar_schema, finish, partial_bars, rollup
+from ibstream.storage.schemas import schema_for
+from ibstream.storage.segments import StreamKey
+from ibstream.storage.times import now_us
 
 FOREVER_US = 2**62  # the end of a live stream that has no end
 HEARTBEAT_SECONDS = 2.0  # an empty batch with the cursor is sent when nothing happened for this long

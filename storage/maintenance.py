@@ -22,13 +22,13 @@ from pathlib import Path
 
 from ibstream.errors import CorruptFileError, StorageError
 from ibstream.settings import Settings
-from storage.archive import FILE_NAME, Archiver
-from storage.failpoints import failpoint
-from storage.index import Index
-from storage.quarantine import Damage, quarantine_file
-from storage.segments import SUFFIX, SegmentWriter, fsync_dir
-from storage.store import Store, lock_data_root
-from storage.times import US_PER_HOUR, now_us
+from ibstream.storage.archive import FILE_NAME, Archiver
+from ibstream.storage.failpoints import failpoint
+from ibstream.storage.index import Index
+from ibstream.storage.quarantine import Damage, quarantine_file
+from ibstream.storage.segments import SUFFIX, SegmentWriter, fsync_dir
+from ibstream.storage.store import Store, lock_data_root
+from ibstream.storage.times import US_PER_HOUR, now_us
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.index import ArchiveEntry, Index
+from ibstream.storage.index import ArchiveEntry, Index
 from ibstream.errors import DamagedDataError
-from storage.segments import (
+from ibstream.storage.segments import (
     SegmentWriter,
     StreamKey,
     list_segments,
@@ -31,8 +31,8 @@ from storage.segments import (
     segment_start_us,
     stream_dir,
 )
-from storage.schemas import schema_for
-from storage.times import hour_floor, iso
+from ibstream.storage.schemas import schema_for
+from ibstream.storage.times import hour_floor, iso
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from storage.failpoints import failpoint
-from storage.times import iso, now_us
+from ibstream.storage.failpoints import failpoint
+from ibstream.storage.times import iso, now_us
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from storage.bars import (
+from ibstream.storage.bars import (
     BAR_RESOLUTIONS,
     DAILY,
     PREAGGREGATE_US,
@@ -38,14 +38,14 @@ from storage.bars import (
     rollup,
     rollup_sessions,
 )
-from storage.archive import read_archive_file
-from storage.schemas import TIMESTAMP
-from storage.segments import StreamKey, from_ipc_bytes, ipc_bytes
-from storage.times import US_PER_HOUR
+from ibstream.storage.archive import read_archive_file
+from ibstream.storage.schemas import TIMESTAMP
+from ibstream.storage.segments import StreamKey, from_ipc_bytes, ipc_bytes
+from ibstream.storage.times import US_PER_HOUR
 
 if TYPE_CHECKING:
-    from storage.sessions import Session
-    from storage.store import Store
+    from ibstream.storage.sessions import Session
+    from ibstream.storage.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -43,10 +43,10 @@ import pyarrow as pa
 
 from ibstream.errors import SealedHourError, StorageUnavailableError, TickOrderError
 from ibstream.settings import Settings
-from storage.failpoints import failpoint, fsync, io_faults, write_all
-from storage.quarantine import Damage, damage_note, quarantine_file
-from storage.schemas import TickType, schema_for
-from storage.times import US_PER_SECOND, duration_us, iso, now_us
+from ibstream.storage.failpoints import failpoint, fsync, io_faults, write_all
+from ibstream.storage.quarantine import Damage, damage_note, quarantine_file
+from ibstream.storage.schemas import TickType, schema_for
+from ibstream.storage.times import US_PER_SECOND, duration_us, iso, now_us
 
 log = logging.getLogger(__name__)
 

@@ -62,8 +62,8 @@ from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ibstream.errors import InvalidRequestError
-from storage.index import ContractDetails
-from storage.times import from_us, iso, to_us
+from ibstream.storage.index import ContractDetails
+from ibstream.storage.times import from_us, iso, to_us
 
 log = logging.getLogger(__name__)
 

@@ -15,19 +15,19 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from ibstream.errors import StorageError
 from ibstream.settings import Settings
-from storage.archive import Archiver
-from storage.cache import ResultCache
-from storage.index import ArchiveEntry, ContractDetails, CoverageInterval, DailyStatistics, Index
-from storage.planner import Plan, Planner
-from storage.query import read_bars
-from storage.schemas import COVERAGE_SCHEMA, TickType, records_table
-from storage.segments import (
+from ibstream.storage.archive import Archiver
+from ibstream.storage.cache import ResultCache
+from ibstream.storage.index import ArchiveEntry, ContractDetails, CoverageInterval, DailyStatistics, Index
+from ibstream.storage.planner import Plan, Planner
+from ibstream.storage.query import read_bars
+from ibstream.storage.schemas import COVERAGE_SCHEMA, TickType, records_table
+from ibstream.storage.segments import (
     SegmentWriter,
     StreamKey,
     list_streams,
 )
-from storage.sessions import ContractSessions, Session, no_calendar_error
-from storage.times import from_us, to_us
+from ibstream.storage.sessions import ContractSessions, Session, no_calendar_error
+from ibstream.storage.times import from_us, to_us
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from clients import Client
-from flight_server import FlightServer
+from ibstream.clients import Client
+from ibstream.flight_server import FlightServer
 from ibstream.settings import Settings
-from recorder.synthetic import MNQ, SyntheticContract, synthetic_ticks
-from storage import Store
-from storage.times import to_us
+from ibstream.recorder.synthetic import MNQ, SyntheticContract, synthetic_ticks
+from ibstream.storage import Store
+from ibstream.storage.times import to_us
 
 
 def utc(*args) -> datetime:

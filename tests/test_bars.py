@@ -22,12 +22,12 @@ from polars.testing import assert_frame_equal
 
 from ibstream.errors import InvalidRequestError
 from ibstream.settings import Settings
-from recorder.synthetic import MNQ
-from storage import Plan, Store
-from storage.bars import BAR_RESOLUTIONS, PREAGGREGATE_US, partial_bars
-from storage.schemas import TickType
-from storage.segments import from_ipc_bytes
-from storage.times import US_PER_HOUR, to_us
+from ibstream.recorder.synthetic import MNQ
+from ibstream.storage import Plan, Store
+from ibstream.storage.bars import BAR_RESOLUTIONS, PREAGGREGATE_US, partial_bars
+from ibstream.storage.schemas import TickType
+from ibstream.storage.segments import from_ipc_bytes
+from ibstream.storage.times import US_PER_HOUR, to_us
 
 T0 = utc(2025, 1, 10, 12)
 ARCHIVED_UNTIL = utc(2025, 1, 10, 15)
@@ -245,8 +245,8 @@ def test_a_growing_segment_is_cached_once(tmp_path):
 def test_partial_bars_before_the_first_session_belong_to_no_day():
     import datetime as dt
 
-    from storage.bars import rollup_sessions
-    from storage.sessions import Session
+    from ibstream.storage.bars import rollup_sessions
+    from ibstream.storage.sessions import Session
 
     partials = pl.DataFrame({"ts": [0, 120_000_000], "open": [1.0, 2.0], "high": [1.0, 2.0], "low": [1.0, 2.0],
                              "close": [1.0, 2.0], "tick_count": [1, 1]}).with_columns(

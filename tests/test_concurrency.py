@@ -11,11 +11,11 @@ import pyarrow as pa
 
 from conftest import between, ticks, utc
 from ibstream.settings import Settings
-from recorder.synthetic import MNQ
-from storage import Store
-from storage.schemas import TickType
-from storage.segments import StreamKey
-from storage.times import from_us, hour_floor
+from ibstream.recorder.synthetic import MNQ
+from ibstream.storage import Store
+from ibstream.storage.schemas import TickType
+from ibstream.storage.segments import StreamKey
+from ibstream.storage.times import from_us, hour_floor
 
 CID = MNQ.contract_id
 

@@ -14,11 +14,11 @@ import pytest
 
 from conftest import ticks, utc
 from ibstream.settings import Settings
-from recorder.synthetic import MNQ
-from storage import Store
-from storage.failpoints import ENV, EXIT_CODE
-from storage.segments import list_segments, stream_dir, StreamKey
-from storage.schemas import TickType
+from ibstream.recorder.synthetic import MNQ
+from ibstream.storage import Store
+from ibstream.storage.failpoints import ENV, EXIT_CODE
+from ibstream.storage.segments import list_segments, stream_dir, StreamKey
+from ibstream.storage.schemas import TickType
 
 CID = MNQ.contract_id
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ WRITER = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from conftest import ticks, utc
     from ibstream.settings import Settings
-    from storage import Store
+    from ibstream.storage import Store
 
     settings = Settings(data_root=Path({root!r}), rotation_interval=timedelta(seconds=30), fsync={fsync!r})
     table = ticks(utc(2025, 1, 10, 14), {count}, rate_scale=2.0)
@@ -116,7 +116,7 @@ ARCHIVER = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from conftest import append_in_batches, ticks, utc
     from ibstream.settings import Settings
-    from storage import Store
+    from ibstream.storage import Store
 
     settings = Settings(data_root=Path({root!r}), rotation_interval=timedelta(minutes=5), archive_delay=timedelta(0))
     store = Store(settings)

@@ -9,12 +9,12 @@ from datetime import timedelta
 import polars as pl
 import pyarrow as pa
 
-from storage import Store
-from storage.failpoints import io_faults
-from storage.segments import list_segments, scan_segment, stream_dir, StreamKey
-from storage.schemas import TickType
+from ibstream.storage import Store
+from ibstream.storage.failpoints import io_faults
+from ibstream.storage.segments import list_segments, scan_segment, stream_dir, StreamKey
+from ibstream.storage.schemas import TickType
 from test_recorder_ib import EVERYTHING, Recording, gateway, ib_settings, wait_until  # noqa: F401,F811 (a fixture)
-from simulator.market import SIM_MNQ
+from ibstream.simulator.market import SIM_MNQ
 
 CID = SIM_MNQ.con_id
 
@@ -40,7 +40,8 @@ def test_refused_writes_then_lost_index_and_damage_between_runs(tmp_path, gatewa
         path.unlink()
     closed = list_segments(stream_dir(settings.buffer_root, StreamKey(CID, TickType.BID_ASK)))
     victim = max(closed, key=lambda p: len(scan_segment(p).batches))
-    batches = scan_segment(victim).batches
+    batches = [pa.RecordBatch.from_pylist(b.to_pylist(), schema=b.schema)  # copies: scans map the file
+               for b in scan_segment(victim).batches]
     with open(victim, "r+b") as handle:
         handle.seek(victim.stat().st_size // 2)
         handle.write(b"\x00" * 64)

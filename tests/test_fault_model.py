@@ -18,13 +18,13 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from ibstream.errors import StorageUnavailableError
 from ibstream.settings import Settings
-from recorder.synthetic import MNQ, synthetic_ticks
-from storage import Store
-from storage.failpoints import io_faults
-from storage.maintenance import verify
-from storage.schemas import TickType
-from storage.segments import EOS, StreamKey, encode_batch, list_segments, stream_dir
-from storage.times import from_us, hour_floor
+from ibstream.recorder.synthetic import MNQ, synthetic_ticks
+from ibstream.storage import Store
+from ibstream.storage.failpoints import io_faults
+from ibstream.storage.maintenance import verify
+from ibstream.storage.schemas import TickType
+from ibstream.storage.segments import EOS, StreamKey, encode_batch, list_segments, stream_dir
+from ibstream.storage.times import from_us, hour_floor
 
 CID = MNQ.contract_id
 KEY = StreamKey(CID, TickType.BID_ASK)

@@ -23,11 +23,11 @@ from hypothesis import given, settings as hypothesis_settings, strategies as st
 from conftest import Served, ticks, utc
 from ibstream.errors import ServerUnavailableError
 from ibstream.settings import Settings
-from recorder.synthetic import MNQ
-from storage import Store
-from storage.live import Cursor
-from storage.schemas import schema_for
-from storage.times import to_us
+from ibstream.recorder.synthetic import MNQ
+from ibstream.storage import Store
+from ibstream.storage.live import Cursor
+from ibstream.storage.schemas import schema_for
+from ibstream.storage.times import to_us
 
 T0 = utc(2025, 1, 10, 12, 10)
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,7 +180,7 @@ def test_a_live_client_resumes_across_a_killed_server(tmp_path):
         feed(store, first, batch=1_000, pause=0)
         server = start_server(store.settings.data_root, port)
         try:
-            from clients import Client
+            from ibstream.clients import Client
 
             client = Client(f"grpc://127.0.0.1:{port}")
             live = client.history_and_live(MNQ.contract_id, "last", T0)
@@ -324,7 +324,7 @@ def test_live_bars_close_as_they_close_and_mark_the_forming_one(tmp_path):
 
 
 def test_the_bar_being_formed_now_is_marked_forming(tmp_path):
-    from storage.times import now_us
+    from ibstream.storage.times import now_us
 
     with Store(live_settings(tmp_path)) as store:
         stamped_now = ticks(T0, 50, "last", seed=13)
@@ -377,9 +377,9 @@ def test_a_cursor_without_live_pages_exactly(tmp_path):
 
 def test_live_bars_send_each_closed_bar_once(tmp_path):
     """A bar closed by the clock is not sent closed again when the next bar's ticks arrive."""
-    from storage.live import LiveBars, LiveFeed
-    from storage.schemas import TickType
-    from storage.segments import StreamKey
+    from ibstream.storage.live import LiveBars, LiveFeed
+    from ibstream.storage.schemas import TickType
+    from ibstream.storage.segments import StreamKey
 
     minute = ticks(T0, 400, "last", seed=14)
     ts = minute.column("ts").cast(pa.int64()).to_numpy()
@@ -398,9 +398,9 @@ def test_live_bars_send_each_closed_bar_once(tmp_path):
 
 
 def test_shutdown_does_not_wait_forever_for_a_reader_that_stopped(tmp_path, monkeypatch):
-    import flight_server.server
+    from ibstream.flight_server import server as server_module
 
-    monkeypatch.setattr(flight_server.server, "SHUTDOWN_SECONDS", 1.0)
+    monkeypatch.setattr(server_module, "SHUTDOWN_SECONDS", 1.0)
     quotes = ticks(T0, 300_000, "bid_ask", seed=7, rate_scale=20)  # ~23 MB: more than gRPC buffers
     with Store(live_settings(tmp_path)) as store:
         append_quotes(store, quotes)

@@ -11,8 +11,8 @@ import pyarrow as pa
 
 from conftest import Served, between, ticks, utc
 from ibstream.settings import Settings
-from recorder.synthetic import MNQ
-from storage import Store
+from ibstream.recorder.synthetic import MNQ
+from ibstream.storage import Store
 
 T0 = utc(2025, 1, 10, 12)
 

@@ -14,10 +14,10 @@ import pytest
 
 from conftest import append_in_batches, between, ticks, utc
 from ibstream.settings import Settings
-from recorder.synthetic import MNQ
-from storage import Store
-from storage.failpoints import ENV, EXIT_CODE
-from storage.maintenance import backup
+from ibstream.recorder.synthetic import MNQ
+from ibstream.storage import Store
+from ibstream.storage.failpoints import ENV, EXIT_CODE
+from ibstream.storage.maintenance import backup
 
 ROOT = Path(__file__).resolve().parents[1]
 CID = MNQ.contract_id

@@ -13,10 +13,10 @@ from conftest import Served, append_in_batches, between, market, utc
 from test_bars import assert_bars_equal
 
 from ibstream.errors import InvalidRequestError, NotFoundError, RequestTooLargeError
-from recorder.synthetic import AAPL, MNQ
-from simulator.market import SIM_AAPL, SIM_MNQ
-from storage.sessions import ContractSessions
-from storage.times import from_us, to_us
+from ibstream.recorder.synthetic import AAPL, MNQ
+from ibstream.simulator.market import SIM_AAPL, SIM_MNQ
+from ibstream.storage.sessions import ContractSessions
+from ibstream.storage.times import from_us, to_us
 
 FETCHED = date(2026, 11, 23)  # the Monday of Thanksgiving week 2026, when the recorder resolved the contracts
 HISTORY = (utc(2026, 11, 24, 12), utc(2026, 12, 1, 12))
@@ -29,7 +29,7 @@ def week(tmp_path_factory):
     from datetime import timedelta as td
 
     from ibstream.settings import Settings
-    from storage import Store
+    from ibstream.storage import Store
 
     settings = Settings(data_root=tmp_path_factory.mktemp("week") / "data", rotation_interval=td(minutes=30),
                         archive_delay=td(0), flight_port=0, fsync="none")
@@ -131,7 +131,7 @@ def test_several_contracts_at_tick_resolution(week):
 
 def test_window_and_current_session_end_now(tmp_path, settings):
     """A 24h window and the current session, over ticks up to a few minutes ago."""
-    from storage import Store
+    from ibstream.storage import Store
 
     now = datetime.now().astimezone()
     with Store(settings) as store:
@@ -231,7 +231,7 @@ def test_bad_queries_get_a_precise_error(week, change, error, message):
 
 
 def test_a_session_of_a_contract_without_details_is_refused(tmp_path, settings):
-    from storage import Store
+    from ibstream.storage import Store
 
     with Store(settings) as store:
         append_in_batches(store, market(MNQ, "last", utc(2026, 11, 30, 15), utc(2026, 11, 30, 16), 1.0))

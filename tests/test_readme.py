@@ -11,9 +11,9 @@ import pytest
 
 from conftest import Served, append_in_batches, market
 from ibstream.settings import Settings
-from recorder.synthetic import AAPL, MNQ
-from simulator.market import SIM_AAPL, SIM_MNQ
-from storage import Store
+from ibstream.recorder.synthetic import AAPL, MNQ
+from ibstream.simulator.market import SIM_AAPL, SIM_MNQ
+from ibstream.storage import Store
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

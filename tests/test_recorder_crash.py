@@ -14,9 +14,9 @@ import polars as pl
 import pyarrow as pa
 
 from ibstream.settings import Settings
-from simulator.gateway import GatewaySimulator
-from simulator.market import SIM_MNQ
-from storage import Store
+from ibstream.simulator.gateway import GatewaySimulator
+from ibstream.simulator.market import SIM_MNQ
+from ibstream.storage import Store
 from test_recorder_ib import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ RECORDER = textwrap.dedent(
     from pathlib import Path
     from ibstream.app import RecordingService, run_for
     from ibstream.settings import ContractSpec, Settings
-    from recorder.ib import IBFeed
+    from ibstream.recorder.ib import IBFeed
 
     settings = Settings(
         data_root=Path({root!r}), flight_port=0, fsync="batch", ib_port={port}, rotation_interval=timedelta(seconds=1),

@@ -19,10 +19,10 @@ from ibapi.wrapper import EWrapper
 from conftest import utc
 from ibstream.app import RecordingService
 from ibstream.settings import ContractSpec, Settings
-from recorder.ib import IBFeed
-from simulator.gateway import MALFORMED_FRAMES, GatewaySimulator
-from simulator.market import SIM_AAPL, SIM_MNQ
-from storage.schemas import TickType
+from ibstream.recorder.ib import IBFeed
+from ibstream.simulator.gateway import MALFORMED_FRAMES, GatewaySimulator
+from ibstream.simulator.market import SIM_AAPL, SIM_MNQ
+from ibstream.storage.schemas import TickType
 
 MNQ, AAPL = SIM_MNQ.con_id, SIM_AAPL.con_id
 EVERYTHING = (utc(2000, 1, 1), utc(2100, 1, 1))
@@ -57,7 +57,7 @@ class Recording:
     """Gateway simulator -> IBFeed -> Recorder -> Store -> Flight server, plus a client."""
 
     def __init__(self, settings: Settings, gateway: GatewaySimulator):
-        from clients import Client
+        from ibstream.clients import Client
 
         self.gateway = gateway
         self.feed = IBFeed(settings)
@@ -297,7 +297,7 @@ def test_326_client_id_in_use_moves_to_the_next_id(tmp_path, gateway):
 
 def test_informational_farm_messages_change_nothing(recording, caplog):
     recording.wait_for_ticks(100)
-    caplog.set_level(logging.INFO, logger="recorder.ib")
+    caplog.set_level(logging.INFO, logger="ibstream.recorder.ib")
     for code in (2105, 2106, 2107, 2108):
         recording.gateway.send_error(code)
     recording.wait_for_ticks(200)

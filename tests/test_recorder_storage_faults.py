@@ -29,14 +29,14 @@ import pytest
 from conftest import ticks
 from ibstream.app import RecordingService
 from ibstream.settings import Settings
-from recorder.recorder import Recorder
-from recorder.synthetic import MNQ, SyntheticFeed
-from storage import Store
-from storage.failpoints import io_faults
-from storage.index import ContractDetails
-from storage.schemas import TickType
-from storage.segments import StreamKey
-from storage.times import US_PER_HOUR, US_PER_SECOND, from_us, to_us
+from ibstream.recorder.recorder import Recorder
+from ibstream.recorder.synthetic import MNQ, SyntheticFeed
+from ibstream.storage import Store
+from ibstream.storage.failpoints import io_faults
+from ibstream.storage.index import ContractDetails
+from ibstream.storage.schemas import TickType
+from ibstream.storage.segments import StreamKey
+from ibstream.storage.times import US_PER_HOUR, US_PER_SECOND, from_us, to_us
 from test_recorder_ib import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def settings_with(settings: Settings, **changes) -> Settings:
 
 
 def recorder_lines(caplog) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "recorder.recorder"]
+    return [r for r in caplog.records if r.name == "ibstream.recorder.recorder"]
 
 
 def messages(caplog, pattern: str) -> list[str]:
@@ -134,7 +134,7 @@ def messages(caplog, pattern: str) -> list[str]:
 
 
 def test_enospc_for_a_while_then_every_tick_stored_once_in_order_with_one_line_per_state(settings, caplog):
-    caplog.set_level(logging.DEBUG, logger="recorder")
+    caplog.set_level(logging.DEBUG, logger="ibstream.recorder")
     store = Store(settings)
     run = Run(store)
     run.subscribe()
@@ -185,7 +185,7 @@ def test_enospc_for_a_while_then_every_tick_stored_once_in_order_with_one_line_p
 
 
 def test_flusher_backs_off_and_summarises_while_storage_is_down(settings, caplog):
-    caplog.set_level(logging.INFO, logger="recorder")
+    caplog.set_level(logging.INFO, logger="ibstream.recorder")
     settings = settings_with(settings, fsync="batch", storage_retry_max=timedelta(milliseconds=100),
                              storage_summary_interval=timedelta(milliseconds=200))
     with Store(settings) as store:
@@ -247,7 +247,7 @@ def test_rate_lines_show_how_each_stream_fares(settings, caplog):
 
 
 def test_overflow_drops_the_newest_ticks_counts_them_and_marks_one_gap(settings, caplog):
-    caplog.set_level(logging.INFO, logger="recorder")
+    caplog.set_level(logging.INFO, logger="ibstream.recorder")
     with Store(settings_with(settings, max_held_ticks=100)) as store:
         run = Run(store)
         run.subscribe()
@@ -315,7 +315,7 @@ def test_partly_acknowledged_batch_is_retried_from_its_first_unstored_tick(store
 
 
 def test_ticks_for_an_archived_hour_are_dropped_with_one_line_and_a_refused_gap(store, caplog):
-    caplog.set_level(logging.INFO, logger="recorder")
+    caplog.set_level(logging.INFO, logger="ibstream.recorder")
     run = Run(store, count=300)
     run.subscribe()
     run.feed(200, flush_every=100)
@@ -348,7 +348,7 @@ def test_ticks_for_an_archived_hour_are_dropped_with_one_line_and_a_refused_gap(
 
 
 def test_index_writes_refused_are_kept_and_written_later(store, caplog):
-    caplog.set_level(logging.INFO, logger="recorder")
+    caplog.set_level(logging.INFO, logger="ibstream.recorder")
     io_faults.arm("index.write", errno.ENOSPC)
     try:
         store.index.upsert_contract(DETAILS)
@@ -400,7 +400,7 @@ def test_clock_stepped_back_across_a_restart_is_clamped_to_the_last_stored_tick(
 
 
 def test_low_free_space_warns_once_and_says_when_it_recovers(settings, caplog):
-    caplog.set_level(logging.INFO, logger="recorder")
+    caplog.set_level(logging.INFO, logger="ibstream.recorder")
     with Store(settings_with(settings, disk_warn_free_bytes=2**62)) as store:
         recorder = Recorder(store)
         recorder.check_free_space()
@@ -448,7 +448,7 @@ def fill(path: Path) -> None:
 
 
 def test_real_full_filesystem_loses_and_duplicates_nothing_acknowledged(small_disk, caplog):
-    caplog.set_level(logging.INFO, logger="recorder")
+    caplog.set_level(logging.INFO, logger="ibstream.recorder")
     settings = Settings(data_root=small_disk / "data", rotation_interval=timedelta(minutes=5), flight_port=0,
                         fsync="batch", disk_warn_free_bytes=1024**2)
     with Store(settings) as store:
@@ -563,8 +563,8 @@ def test_constructing_a_recorder_imports_what_the_first_flush_needs(tmp_path):
         import sys
         from pathlib import Path
         from ibstream.settings import Settings
-        from recorder.recorder import Recorder
-        from storage.store import Store
+        from ibstream.recorder.recorder import Recorder
+        from ibstream.storage.store import Store
         store = Store(Settings(data_root=Path({str(tmp_path / "data")!r})))
         before = "pandas" in sys.modules
         Recorder(store)

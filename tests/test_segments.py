@@ -9,10 +9,10 @@ import pytest
 from conftest import ticks, utc
 from ibstream.errors import SealedHourError, TickOrderError
 from ibstream.settings import Settings
-from recorder.synthetic import MNQ
-from storage import Store
-from storage.schemas import TickType
-from storage.segments import StreamKey, list_segments, stream_dir
+from ibstream.recorder.synthetic import MNQ
+from ibstream.storage import Store
+from ibstream.storage.schemas import TickType
+from ibstream.storage.segments import StreamKey, list_segments, stream_dir
 
 CID = MNQ.contract_id
 KEY = StreamKey(CID, TickType.BID_ASK)

@@ -16,10 +16,10 @@ import exchange_calendars
 import pytest
 
 from ibstream.errors import InvalidRequestError
-from simulator.market import SIM_AAPL, SIM_MNQ, SimContract
-from storage.index import ContractDetails
-from storage.sessions import SESSION_KINDS, ContractSessions, Session, no_calendar_error, normalize_kind
-from storage.times import to_us
+from ibstream.simulator.market import SIM_AAPL, SIM_MNQ, SimContract
+from ibstream.storage.index import ContractDetails
+from ibstream.storage.sessions import SESSION_KINDS, ContractSessions, Session, no_calendar_error, normalize_kind
+from ibstream.storage.times import to_us
 
 ET, CT = ZoneInfo("US/Eastern"), ZoneInfo("US/Central")
 FETCHED = date(2026, 11, 23)  # a Monday; IB's window is 2026-11-23 .. 2026-11-29 (7 days)
@@ -193,7 +193,7 @@ WEEKS = [  # (first date, days): holidays, early closes, DST switches, Good Frid
 def test_calendar_completion_equals_ib_hours(sim, first, days, caplog):
     """Details fetched 2026-11-23 answer far dates exactly as details fetched on those dates do."""
     far, near = sessions_of(sim), sessions_of(sim, first, days)
-    with caplog.at_level(logging.WARNING, logger="storage.sessions"):
+    with caplog.at_level(logging.WARNING, logger="ibstream.storage.sessions"):
         for day in (first + timedelta(days=i) for i in range(days)):
             completed, reported = far.day(day), near.day(day)
             assert spans(completed) == spans(reported), day
@@ -357,7 +357,7 @@ def test_ib_hours_win_over_the_calendar_and_warn_once(caplog):
         liquid_hours=liquid.replace("20261124:0930-20261124:1600", "20261124:CLOSED")
                            .replace("20261125:0930-20261125:1600", "20261125:0930-20261125:1300"),
     )
-    with caplog.at_level(logging.WARNING, logger="storage.sessions"):
+    with caplog.at_level(logging.WARNING, logger="ibstream.storage.sessions"):
         contract = ContractSessions.from_details(changed)
         message = refusal(contract.session, "regular", date(2026, 11, 24))
         assert "IB's hours mark it CLOSED; although the XNYS calendar trades it (IB's hours win)" in message
