@@ -1,6 +1,11 @@
-"""Flight clients: ``Client`` returns polars (or pandas) DataFrames."""
+"""Flight clients: ``Client`` returns polars (or pandas) DataFrames (names load on first use)."""
 
-from ibstream.clients.client import Client
-from ibstream.clients.live import LiveFrame, LiveStream
+from ibstream._lazy import lazy_exports
 
-__all__ = ["Client", "LiveFrame", "LiveStream"]
+_EXPORTS = {
+    "Client": "ibstream.clients.client",
+    "LiveFrame": "ibstream.clients.live",
+    "LiveStream": "ibstream.clients.live",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

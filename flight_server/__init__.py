@@ -1,6 +1,13 @@
-"""Arrow Flight server for stored ticks."""
+"""Arrow Flight server for stored ticks (names load on first use)."""
 
-from ibstream.flight_server.commands import COMMAND_VERSION, QueryCommand, Ticket, command
-from ibstream.flight_server.server import FlightServer
+from ibstream._lazy import lazy_exports
 
-__all__ = ["COMMAND_VERSION", "FlightServer", "Ticket", "QueryCommand", "command"]
+_EXPORTS = {
+    "COMMAND_VERSION": "ibstream.flight_server.commands",
+    "QueryCommand": "ibstream.flight_server.commands",
+    "Ticket": "ibstream.flight_server.commands",
+    "command": "ibstream.flight_server.commands",
+    "FlightServer": "ibstream.flight_server.server",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,7 +1,16 @@
-"""The recorder: tick feeds into acknowledged storage."""
+"""The recorder: tick feeds into acknowledged storage (names load on first use)."""
 
-from ibstream.recorder.feed import TickFeed, TickSink
-from ibstream.recorder.recorder import Recorder
-from ibstream.recorder.synthetic import AAPL, MNQ, SyntheticContract, SyntheticFeed, synthetic_ticks
+from ibstream._lazy import lazy_exports
 
-__all__ = ["AAPL", "MNQ", "Recorder", "SyntheticContract", "SyntheticFeed", "TickFeed", "TickSink", "synthetic_ticks"]
+_EXPORTS = {
+    "TickFeed": "ibstream.recorder.feed",
+    "TickSink": "ibstream.recorder.feed",
+    "Recorder": "ibstream.recorder.recorder",
+    "AAPL": "ibstream.recorder.synthetic",
+    "MNQ": "ibstream.recorder.synthetic",
+    "SyntheticContract": "ibstream.recorder.synthetic",
+    "SyntheticFeed": "ibstream.recorder.synthetic",
+    "synthetic_ticks": "ibstream.recorder.synthetic",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

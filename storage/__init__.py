@@ -1,14 +1,26 @@
-"""Tick storage: IPC segments, Parquet archive, SQLite index, query planner, bars, sessions, live feeds."""
+"""Tick storage: IPC segments, Parquet archive, SQLite index, query planner, bars, sessions, live feeds.
 
-from ibstream.storage.index import ArchiveEntry, DailyStatistics, Index
-from ibstream.storage.live import Cursor, LiveBars, LiveFeed
-from ibstream.storage.planner import Plan
-from ibstream.storage.schemas import SCHEMAS, TickType, schema_for
-from ibstream.storage.segments import SegmentWriter, StreamKey
-from ibstream.storage.sessions import ContractSessions, Session
-from ibstream.storage.store import Store, StreamInfo
+Names load on first use: importing one storage module does not import them all."""
 
-__all__ = [
-    "ArchiveEntry", "ContractSessions", "Cursor", "DailyStatistics", "Index", "LiveBars", "LiveFeed", "Plan",
-    "SCHEMAS", "SegmentWriter", "Session", "Store", "StreamInfo", "StreamKey", "TickType", "schema_for",
-]
+from ibstream._lazy import lazy_exports
+
+_EXPORTS = {
+    "ArchiveEntry": "ibstream.storage.index",
+    "DailyStatistics": "ibstream.storage.index",
+    "Index": "ibstream.storage.index",
+    "Cursor": "ibstream.storage.live",
+    "LiveBars": "ibstream.storage.live",
+    "LiveFeed": "ibstream.storage.live",
+    "Plan": "ibstream.storage.planner",
+    "SCHEMAS": "ibstream.storage.schemas",
+    "TickType": "ibstream.storage.schemas",
+    "schema_for": "ibstream.storage.schemas",
+    "SegmentWriter": "ibstream.storage.segments",
+    "StreamKey": "ibstream.storage.segments",
+    "ContractSessions": "ibstream.storage.sessions",
+    "Session": "ibstream.storage.sessions",
+    "Store": "ibstream.storage.store",
+    "StreamInfo": "ibstream.storage.store",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
