@@ -36,7 +36,7 @@ from ibstream.app import RecordingService  # noqa: E402
 from ibstream.settings import ContractSpec, Settings  # noqa: E402
 from ibstream.recorder.ib import IBFeed  # noqa: E402
 from ibstream.simulator.market import SIM_AAPL, SIM_MNQ  # noqa: E402
-from ibstream.storage.times import now_us  # noqa: E402
+from ibstream.core.times import now_us  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACTS = (ContractSpec(con_id=SIM_MNQ.con_id, tick_types=("bid_ask", "last")),

@@ -13,7 +13,7 @@ import pyarrow.flight as flight
 from ibstream.clients.live import LiveFrame, LiveStream
 from ibstream.flight_server.commands import command, iso_time
 from ibstream.clients.errors import translated
-from ibstream.errors import InvalidRequestError
+from ibstream.core.errors import InvalidRequestError
 
 DEFAULT_LOCATION = "grpc://127.0.0.1:8815"
 

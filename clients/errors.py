@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ibstream.errors import (
+from ibstream.core.errors import (
     IbstreamError,
     InvalidRequestError,
     NotFoundError,

@@ -23,7 +23,7 @@ import pyarrow.flight as flight
 
 from ibstream.clients.errors import translated
 from ibstream.flight_server.commands import command
-from ibstream.errors import IbstreamError, ServerUnavailableError
+from ibstream.core.errors import IbstreamError, ServerUnavailableError
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,11 @@ from pydantic import (
     model_validator,
 )
 
-from ibstream.errors import InvalidRequestError
-from ibstream.storage.bars import DAILY, TICK, parse_resolution, parse_window
-from ibstream.storage.live import Cursor
-from ibstream.storage.schemas import TickType
-from ibstream.storage.sessions import normalize_kind
-from ibstream.storage.times import iso, to_us
+from ibstream.core.cursors import Cursor
+from ibstream.core.errors import InvalidRequestError
+from ibstream.core.resolutions import DAILY, TICK, normalize_kind, parse_resolution, parse_window
+from ibstream.core.ticks import TickType
+from ibstream.core.times import iso, to_us
 
 COMMAND_VERSION = 1
 

@@ -37,7 +37,7 @@ from ibstream.flight_server.commands import (
     StatisticsBody,
     Ticket,
 )
-from ibstream.errors import (
+from ibstream.core.errors import (
     CorruptFileError,
     InvalidRequestError,
     NotFoundError,
@@ -61,7 +61,7 @@ from ibstream.storage.schemas import SESSIONS_SCHEMA, STATISTICS_SCHEMA, records
 from ibstream.storage.segments import StreamKey, ipc_bytes
 from ibstream.storage.sessions import ContractSessions, Session
 from ibstream.storage.store import Store
-from ibstream.storage.times import duration_us, from_us, iso, now_us, to_us
+from ibstream.core.times import duration_us, from_us, iso, now_us, to_us
 
 log = logging.getLogger(__name__)
 

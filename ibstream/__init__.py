@@ -29,7 +29,7 @@ _EXPORTS = {
     "Settings": "ibstream.settings",
     "ContractSpec": "ibstream.settings",
     "TickType": "ibstream.storage.schemas",
-    **{name: "ibstream.errors" for name in _ERRORS},
+    **{name: "ibstream.core.errors" for name in _ERRORS},
 }
 __all__ = sorted([*_EXPORTS, "__version__"])
 _getattr, _dir = lazy_exports(__name__, _EXPORTS)
@@ -53,7 +53,7 @@ def __getattr__(name: str):
 if TYPE_CHECKING:  # what type checkers and IDEs see (re-exports, hence F401)
     from ibstream.clients.client import Client  # noqa: F401
     from ibstream.clients.live import LiveFrame, LiveStream  # noqa: F401
-    from ibstream.errors import (  # noqa: F401
+    from ibstream.core.errors import (  # noqa: F401
         CorruptFileError, DamagedDataError, IbstreamError, InvalidRequestError, NotFoundError, RequestTooLargeError,
         SealedHourError, ServerBusyError, ServerUnavailableError, StorageError, StorageUnavailableError,
         SubscriberTooSlowError, TickOrderError,

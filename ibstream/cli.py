@@ -94,7 +94,7 @@ DATA_ROOT_HELP = "store folder (default IBSTREAM_DATA_ROOT or ./data)"
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ibstream.errors import IbstreamError
+    from ibstream.core.errors import IbstreamError
 
     try:
         return _run(args)
@@ -136,7 +136,7 @@ def _maintain(args: argparse.Namespace, settings) -> int:
     from tqdm import tqdm
 
     from ibstream.storage import maintenance
-    from ibstream.storage.times import iso
+    from ibstream.core.times import iso
 
     def progress(items, description, total):
         return tqdm(items, desc=description, total=total, unit="file", disable=None, leave=False)

@@ -49,7 +49,7 @@ from ibstream.settings import ContractSpec, Settings
 from ibstream.recorder.feed import TickSink
 from ibstream.storage.index import ContractDetails
 from ibstream.storage.schemas import TickType
-from ibstream.storage.times import now_us
+from ibstream.core.times import now_us
 
 log = logging.getLogger(__name__)
 logging.getLogger("ibapi").setLevel(logging.WARNING)  # ibapi logs every request and message at INFO

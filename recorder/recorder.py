@@ -13,7 +13,7 @@ the ticks received before them are acknowledged, and confirms the open 'recorded
 up to each flush (at most once a second), so after a crash coverage ends where the last
 acknowledged flush did. Index writes that fail (a full disk) are kept and retried.
 
-Storage failure: when the store cannot write (:class:`~ibstream.errors.StorageUnavailableError`:
+Storage failure: when the store cannot write (:class:`~ibstream.core.errors.StorageUnavailableError`:
 disk full, I/O error), the ticks it did not acknowledge are held, in order, and retried with
 exponential backoff (``flush_interval`` doubling up to ``storage_retry_max``), never
 duplicated: a partly stored batch is retried from its first unacknowledged row. A stream holds
@@ -38,13 +38,13 @@ from decimal import Decimal
 
 import pyarrow as pa
 
-from ibstream.errors import StorageError
+from ibstream.core.errors import StorageError
 from ibstream.recorder.feed import Size
 from ibstream.storage.schemas import TickType, schema_for
 from ibstream.storage.index import ContractDetails
 from ibstream.storage.segments import StreamKey
 from ibstream.storage.store import Store
-from ibstream.storage.times import US_PER_SECOND, now_us
+from ibstream.core.times import US_PER_SECOND, now_us
 
 log = logging.getLogger(__name__)
 

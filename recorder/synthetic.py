@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from ibstream.recorder.feed import TickSink
 from ibstream.storage.schemas import TickType, schema_for
-from ibstream.storage.times import US_PER_SECOND, now_us
+from ibstream.core.times import US_PER_SECOND, now_us
 
 
 @dataclass(frozen=True)

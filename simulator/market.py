@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from ibstream.recorder.synthetic import AAPL, MNQ, SyntheticContract, synthetic_ticks
 from ibstream.storage.index import ContractDetails
 from ibstream.storage.schemas import TickType
-from ibstream.storage.times import to_us
+from ibstream.core.times import to_us
 
 Tape = Iterator[pa.Table]
 

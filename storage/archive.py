@@ -42,7 +42,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ibstream.errors import DamagedDataError
+from ibstream.core.errors import DamagedDataError
 from ibstream.settings import Settings
 from ibstream.storage.bars import PREAGGREGATE_US, partial_table
 from ibstream.storage.failpoints import failpoint, io_faults
@@ -57,7 +57,7 @@ from ibstream.storage.segments import (
     scan_segment,
     segment_start_us,
 )
-from ibstream.storage.times import US_PER_HOUR, duration_us, from_us, hour_floor, iso, now_us
+from ibstream.core.times import US_PER_HOUR, duration_us, from_us, hour_floor, iso, now_us
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from ibstream.errors import CorruptFileError
+from ibstream.core.errors import CorruptFileError
 from ibstream.storage.failpoints import io_faults
 from ibstream.storage.quarantine import Damage
 
@@ -216,7 +216,7 @@ class _Held:
 class Index:
     """SQLite metadata index; one connection per thread, safe for concurrent readers.
 
-    A damaged database file is refused with :class:`~ibstream.errors.CorruptFileError` naming
+    A damaged database file is refused with :class:`~ibstream.core.errors.CorruptFileError` naming
     ``ibstream reindex``, which rebuilds it from the files.
     """
 

@@ -16,7 +16,7 @@ Seam between history and live
 Slow subscribers
     A subscription holds at most ``max_rows`` ticks that its reader has not taken yet. Past that
     it is dropped (the writer never waits for a reader), and the reader ends its stream with
-    :class:`~ibstream.errors.SubscriberTooSlowError` naming the cursor to resume from.
+    :class:`~ibstream.core.errors.SubscriberTooSlowError` naming the cursor to resume from.
 """
 
 from __future__ import annotations
@@ -25,66 +25,20 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from ibstream.errors import InvalidRequestError, SubscriberTooSlowError
+from ibstream.core.errors import SubscriberTooSlowError
 from ibstream.storage.bars import BAR_RESOLUTIONS, bar_schema, finish, partial_bars, rollup
 from ibstream.storage.schemas import schema_for
-from ibstream.storage.segments import StreamKey
-from ibstream.storage.times import now_us
+from ibstream.core.cursors import Cursor
+from ibstream.core.ticks import StreamKey
+from ibstream.core.times import now_us
 
 FOREVER_US = 2**62  # the end of a live stream that has no end
 HEARTBEAT_SECONDS = 2.0  # an empty batch with the cursor is sent when nothing happened for this long
-
-
-@dataclass(frozen=True)
-class Cursor:
-    """The position after the ``n``-th tick (1-based) with time ``ts`` (µs); ``n = 0``: before them."""
-
-    ts: int
-    n: int = 0
-
-    def __str__(self) -> str:
-        return f"{self.ts}:{self.n}"
-
-    @classmethod
-    def parse(cls, text: str) -> "Cursor":
-        try:
-            ts, n = (int(part) for part in text.split(":"))
-        except (AttributeError, ValueError):
-            raise InvalidRequestError(
-                f"cursor was {text!r}; use the 'cursor' of a batch's app_metadata, \"<ts microseconds>:<n>\", "
-                "e.g. \"1736519400123456:1\"") from None
-        if n < 0:
-            raise InvalidRequestError(f"cursor was {text!r}; its tick count n must be >= 0")
-        return cls(ts, n)
-
-    def after(self, batch: pa.RecordBatch) -> "Cursor":
-        """The cursor after ``batch`` (ts-ordered ticks that follow this cursor)."""
-        if batch.num_rows == 0:
-            return self
-        ts = batch.column("ts").cast(pa.int64()).to_numpy()
-        last = int(ts[-1])
-        run = int(len(ts) - np.searchsorted(ts, last, side="left"))
-        return Cursor(last, self.n + run if last == self.ts else run)
-
-    def unseen(self, batches) -> Iterator[pa.RecordBatch]:
-        """The ticks after this cursor from ``batches``: a read that starts at ``ts`` (so its first
-        ``n`` ticks with that time are the ones already seen)."""
-        skip = self.n
-        for batch in batches:
-            ts = batch.column("ts").cast(pa.int64()).to_numpy()
-            first = int(np.searchsorted(ts, self.ts, side="left"))
-            equal = int(np.searchsorted(ts, self.ts, side="right")) - first
-            taken = min(skip, equal)
-            skip = skip - taken if first + equal == len(ts) else 0
-            rest = batch.slice(first + taken)
-            if rest.num_rows:
-                yield rest
 
 
 class Subscription:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ibstream.storage.index import ArchiveEntry, Index
-from ibstream.errors import DamagedDataError
+from ibstream.core.errors import DamagedDataError
 from ibstream.storage.segments import (
     SegmentWriter,
     StreamKey,
@@ -32,7 +32,7 @@ from ibstream.storage.segments import (
     stream_dir,
 )
 from ibstream.storage.schemas import schema_for
-from ibstream.storage.times import hour_floor, iso
+from ibstream.core.times import hour_floor, iso
 
 log = logging.getLogger(__name__)
 

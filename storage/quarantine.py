@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ibstream.storage.failpoints import failpoint
-from ibstream.storage.times import iso, now_us
+from ibstream.core.times import iso, now_us
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from ibstream.storage.bars import (
 from ibstream.storage.archive import read_archive_file
 from ibstream.storage.schemas import TIMESTAMP
 from ibstream.storage.segments import StreamKey, from_ipc_bytes, ipc_bytes
-from ibstream.storage.times import US_PER_HOUR
+from ibstream.core.times import US_PER_HOUR
 
 if TYPE_CHECKING:
     from ibstream.storage.sessions import Session

@@ -15,34 +15,13 @@ sizes (fractional shares, crypto) of newer releases.
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 import pyarrow as pa
+
+from ibstream.core.ticks import TickType
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 SIZE = pa.decimal128(18, 8)
 PRICE = pa.float64()
-
-
-class TickType(StrEnum):
-    """The IB tick-by-tick types (``reqTickByTickData`` tickType in brackets)."""
-
-    BID_ASK = "bid_ask"  # "BidAsk"
-    LAST = "last"  # "Last"
-    ALL_LAST = "all_last"  # "AllLast": time and sales including unreported/odd lots
-    MID_POINT = "mid_point"  # "MidPoint"
-
-    @property
-    def ib_name(self) -> str:
-        return {"bid_ask": "BidAsk", "last": "Last", "all_last": "AllLast", "mid_point": "MidPoint"}[self.value]
-
-    @classmethod
-    def parse(cls, value: str) -> "TickType":
-        try:
-            return cls(value)
-        except ValueError:
-            legal = ", ".join(t.value for t in cls)
-            raise ValueError(f"tick_type was {value!r}; use any of {legal}") from None
 
 
 def _field(name: str, type_: pa.DataType) -> pa.Field:

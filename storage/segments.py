@@ -16,7 +16,7 @@ message that fails its checksum, anywhere). Plain Arrow readers ignore the key.
 Group commit: :meth:`SegmentWriter.append` writes a whole batch, fsyncs it (policy
 ``fsync="batch"``) and only then returns: the ticks are *acknowledged*. A failed write or fsync
 (disk full, I/O error) is undone by truncating the segment back to its last acknowledged byte,
-and is raised as :class:`~ibstream.errors.StorageUnavailableError`; nothing of it is
+and is raised as :class:`~ibstream.core.errors.StorageUnavailableError`; nothing of it is
 acknowledged. On start, :class:`SegmentWriter` checks every segment: a torn tail of a stream's
 newest segment is cut (never acknowledged); damaged bytes anywhere are moved to the quarantine
 with a note, the readable batches on both sides stay in service, and the damaged span is
@@ -41,12 +41,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ibstream.errors import SealedHourError, StorageUnavailableError, TickOrderError
+from ibstream.core.errors import SealedHourError, StorageUnavailableError, TickOrderError
 from ibstream.settings import Settings
 from ibstream.storage.failpoints import failpoint, fsync, io_faults, write_all
 from ibstream.storage.quarantine import Damage, damage_note, quarantine_file
-from ibstream.storage.schemas import TickType, schema_for
-from ibstream.storage.times import US_PER_SECOND, duration_us, iso, now_us
+from ibstream.core.ticks import StreamKey, TickType
+from ibstream.storage.schemas import schema_for
+from ibstream.core.times import US_PER_SECOND, duration_us, iso, now_us
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +62,6 @@ EOS = CONTINUATION + b"\x00\x00\x00\x00"
 _CRC_VALUE = re.compile(rb"\x08\x00\x00\x00([0-9a-f]{8})\x00")  # a flatbuffer string of 8 hex digits
 NO_TS = -(2**63)
 _PLACEHOLDER_METADATA = {CRC_KEY: PLACEHOLDER.decode()}
-
-
-@dataclass(frozen=True, order=True)
-class StreamKey:
-    """One stored stream: a contract and a tick type."""
-
-    contract_id: int
-    tick_type: TickType
-
-    def __str__(self) -> str:
-        return f"{self.contract_id}/{self.tick_type.value}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,7 +511,7 @@ class SegmentWriter:
 
         ``data`` must have the tick type's schema and ``ts`` non-decreasing, continuing from the
         stream's last acknowledged tick. A write the disk refuses raises
-        :class:`~ibstream.errors.StorageUnavailableError` with the count of leading ticks that
+        :class:`~ibstream.core.errors.StorageUnavailableError` with the count of leading ticks that
         were acknowledged (a batch that crosses a bucket is written in pieces); the rest left no
         byte behind.
         """

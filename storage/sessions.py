@@ -45,7 +45,7 @@ Calendars
     calendar's span (about 20 years back to 1 year ahead of the load) and outside IB's window is
     refused.
 
-Every refusal is an :class:`~ibstream.errors.InvalidRequestError` naming the contract.
+Every refusal is an :class:`~ibstream.core.errors.InvalidRequestError` naming the contract.
 """
 
 from __future__ import annotations
@@ -61,14 +61,13 @@ from datetime import date, datetime, time, timedelta
 from typing import Any, NamedTuple
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from ibstream.errors import InvalidRequestError
+from ibstream.core.errors import InvalidRequestError
+from ibstream.core.resolutions import SESSION_KINDS, normalize_kind  # noqa: F401 (re-exported)
 from ibstream.storage.index import ContractDetails
-from ibstream.storage.times import from_us, iso, to_us
+from ibstream.core.times import from_us, iso, to_us
 
 log = logging.getLogger(__name__)
 
-SESSION_KINDS: tuple[str, ...] = ("regular", "extended", "pre_market", "after_hours", "full_day")
-_ALIASES = {"overnight": "full_day"}
 
 _FUTURE_TYPES = frozenset({"FUT", "FOP", "CONTFUT"})
 _CME_EXCHANGES = frozenset({"CME", "GLOBEX", "CBOT", "ECBOT", "NYMEX", "COMEX"})
@@ -83,18 +82,6 @@ _WARNED: set[tuple[int, date]] = set()  # (contract, date) disagreements already
 
 Span = tuple[int, int]  # (open, close), microseconds UTC
 _IbHours = dict[date, "tuple[datetime, datetime] | None"]  # trading date -> local (open, close) or CLOSED
-
-
-def normalize_kind(kind: str) -> str:
-    """The session kind ``kind`` names (case-insensitive; ``overnight`` means ``full_day``)."""
-    name = kind.strip().lower() if isinstance(kind, str) else kind
-    name = _ALIASES.get(name, name)
-    if name not in SESSION_KINDS:
-        raise InvalidRequestError(
-            f"session kind was {kind!r}; use one of {', '.join(SESSION_KINDS)} "
-            "('overnight' is accepted for full_day)"
-        )
-    return name
 
 
 def no_calendar_error(contract_id: int) -> InvalidRequestError:

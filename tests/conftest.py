@@ -15,7 +15,7 @@ from ibstream.flight_server import FlightServer
 from ibstream.settings import Settings
 from ibstream.recorder.synthetic import MNQ, SyntheticContract, synthetic_ticks
 from ibstream.storage import Store
-from ibstream.storage.times import to_us
+from ibstream.core.times import to_us
 
 
 def utc(*args) -> datetime:

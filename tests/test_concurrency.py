@@ -15,7 +15,7 @@ from ibstream.recorder.synthetic import MNQ
 from ibstream.storage import Store
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import StreamKey
-from ibstream.storage.times import from_us, hour_floor
+from ibstream.core.times import from_us, hour_floor
 
 CID = MNQ.contract_id
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pytest
 
 from conftest import append_in_batches, between, ticks, utc
-from ibstream.errors import CorruptFileError, DamagedDataError, SealedHourError, StorageUnavailableError
+from ibstream.core.errors import CorruptFileError, DamagedDataError, SealedHourError, StorageUnavailableError
 from ibstream.settings import Settings
 from ibstream.recorder.synthetic import MNQ
 from ibstream.storage import Store
@@ -29,7 +29,7 @@ from ibstream.storage.index import ContractDetails
 from ibstream.storage.maintenance import reindex, verify
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import StreamKey, header_bytes, list_segments, scan_segment, segment_start_us, stream_dir
-from ibstream.storage.times import to_us
+from ibstream.core.times import to_us
 
 CID = MNQ.contract_id
 KEY = StreamKey(CID, TickType.BID_ASK)

@@ -16,7 +16,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from ibstream.errors import StorageUnavailableError
+from ibstream.core.errors import StorageUnavailableError
 from ibstream.settings import Settings
 from ibstream.recorder.synthetic import MNQ, synthetic_ticks
 from ibstream.storage import Store
@@ -24,7 +24,7 @@ from ibstream.storage.failpoints import io_faults
 from ibstream.storage.maintenance import verify
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import EOS, StreamKey, encode_batch, list_segments, stream_dir
-from ibstream.storage.times import from_us, hour_floor
+from ibstream.core.times import from_us, hour_floor
 
 CID = MNQ.contract_id
 KEY = StreamKey(CID, TickType.BID_ASK)

@@ -96,7 +96,7 @@ def test_path_descriptor_is_refused(raw):
 
 
 def test_client_raises_our_errors(client, store):
-    from ibstream.errors import InvalidRequestError, NotFoundError, RequestTooLargeError
+    from ibstream.core.errors import InvalidRequestError, NotFoundError, RequestTooLargeError
 
     store.append(CID, "bid_ask", ticks(utc(2025, 1, 10, 14), 10))
     with pytest.raises(InvalidRequestError, match="naive datetime"):

@@ -21,13 +21,13 @@ import pytest
 from hypothesis import given, settings as hypothesis_settings, strategies as st
 
 from conftest import Served, ticks, utc
-from ibstream.errors import ServerUnavailableError
+from ibstream.core.errors import ServerUnavailableError
 from ibstream.settings import Settings
 from ibstream.recorder.synthetic import MNQ
 from ibstream.storage import Store
 from ibstream.storage.live import Cursor
 from ibstream.storage.schemas import schema_for
-from ibstream.storage.times import to_us
+from ibstream.core.times import to_us
 
 T0 = utc(2025, 1, 10, 12, 10)
 ROOT = Path(__file__).resolve().parents[1]
@@ -324,7 +324,7 @@ def test_live_bars_close_as_they_close_and_mark_the_forming_one(tmp_path):
 
 
 def test_the_bar_being_formed_now_is_marked_forming(tmp_path):
-    from ibstream.storage.times import now_us
+    from ibstream.core.times import now_us
 
     with Store(live_settings(tmp_path)) as store:
         stamped_now = ticks(T0, 50, "last", seed=13)

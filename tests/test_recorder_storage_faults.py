@@ -36,7 +36,7 @@ from ibstream.storage.failpoints import io_faults
 from ibstream.storage.index import ContractDetails
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import StreamKey
-from ibstream.storage.times import US_PER_HOUR, US_PER_SECOND, from_us, to_us
+from ibstream.core.times import US_PER_HOUR, US_PER_SECOND, from_us, to_us
 from test_recorder_ib import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from conftest import ticks, utc
-from ibstream.errors import SealedHourError, TickOrderError
+from ibstream.core.errors import SealedHourError, TickOrderError
 from ibstream.settings import Settings
 from ibstream.recorder.synthetic import MNQ
 from ibstream.storage import Store

@@ -17,7 +17,7 @@ from conftest import between
 from ibstream.settings import Settings
 from ibstream.recorder.synthetic import MNQ, synthetic_ticks
 from ibstream.storage import Store
-from ibstream.storage.times import US_PER_HOUR, from_us, hour_floor
+from ibstream.core.times import US_PER_HOUR, from_us, hour_floor
 
 CID = MNQ.contract_id
 T0 = 1_736_517_600_000_000  # 2025-01-10 14:00 UTC

@@ -1,0 +1,57 @@
+"""Cursors: positions in a stream that a reader resumes from exactly."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from ibstream.core.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """The position after the ``n``-th tick (1-based) with time ``ts`` (µs); ``n = 0``: before them."""
+
+    ts: int
+    n: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.ts}:{self.n}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Cursor":
+        try:
+            ts, n = (int(part) for part in text.split(":"))
+        except (AttributeError, ValueError):
+            raise InvalidRequestError(
+                f"cursor was {text!r}; use the 'cursor' of a batch's app_metadata, \"<ts microseconds>:<n>\", "
+                "e.g. \"1736519400123456:1\"") from None
+        if n < 0:
+            raise InvalidRequestError(f"cursor was {text!r}; its tick count n must be >= 0")
+        return cls(ts, n)
+
+    def after(self, batch: pa.RecordBatch) -> "Cursor":
+        """The cursor after ``batch`` (ts-ordered ticks that follow this cursor)."""
+        if batch.num_rows == 0:
+            return self
+        ts = batch.column("ts").cast(pa.int64()).to_numpy()
+        last = int(ts[-1])
+        run = int(len(ts) - np.searchsorted(ts, last, side="left"))
+        return Cursor(last, self.n + run if last == self.ts else run)
+
+    def unseen(self, batches) -> Iterator[pa.RecordBatch]:
+        """The ticks after this cursor from ``batches``: a read that starts at ``ts`` (so its first
+        ``n`` ticks with that time are the ones already seen)."""
+        skip = self.n
+        for batch in batches:
+            ts = batch.column("ts").cast(pa.int64()).to_numpy()
+            first = int(np.searchsorted(ts, self.ts, side="left"))
+            equal = int(np.searchsorted(ts, self.ts, side="right")) - first
+            taken = min(skip, equal)
+            skip = skip - taken if first + equal == len(ts) else 0
+            rest = batch.slice(first + taken)
+            if rest.num_rows:
+                yield rest
