@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import day_ticks, header, parse_args, settings, target  # noqa: E402
+
 from ibstream.recorder.synthetic import MNQ  # noqa: E402
 from ibstream.storage import Store  # noqa: E402
 

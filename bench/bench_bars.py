@@ -31,16 +31,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import polars as pl  # noqa: E402
 import pyarrow.flight as flight  # noqa: E402
+from common import (  # noqa: E402
+    DAY_START,
+    DAY_START_US,
+    MEASURE_HEADER,
+    BareServer,
+    append_batches,
+    day_ticks,
+    header,
+    measure,
+    our_server,
+    parse_args,
+    serving,
+    settings,
+    target,
+    timed,
+)
 
 from ibstream.clients import Client  # noqa: E402
-from common import (  # noqa: E402
-    DAY_START, DAY_START_US, MEASURE_HEADER, BareServer, append_batches, day_ticks, header, measure, our_server,
-    parse_args, serving, settings, target, timed,
-)
+from ibstream.core.times import US_PER_HOUR  # noqa: E402
 from ibstream.recorder.synthetic import MNQ  # noqa: E402
 from ibstream.simulator.market import SIM_MNQ  # noqa: E402
 from ibstream.storage import Store  # noqa: E402
-from ibstream.core.times import US_PER_HOUR  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -18,11 +18,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pyarrow.flight as flight  # noqa: E402
-
 from common import (  # noqa: E402
-    DAY_START, QUICK_HOURS, BareServer, archived_store, day_ticks, header, our_server, parse_args, serving,
-    target, timed,
+    DAY_START,
+    QUICK_HOURS,
+    BareServer,
+    archived_store,
+    day_ticks,
+    header,
+    our_server,
+    parse_args,
+    serving,
+    target,
+    timed,
 )
+
 from ibstream.flight_server.commands import command  # noqa: E402
 from ibstream.recorder.synthetic import MNQ  # noqa: E402
 from ibstream.storage import Store  # noqa: E402

@@ -32,11 +32,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import header, parse_args, target  # noqa: E402
+
 from ibstream.app import RecordingService  # noqa: E402
-from ibstream.settings import ContractSpec, Settings  # noqa: E402
-from ibstream.recorder.ib import IBFeed  # noqa: E402
-from ibstream.simulator.market import SIM_AAPL, SIM_MNQ  # noqa: E402
 from ibstream.core.times import now_us  # noqa: E402
+from ibstream.recorder.ib import IBFeed  # noqa: E402
+from ibstream.settings import ContractSpec, Settings  # noqa: E402
+from ibstream.simulator.market import SIM_AAPL, SIM_MNQ  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACTS = (ContractSpec(con_id=SIM_MNQ.con_id, tick_types=("bid_ask", "last")),

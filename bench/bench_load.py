@@ -29,18 +29,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_ingest import start_simulator  # noqa: E402
 import pyarrow as pa  # noqa: E402
-
+from bench_ingest import start_simulator  # noqa: E402
 from common import (  # noqa: E402
-    DAY_START, QUICK_HOURS, BareServer, archived_store, day_ticks, header, our_server, parse_args, serving, target,
+    DAY_START,
+    QUICK_HOURS,
+    BareServer,
+    archived_store,
+    day_ticks,
+    header,
+    our_server,
+    parse_args,
+    serving,
+    target,
 )
+
 from ibstream.app import RecordingService  # noqa: E402
-from ibstream.settings import ContractSpec  # noqa: E402
+from ibstream.core.times import to_us  # noqa: E402
 from ibstream.recorder.ib import IBFeed  # noqa: E402
 from ibstream.recorder.synthetic import MNQ  # noqa: E402
+from ibstream.settings import ContractSpec  # noqa: E402
 from ibstream.storage import Store  # noqa: E402
-from ibstream.core.times import to_us  # noqa: E402
 
 SPEED = 300  # the simulated MNQ market at 300x: about 3,000 ticks a second, in bursts
 

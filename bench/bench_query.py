@@ -17,14 +17,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pyarrow as pa  # noqa: E402
+from common import (  # noqa: E402
+    DAY_START,
+    DAY_START_US,
+    MEASURE_HEADER,
+    QUICK_HOURS,
+    append_batches,
+    archived_store,
+    day_ticks,
+    header,
+    measure,
+    our_server,
+    parse_args,
+    serving,
+    target,
+)
 
 from ibstream.clients import Client  # noqa: E402
-from common import (  # noqa: E402
-    DAY_START, DAY_START_US, QUICK_HOURS, append_batches, archived_store, day_ticks, header, our_server,
-    MEASURE_HEADER, measure, parse_args, serving, target,
-)
-from ibstream.recorder.synthetic import MNQ  # noqa: E402
 from ibstream.core.times import US_PER_HOUR, from_us  # noqa: E402
+from ibstream.recorder.synthetic import MNQ  # noqa: E402
 
 LIVE_BATCH = 50  # ticks per live append (a few seconds of quotes)
 

@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import polars as pl  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-
 from common import QUICK_HOURS, archived_store, day_ticks, header, parse_args, target  # noqa: E402
+
 from ibstream.storage.archive import parquet_options  # noqa: E402
 
 
@@ -101,7 +101,7 @@ def main(quick: bool = False) -> dict:
                   f"{sum(p[1] for p in per_type.values()):>8.2f} {per_type['bid_ask'][2]:>7.2f} "
                   f"{json_bytes / bytes_per_tick['bid_ask']:>7.1f}x")
     arrow = day["bid_ask"].nbytes / day["bid_ask"].num_rows
-    print(f"(*) write s = the whole Store.archive run: read segments, write Parquet, fsync, index, day statistics")
+    print("(*) write s = the whole Store.archive run: read segments, write Parquet, fsync, index, day statistics")
     print(f"in-memory Arrow: {arrow:.0f} B/tick bid_ask; write s = both tick types; read s = reading the bid_ask files back")
     ours = ours_bytes["bid_ask"] / counts["bid_ask"]
     target(f"<= 12 bytes per bid_ask tick (ours: {ours:.2f})", ours <= 12)

@@ -10,10 +10,10 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ibstream.clients.live import LiveFrame, LiveStream
-from ibstream.flight_server.commands import command, iso_time
 from ibstream.clients.errors import translated
+from ibstream.clients.live import LiveFrame, LiveStream
 from ibstream.core.errors import InvalidRequestError
+from ibstream.flight_server.commands import command, iso_time
 
 DEFAULT_LOCATION = "grpc://127.0.0.1:8815"
 

@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 from ibstream.clients.errors import translated
-from ibstream.flight_server.commands import command
 from ibstream.core.errors import IbstreamError, ServerUnavailableError
+from ibstream.flight_server.commands import command
 
 log = logging.getLogger(__name__)
 

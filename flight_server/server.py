@@ -30,13 +30,6 @@ from datetime import date
 import pyarrow as pa
 import pyarrow.flight as flight
 
-from ibstream.flight_server.commands import (
-    CoverageBody,
-    QueryCommand,
-    SessionsBody,
-    StatisticsBody,
-    Ticket,
-)
 from ibstream.core.errors import (
     CorruptFileError,
     InvalidRequestError,
@@ -45,6 +38,14 @@ from ibstream.core.errors import (
     ServerBusyError,
     ServerUnavailableError,
     SubscriberTooSlowError,
+)
+from ibstream.core.times import duration_us, from_us, iso, now_us, to_us
+from ibstream.flight_server.commands import (
+    CoverageBody,
+    QueryCommand,
+    SessionsBody,
+    StatisticsBody,
+    Ticket,
 )
 from ibstream.settings import Settings
 from ibstream.storage.bars import (
@@ -61,7 +62,6 @@ from ibstream.storage.schemas import SESSIONS_SCHEMA, STATISTICS_SCHEMA, records
 from ibstream.storage.segments import StreamKey, ipc_bytes
 from ibstream.storage.sessions import ContractSessions, Session
 from ibstream.storage.store import Store
-from ibstream.core.times import duration_us, from_us, iso, now_us, to_us
 
 log = logging.getLogger(__name__)
 

@@ -54,9 +54,19 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (re-exports, hence F401)
     from ibstream.clients.client import Client  # noqa: F401
     from ibstream.clients.live import LiveFrame, LiveStream  # noqa: F401
     from ibstream.core.errors import (  # noqa: F401
-        CorruptFileError, DamagedDataError, IbstreamError, InvalidRequestError, NotFoundError, RequestTooLargeError,
-        SealedHourError, ServerBusyError, ServerUnavailableError, StorageError, StorageUnavailableError,
-        SubscriberTooSlowError, TickOrderError,
+        CorruptFileError,
+        DamagedDataError,
+        IbstreamError,
+        InvalidRequestError,
+        NotFoundError,
+        RequestTooLargeError,
+        SealedHourError,
+        ServerBusyError,
+        ServerUnavailableError,
+        StorageError,
+        StorageUnavailableError,
+        SubscriberTooSlowError,
+        TickOrderError,
     )
     from ibstream.flight_server.server import FlightServer  # noqa: F401
     from ibstream.recorder.recorder import Recorder  # noqa: F401

@@ -7,9 +7,9 @@ import signal
 import threading
 
 from ibstream.flight_server.server import FlightServer
-from ibstream.settings import Settings
 from ibstream.recorder.feed import TickFeed
 from ibstream.recorder.recorder import Recorder
+from ibstream.settings import Settings
 from ibstream.storage.store import Store
 
 log = logging.getLogger(__name__)

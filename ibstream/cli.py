@@ -135,8 +135,8 @@ def _run(args: argparse.Namespace) -> int:
 def _maintain(args: argparse.Namespace, settings) -> int:
     from tqdm import tqdm
 
-    from ibstream.storage import maintenance
     from ibstream.core.times import iso
+    from ibstream.storage import maintenance
 
     def progress(items, description, total):
         return tqdm(items, desc=description, total=total, unit="file", disable=None, leave=False)

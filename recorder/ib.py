@@ -45,11 +45,11 @@ from ibapi.contract import ContractDetails as IBContractDetails
 from ibapi.reader import EReader
 from ibapi.wrapper import EWrapper
 
-from ibstream.settings import ContractSpec, Settings
+from ibstream.core.times import now_us
 from ibstream.recorder.feed import TickSink
+from ibstream.settings import ContractSpec, Settings
 from ibstream.storage.index import ContractDetails
 from ibstream.storage.schemas import TickType
-from ibstream.core.times import now_us
 
 log = logging.getLogger(__name__)
 logging.getLogger("ibapi").setLevel(logging.WARNING)  # ibapi logs every request and message at INFO

@@ -39,12 +39,12 @@ from decimal import Decimal
 import pyarrow as pa
 
 from ibstream.core.errors import StorageError
+from ibstream.core.times import US_PER_SECOND, now_us
 from ibstream.recorder.feed import Size
-from ibstream.storage.schemas import TickType, schema_for
 from ibstream.storage.index import ContractDetails
+from ibstream.storage.schemas import TickType, schema_for
 from ibstream.storage.segments import StreamKey
 from ibstream.storage.store import Store
-from ibstream.core.times import US_PER_SECOND, now_us
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from decimal import Decimal
 import numpy as np
 import pyarrow as pa
 
+from ibstream.core.times import US_PER_SECOND, now_us
 from ibstream.recorder.feed import TickSink
 from ibstream.storage.schemas import TickType, schema_for
-from ibstream.core.times import US_PER_SECOND, now_us
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from zoneinfo import ZoneInfo
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ibstream.core.times import to_us
 from ibstream.recorder.synthetic import AAPL, MNQ, SyntheticContract, synthetic_ticks
 from ibstream.storage.index import ContractDetails
 from ibstream.storage.schemas import TickType
-from ibstream.core.times import to_us
 
 Tape = Iterator[pa.Table]
 

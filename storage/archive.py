@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ibstream.core.errors import DamagedDataError
+from ibstream.core.times import US_PER_HOUR, duration_us, from_us, hour_floor, iso, now_us
 from ibstream.settings import Settings
 from ibstream.storage.bars import PREAGGREGATE_US, partial_table
 from ibstream.storage.failpoints import failpoint, io_faults
@@ -57,7 +58,6 @@ from ibstream.storage.segments import (
     scan_segment,
     segment_start_us,
 )
-from ibstream.core.times import US_PER_HOUR, duration_us, from_us, hour_floor, iso, now_us
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import polars as pl
 import pyarrow as pa
 
-from ibstream.storage.schemas import PRICE, SIZE, TIMESTAMP, TickType
 from ibstream.core.resolutions import (  # noqa: F401 (re-exported: the bar vocabulary)
     BAR_RESOLUTIONS,
     DAILY,
@@ -42,6 +41,7 @@ from ibstream.core.resolutions import (  # noqa: F401 (re-exported: the bar voca
     parse_window,
     partial_step_us,
 )
+from ibstream.storage.schemas import PRICE, SIZE, TIMESTAMP, TickType
 
 VOLUME = pa.decimal128(38, 8)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ibstream.core.errors import CorruptFileError, StorageError
+from ibstream.core.times import US_PER_HOUR, now_us
 from ibstream.settings import Settings
 from ibstream.storage.archive import FILE_NAME, Archiver
 from ibstream.storage.failpoints import failpoint
@@ -28,7 +29,6 @@ from ibstream.storage.index import Index
 from ibstream.storage.quarantine import Damage, quarantine_file
 from ibstream.storage.segments import SUFFIX, SegmentWriter, fsync_dir
 from ibstream.storage.store import Store, lock_data_root
-from ibstream.core.times import US_PER_HOUR, now_us
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ibstream.storage.index import ArchiveEntry, Index
 from ibstream.core.errors import DamagedDataError
+from ibstream.core.times import hour_floor, iso
+from ibstream.storage.index import ArchiveEntry, Index
+from ibstream.storage.schemas import schema_for
 from ibstream.storage.segments import (
     SegmentWriter,
     StreamKey,
@@ -31,8 +33,6 @@ from ibstream.storage.segments import (
     segment_start_us,
     stream_dir,
 )
-from ibstream.storage.schemas import schema_for
-from ibstream.core.times import hour_floor, iso
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ibstream.storage.failpoints import failpoint
 from ibstream.core.times import iso, now_us
+from ibstream.storage.failpoints import failpoint
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from ibstream.core.times import US_PER_HOUR
+from ibstream.storage.archive import read_archive_file
 from ibstream.storage.bars import (
     BAR_RESOLUTIONS,
     DAILY,
@@ -33,15 +35,13 @@ from ibstream.storage.bars import (
     fill_grid,
     finish,
     partial_schema,
-    partial_table,
     partial_step_us,
+    partial_table,
     rollup,
     rollup_sessions,
 )
-from ibstream.storage.archive import read_archive_file
 from ibstream.storage.schemas import TIMESTAMP
 from ibstream.storage.segments import StreamKey, from_ipc_bytes, ipc_bytes
-from ibstream.core.times import US_PER_HOUR
 
 if TYPE_CHECKING:
     from ibstream.storage.sessions import Session

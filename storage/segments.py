@@ -42,12 +42,12 @@ import numpy as np
 import pyarrow as pa
 
 from ibstream.core.errors import SealedHourError, StorageUnavailableError, TickOrderError
+from ibstream.core.ticks import StreamKey, TickType
+from ibstream.core.times import US_PER_SECOND, duration_us, iso, now_us
 from ibstream.settings import Settings
 from ibstream.storage.failpoints import failpoint, fsync, io_faults, write_all
 from ibstream.storage.quarantine import Damage, damage_note, quarantine_file
-from ibstream.core.ticks import StreamKey, TickType
 from ibstream.storage.schemas import schema_for
-from ibstream.core.times import US_PER_SECOND, duration_us, iso, now_us
 
 log = logging.getLogger(__name__)
 

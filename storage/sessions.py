@@ -63,8 +63,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from ibstream.core.errors import InvalidRequestError
 from ibstream.core.resolutions import SESSION_KINDS, normalize_kind  # noqa: F401 (re-exported)
-from ibstream.storage.index import ContractDetails
 from ibstream.core.times import from_us, iso, to_us
+from ibstream.storage.index import ContractDetails
 
 log = logging.getLogger(__name__)
 

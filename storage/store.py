@@ -14,6 +14,7 @@ import pyarrow as pa
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from ibstream.core.errors import StorageError
+from ibstream.core.times import from_us, to_us
 from ibstream.settings import Settings
 from ibstream.storage.archive import Archiver
 from ibstream.storage.cache import ResultCache
@@ -27,7 +28,6 @@ from ibstream.storage.segments import (
     list_streams,
 )
 from ibstream.storage.sessions import ContractSessions, Session, no_calendar_error
-from ibstream.core.times import from_us, to_us
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,11 @@ import pyarrow.compute as pc
 import pytest
 
 from ibstream.clients import Client
-from ibstream.flight_server import FlightServer
-from ibstream.settings import Settings
-from ibstream.recorder.synthetic import MNQ, SyntheticContract, synthetic_ticks
-from ibstream.storage import Store
 from ibstream.core.times import to_us
+from ibstream.flight_server import FlightServer
+from ibstream.recorder.synthetic import MNQ, SyntheticContract, synthetic_ticks
+from ibstream.settings import Settings
+from ibstream.storage import Store
 
 
 def utc(*args) -> datetime:

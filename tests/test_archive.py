@@ -6,8 +6,8 @@ import duckdb
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import append_in_batches, ticks, utc
+
 from ibstream.recorder.synthetic import MNQ
 
 CID = MNQ.contract_id

@@ -21,13 +21,13 @@ from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from ibstream.core.errors import InvalidRequestError
-from ibstream.settings import Settings
+from ibstream.core.times import US_PER_HOUR, to_us
 from ibstream.recorder.synthetic import MNQ
+from ibstream.settings import Settings
 from ibstream.storage import Plan, Store
 from ibstream.storage.bars import BAR_RESOLUTIONS, PREAGGREGATE_US, partial_bars
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import from_ipc_bytes
-from ibstream.core.times import US_PER_HOUR, to_us
 
 T0 = utc(2025, 1, 10, 12)
 ARCHIVED_UNTIL = utc(2025, 1, 10, 15)

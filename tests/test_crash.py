@@ -11,14 +11,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
 from conftest import ticks, utc
-from ibstream.settings import Settings
+
 from ibstream.recorder.synthetic import MNQ
+from ibstream.settings import Settings
 from ibstream.storage import Store
 from ibstream.storage.failpoints import ENV, EXIT_CODE
-from ibstream.storage.segments import list_segments, stream_dir, StreamKey
 from ibstream.storage.schemas import TickType
+from ibstream.storage.segments import StreamKey, list_segments, stream_dir
 
 CID = MNQ.contract_id
 ROOT = Path(__file__).resolve().parents[1]

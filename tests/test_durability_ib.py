@@ -8,13 +8,13 @@ from datetime import timedelta
 
 import polars as pl
 import pyarrow as pa
+from test_recorder_ib import EVERYTHING, Recording, gateway, ib_settings, wait_until  # noqa: F401,F811 (a fixture)
 
+from ibstream.simulator.market import SIM_MNQ
 from ibstream.storage import Store
 from ibstream.storage.failpoints import io_faults
-from ibstream.storage.segments import list_segments, scan_segment, stream_dir, StreamKey
 from ibstream.storage.schemas import TickType
-from test_recorder_ib import EVERYTHING, Recording, gateway, ib_settings, wait_until  # noqa: F401,F811 (a fixture)
-from ibstream.simulator.market import SIM_MNQ
+from ibstream.storage.segments import StreamKey, list_segments, scan_segment, stream_dir
 
 CID = SIM_MNQ.con_id
 

@@ -7,8 +7,8 @@ import json
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
-
 from conftest import Served, ticks, utc
+
 from ibstream.recorder.synthetic import MNQ
 from ibstream.storage import Store
 

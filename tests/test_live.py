@@ -18,16 +18,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
-from hypothesis import given, settings as hypothesis_settings, strategies as st
-
 from conftest import Served, ticks, utc
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
 from ibstream.core.errors import ServerUnavailableError
-from ibstream.settings import Settings
+from ibstream.core.times import to_us
 from ibstream.recorder.synthetic import MNQ
+from ibstream.settings import Settings
 from ibstream.storage import Store
 from ibstream.storage.live import Cursor
 from ibstream.storage.schemas import schema_for
-from ibstream.core.times import to_us
 
 T0 = utc(2025, 1, 10, 12, 10)
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,7 +292,6 @@ def test_live_bars_close_as_they_close_and_mark_the_forming_one(tmp_path):
     ``forming`` true after each batch; these ticks are stamped in 2025, so once the stream is
     quiet its last bar's time has long passed and it is sent again as closed."""
     import polars as pl
-
     from test_bars import assert_bars_equal, reference_bars
 
     trades = ticks(T0, 6_000, "last", seed=12, rate_scale=3)

@@ -8,10 +8,10 @@ import time
 from datetime import timedelta
 
 import pyarrow as pa
-
 from conftest import Served, between, ticks, utc
-from ibstream.settings import Settings
+
 from ibstream.recorder.synthetic import MNQ
+from ibstream.settings import Settings
 from ibstream.storage import Store
 
 T0 = utc(2025, 1, 10, 12)

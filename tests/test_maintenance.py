@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-
 from conftest import append_in_batches, between, ticks, utc
-from ibstream.settings import Settings
+
 from ibstream.recorder.synthetic import MNQ
+from ibstream.settings import Settings
 from ibstream.storage import Store
 from ibstream.storage.failpoints import ENV, EXIT_CODE
 from ibstream.storage.maintenance import backup

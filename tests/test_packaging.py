@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -13,8 +14,11 @@ SUBPACKAGES = ("storage", "recorder", "flight_server", "clients", "simulator")
 
 
 def test_the_wheel_installs_exactly_one_top_level_name(tmp_path):
+    source = tmp_path / "source"  # a clean copy: a stale build/ folder would leak old files into the wheel
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "data",
+                                                                "results", "tests"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path / "wheel"), str(ROOT)], check=True, capture_output=True, cwd=tmp_path)
+                    "-w", str(tmp_path / "wheel"), str(source)], check=True, capture_output=True, cwd=tmp_path)
     (wheel,) = (tmp_path / "wheel").glob("ibstream-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = {name.split("/")[0] for name in archive.namelist()}
@@ -28,7 +32,9 @@ def test_the_wheel_installs_exactly_one_top_level_name(tmp_path):
     # our dependencies from this environment but not its editable install of ibstream.
     (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     probe = ("import importlib.util, sys\n"
-             "import ibstream.storage, ibstream.clients, ibstream.flight_server, ibstream.recorder, ibstream.simulator\n"
+             "import ibstream.storage.store, ibstream.clients.client, ibstream.flight_server.server, ibstream.cli\n"
+             "import ibstream.recorder.ib, ibstream.simulator.gateway, ibstream.core.ticks\n"
+             "from ibstream import Client, Store, FlightServer, Settings, ServerBusyError\n"
              f"assert ibstream.storage.__file__.startswith({str(site)!r}), ibstream.storage.__file__\n"
              f"print([m for m in {SUBPACKAGES!r} if importlib.util.find_spec(m) is not None])\n")
     result = subprocess.run([sys.executable, "-S", "-c", f"import site; site.addsitedir({str(site)!r})\n" + probe],

@@ -8,10 +8,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-
 from conftest import Served, append_in_batches, market
-from ibstream.settings import Settings
+
 from ibstream.recorder.synthetic import AAPL, MNQ
+from ibstream.settings import Settings
 from ibstream.simulator.market import SIM_AAPL, SIM_MNQ
 from ibstream.storage import Store
 

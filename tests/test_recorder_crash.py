@@ -12,12 +12,12 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
+from test_recorder_ib import wait_until
 
 from ibstream.settings import Settings
 from ibstream.simulator.gateway import GatewaySimulator
 from ibstream.simulator.market import SIM_MNQ
 from ibstream.storage import Store
-from test_recorder_ib import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CID = SIM_MNQ.con_id

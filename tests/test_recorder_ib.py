@@ -13,13 +13,13 @@ from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
 import pytest
+from conftest import utc
 from ibapi.client import EClient
 from ibapi.wrapper import EWrapper
 
-from conftest import utc
 from ibstream.app import RecordingService
-from ibstream.settings import ContractSpec, Settings
 from ibstream.recorder.ib import IBFeed
+from ibstream.settings import ContractSpec, Settings
 from ibstream.simulator.gateway import MALFORMED_FRAMES, GatewaySimulator
 from ibstream.simulator.market import SIM_AAPL, SIM_MNQ
 from ibstream.storage.schemas import TickType

@@ -9,8 +9,8 @@ from zoneinfo import ZoneInfo
 import polars as pl
 import pyarrow as pa
 import pytest
-
 from conftest import Served, append_in_batches, between, ticks, utc
+
 from ibstream.recorder.synthetic import MNQ
 from ibstream.storage import Store
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-
 from conftest import ticks, utc
+
 from ibstream.core.errors import SealedHourError, TickOrderError
-from ibstream.settings import Settings
 from ibstream.recorder.synthetic import MNQ
+from ibstream.settings import Settings
 from ibstream.storage import Store
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import StreamKey, list_segments, stream_dir

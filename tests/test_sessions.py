@@ -16,10 +16,10 @@ import exchange_calendars
 import pytest
 
 from ibstream.core.errors import InvalidRequestError
+from ibstream.core.times import to_us
 from ibstream.simulator.market import SIM_AAPL, SIM_MNQ, SimContract
 from ibstream.storage.index import ContractDetails
 from ibstream.storage.sessions import SESSION_KINDS, ContractSessions, Session, no_calendar_error, normalize_kind
-from ibstream.core.times import to_us
 
 ET, CT = ZoneInfo("US/Eastern"), ZoneInfo("US/Central")
 FETCHED = date(2026, 11, 23)  # a Monday; IB's window is 2026-11-23 .. 2026-11-29 (7 days)
