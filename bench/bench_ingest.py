@@ -69,19 +69,16 @@ def start_simulator(speed: float) -> tuple[subprocess.Popen, int]:
 
 def record(speed: float, seconds: float, warmup: float = 2.0, latency: bool = False, stock_reader: bool = False) -> dict:
     """Run the recorder against a simulator at ``speed``; ticks/s acknowledged and ack latencies."""
-    import ibapi.client
     import ibapi.reader
 
-    ours = ibapi.client.reader
-    if stock_reader:
-        ibapi.client.reader = ibapi.reader
     simulator, port = start_simulator(speed)
     delays: list[np.ndarray] = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
             settings = Settings(data_root=Path(tmp) / "data", flight_port=0, ib_port=port, contracts=CONTRACTS,
                                 ib_resubscribe_pause=timedelta(0))
-            with RecordingService(settings, IBFeed(settings)) as service:
+            feed = IBFeed(settings, reader_class=ibapi.reader.EReader) if stock_reader else IBFeed(settings)
+            with RecordingService(settings, feed) as service:
                 recorder = service.recorder
                 if latency:
                     recorder.ack_listeners.append(lambda key, batch: delays.append(
@@ -93,7 +90,6 @@ def record(speed: float, seconds: float, warmup: float = 2.0, latency: bool = Fa
                 count, elapsed = sum(recorder.acknowledged.values()) - start_count, time.perf_counter() - started
                 malformed = service.feed.malformed
     finally:
-        ibapi.client.reader = ours
         simulator.terminate()
         simulator.wait()
     result = {"rate": count / elapsed, "ticks": count, "malformed": malformed}

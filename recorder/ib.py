@@ -52,7 +52,6 @@ from ibstream.storage.index import ContractDetails
 from ibstream.storage.schemas import TickType
 
 log = logging.getLogger(__name__)
-logging.getLogger("ibapi").setLevel(logging.WARNING)  # ibapi logs every request and message at INFO
 
 IB_TICK_TYPE = {TickType.LAST: "Last", TickType.ALL_LAST: "AllLast", TickType.BID_ASK: "BidAsk",
                 TickType.MID_POINT: "MidPoint"}
@@ -104,7 +103,7 @@ class _Reader(EReader):
             log.exception("the IB socket reader failed; the connection will be re-established")
 
 
-ibapi.client.reader = types.SimpleNamespace(EReader=_Reader)  # what EClient.connect starts; ibapi.reader is untouched
+_CONNECTING = threading.Lock()  # EClient.connect reads the reader class from ibapi.client's module namespace
 
 
 @dataclass
@@ -132,6 +131,7 @@ class _Session(EWrapper, EClient):
 
     def __init__(self, feed: "IBFeed"):
         EClient.__init__(self, self)
+        self.reader_class = feed.reader_class
         self.msg_queue = queue.Queue(maxsize=MAX_QUEUED_MESSAGES)
         self.feed = feed
         self.ready = threading.Event()
@@ -139,6 +139,17 @@ class _Session(EWrapper, EClient):
         self.malformed = 0
         self.abandon = False
         self.pump_thread = threading.Thread(target=self.pump, name="ib-messages", daemon=True)
+
+    def connect(self, host: str, port: int, clientId: int) -> None:
+        """``EClient.connect`` with our reader: ibapi builds ``ibapi.client.reader.EReader`` inside it,
+        so that name points at ours for the duration of the call only (ibapi itself is left as it is)."""
+        with _CONNECTING:
+            stock = ibapi.client.reader
+            ibapi.client.reader = types.SimpleNamespace(EReader=self.reader_class)
+            try:
+                super().connect(host, port, clientId)
+            finally:
+                ibapi.client.reader = stock
 
     def pump(self) -> None:
         """The message loop (instead of ``EClient.run``): one bad message never ends the session."""
@@ -193,8 +204,11 @@ class _Session(EWrapper, EClient):
 class IBFeed:
     """Records the configured contracts from TWS / IB Gateway at ``settings.ib_host:ib_port``."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, *, reader_class: type = _Reader):
+        """``reader_class``: the socket reader (ours, linear-time; the bench passes ibapi's stock one)."""
+        logging.getLogger("ibapi").setLevel(logging.WARNING)  # ibapi logs every request and message at INFO
         self.settings = settings
+        self.reader_class = reader_class
         self.sink: TickSink | None = None
         self.client_id = settings.ib_client_id
         self.connections = 0

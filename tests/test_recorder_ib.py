@@ -336,3 +336,14 @@ def test_clean_stop_closes_coverage_and_a_restart_reopens_it(tmp_path, gateway):
             ("recorded", "subscribed"), ("gap", "recorder_stopped"), ("recorded", "subscribed")]
     finally:
         second.close()
+
+
+def test_our_socket_reader_is_used_per_connection_and_ibapi_is_left_as_it_was(recording):
+    import ibapi.client
+    import ibapi.reader
+
+    from ibstream.recorder.ib import _Reader
+
+    recording.wait_for_ticks(10)
+    assert type(recording.feed._session.reader) is _Reader
+    assert ibapi.client.reader is ibapi.reader, "importing or connecting must not patch ibapi for other users"
