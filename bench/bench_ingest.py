@@ -54,7 +54,7 @@ def free_port() -> int:
 def start_simulator(speed: float) -> tuple[subprocess.Popen, int]:
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "ibstream.cli", "--log-level", "WARNING", "simulate",
-                                "--port", str(port), "--speed", str(speed)], cwd=ROOT)
+                                "--ib-port", str(port), "--speed", str(speed)], cwd=ROOT)
     deadline = time.monotonic() + 30
     while True:
         try:

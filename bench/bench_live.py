@@ -87,7 +87,7 @@ def start_server(data_root: Path) -> tuple[subprocess.Popen, str]:
 
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "ibstream.cli", "--log-level", "WARNING", "serve",
-                                "--data-root", str(data_root), "--port", str(port)], cwd=ROOT, env=dict(os.environ))
+                                "--data-root", str(data_root), "--flight-port", str(port)], cwd=ROOT, env=dict(os.environ))
     location = f"grpc://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

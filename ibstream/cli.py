@@ -29,28 +29,39 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ibstream", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO); also after the verb")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="run the whole chain on a synthetic feed (no IB account)")
-    demo.add_argument("--seconds", type=float, default=8.0, help="how long the live feed runs (default 8)")
-    demo.add_argument("--data-root", type=Path, help="store folder (default: a new temp folder)")
-    demo.add_argument("--port", type=int, default=0, help="Flight port (default: any free port)")
+    def verb(name: str, *options: str, **kwargs) -> argparse.ArgumentParser:
+        """A verb with the shared vocabulary: each option means the same in every verb that takes it."""
+        sub = commands.add_parser(name, **kwargs)
+        sub.add_argument("--log-level", default=argparse.SUPPRESS, help="logging level (default INFO)")
+        for option in options:
+            flag, help_text = OPTIONS[option]
+            sub.add_argument(flag, type=int if option.endswith("port") else Path, dest=option, help=help_text)
+            if option in ("flight_port", "ib_port") and name in LEGACY_PORT:  # `--port` before the vocabulary
+                if LEGACY_PORT[name] == option:
+                    sub.add_argument("--port", type=int, dest=option, help=argparse.SUPPRESS)
+        return sub
 
-    record = commands.add_parser(
-        "record", help="record tick-by-tick data from TWS / IB Gateway, archive hourly, serve over Flight",
+    demo = verb("demo", "data_root", "flight_port", help="run the whole chain on a synthetic feed (no IB account)")
+    demo.add_argument("--seconds", type=float, default=8.0, help="how long the live feed runs (default 8)")
+
+    record = verb(
+        "record", "data_root", "flight_port", "ib_port",
+        help="record tick-by-tick data from TWS / IB Gateway, archive hourly, serve over Flight",
         description="Connects to IBSTREAM_IB_HOST:IBSTREAM_IB_PORT, records IBSTREAM_CONTRACTS, reconnects with "
         "backoff, and stops cleanly on Ctrl-C / SIGTERM after flushing every received tick.")
     record.add_argument("--synthetic", action="store_true",
                         help="record the built-in synthetic MNQ/AAPL feed in-process instead of a gateway")
     record.add_argument("--seconds", type=float, default=0, help="stop after this long (default: until Ctrl-C)")
-    record.add_argument("--port", type=int, help="gateway API port (default IBSTREAM_IB_PORT or 4002)")
 
-    simulate = commands.add_parser(
-        "simulate", help="run the IB gateway simulator: ibapi clients (e.g. `ibstream record`) connect to it",
+    simulate = verb(
+        "simulate", "ib_port",
+        help="run the IB gateway simulator: ibapi clients (e.g. `ibstream record`) connect to it",
         description="A TCP server speaking the IB API wire protocol with synthetic MNQ (conId 711280073) and AAPL "
-        "(conId 265598) markets, or a replay of a stored archive.")
-    simulate.add_argument("--port", type=int, help="listen port (default IBSTREAM_IB_PORT or 4002)")
+        "(conId 265598) markets, or a replay of a stored archive. It listens on --ib-port.")
     simulate.add_argument("--speed", type=float, default=1.0, help="market speed vs realistic rates (default 1)")
     simulate.add_argument("--seed", type=int, default=0, help="seed of the synthetic market (default 0)")
     simulate.add_argument("--replay", type=Path, metavar="DATA_ROOT",
@@ -58,9 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--start", help="replay from this ISO time (with --replay; default: 24 h ago)")
     simulate.add_argument("--end", help="replay until this ISO time (with --replay; default: now)")
 
-    serve = commands.add_parser("serve", help="serve an existing store over Flight (read-only)")
-    serve.add_argument("--data-root", type=Path, help=DATA_ROOT_HELP)
-    serve.add_argument("--port", type=int, help="Flight port (default IBSTREAM_FLIGHT_PORT or 8815)")
+    verb("serve", "data_root", "flight_port", help="serve an existing store over Flight (read-only)")
 
     maintenance = {
         "verify": ("check every stored file; quarantine and report what is damaged",
@@ -81,14 +90,36 @@ def _parser() -> argparse.ArgumentParser:
                    "--data-root (or IBSTREAM_DATA_ROOT) at the copy."),
     }
     for name, (summary, description) in maintenance.items():
-        verb = commands.add_parser(name, help=summary, description=description)
+        sub = verb(name, "data_root", help=summary, description=description)
         if name == "backup":
-            verb.add_argument("destination", type=Path, help="a new (or empty) folder for the copy")
-        verb.add_argument("--data-root", type=Path, help=DATA_ROOT_HELP)
+            sub.add_argument("destination", type=Path, help="a new (or empty) folder for the copy")
     return parser
 
 
-DATA_ROOT_HELP = "store folder (default IBSTREAM_DATA_ROOT or ./data)"
+OPTIONS = {  # one meaning per option, in every verb
+    "data_root": ("--data-root", "store folder (default IBSTREAM_DATA_ROOT or ./data; demo: a new temp folder)"),
+    "flight_port": ("--flight-port", "Flight server port (default IBSTREAM_FLIGHT_PORT or 8815; 0: any free port; "
+                                     "demo: any free port)"),
+    "ib_port": ("--ib-port", "IB API port of TWS / Gateway, or of the simulator (default IBSTREAM_IB_PORT or 4002)"),
+}
+LEGACY_PORT = {"demo": "flight_port", "serve": "flight_port", "record": "ib_port", "simulate": "ib_port"}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ibstream")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _settings(args: argparse.Namespace, **extra):
+    """Settings from the environment, with the vocabulary options given on the command line."""
+    from ibstream.settings import Settings
+
+    given = {name: getattr(args, name) for name in OPTIONS if getattr(args, name, None) is not None}
+    return Settings(**(given | extra))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,19 +139,19 @@ def _run(args: argparse.Namespace) -> int:
         from ibstream.demo import run_demo
 
         logging.getLogger().setLevel(max(logging.WARNING, logging.getLogger().level))
-        return 0 if run_demo(args.seconds, args.data_root, args.port) else 1
-    from ibstream.settings import Settings
-
+        return 0 if run_demo(args.seconds, args.data_root, args.flight_port or 0) else 1
     if args.command == "record":
-        return _record(args, Settings(**({"ib_port": args.port} if args.port else {})))
+        return _record(args, _settings(args))
     if args.command == "simulate":
-        return _simulate(args, Settings())
+        return _simulate(args, _settings(args))
     if args.command in ("verify", "reindex", "backup"):
-        return _maintain(args, Settings(**({"data_root": args.data_root} if args.data_root else {})))
-    overrides = {k: v for k, v in (("data_root", args.data_root), ("flight_port", args.port)) if v is not None}
-    settings = Settings(**overrides)
+        return _maintain(args, _settings(args))
+    settings = _settings(args)
     from ibstream.flight_server.server import FlightServer
+    from ibstream.storage.maintenance import require_store
     from ibstream.storage.store import Store
+
+    require_store(settings)  # a mistyped --data-root must not serve (and create) an empty store
 
     with Store(settings, read_only=True) as store:
         server = FlightServer(store, settings.flight_location)
@@ -190,7 +221,7 @@ def _simulate(args: argparse.Namespace, settings) -> int:
         start = datetime.fromisoformat(args.start) if args.start else end - timedelta(hours=24)
         tapes = lambda contract, tick_type, n: archive_tape(  # noqa: E731
             args.replay, contract.con_id, tick_type, start, end, speed=args.speed)
-    port = args.port if args.port is not None else settings.ib_port
+    port = settings.ib_port
     try:
         gateway = GatewaySimulator(settings.ib_host, port, seed=args.seed, speed=args.speed, tapes=tapes,
                                    record_sent=False)

@@ -160,7 +160,7 @@ def start_server(data_root: Path, port: int) -> subprocess.Popen:
     """``ibstream serve`` in its own process: a read-only store recorded into by this one."""
     env = {**os.environ, "IBSTREAM_LIVE_POLL_INTERVAL": "PT0.02S"}
     process = subprocess.Popen([sys.executable, "-m", "ibstream.cli", "--log-level", "WARNING", "serve",
-                                "--data-root", str(data_root), "--port", str(port)], cwd=ROOT, env=env)
+                                "--data-root", str(data_root), "--flight-port", str(port)], cwd=ROOT, env=env)
     wait_until(lambda: _answers(port), what="the server to listen")
     return process
 

@@ -66,7 +66,7 @@ def test_verify_says_all_is_sound_then_finds_and_quarantines_damage(settings, re
 
 def test_cli_errors_are_one_line_without_a_traceback(settings, recorded, tmp_path):
     settings.index_path.write_bytes(b"\0garbage" * 100)
-    for verb in (["verify"], ["serve", "--port", "0"]):
+    for verb in (["verify"], ["serve", "--flight-port", "0"]):
         result = ibstream(*verb, "--data-root", str(settings.data_root))
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert "ibstream reindex --data-root" in result.stderr
