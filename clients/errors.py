@@ -1,4 +1,5 @@
-"""Flight errors as ibstream errors, with the server's message and without its Python traceback."""
+"""Flight errors as ibstream errors (by the code the server tags them with), with the server's
+message and without its Python traceback."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from ibstream.core.errors import (
     NotFoundError,
     RequestTooLargeError,
     ServerUnavailableError,
+    from_wire,
 )
 
 
@@ -20,7 +22,13 @@ def _message(exc: Exception) -> str:
 
 
 def translated(exc: Exception) -> IbstreamError:
+    """Exactly the server's error class, from the code its message is tagged with (see
+    :func:`ibstream.core.errors.tagged`); by gRPC status for untagged errors (transport failures,
+    older servers)."""
     message = _message(exc)
+    ours = from_wire(message)
+    if ours is not None:
+        return ours
     if isinstance(exc, pa.ArrowInvalid):
         cls = RequestTooLargeError if message.startswith("request too large") else InvalidRequestError
         return cls(message)

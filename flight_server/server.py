@@ -32,12 +32,14 @@ import pyarrow.flight as flight
 
 from ibstream.core.errors import (
     CorruptFileError,
+    IbstreamError,
     InvalidRequestError,
     NotFoundError,
     RequestTooLargeError,
     ServerBusyError,
     ServerUnavailableError,
     SubscriberTooSlowError,
+    tagged,
 )
 from ibstream.core.times import duration_us, from_us, iso, now_us, to_us
 from ibstream.flight_server.commands import (
@@ -78,21 +80,22 @@ def _flight_errors(handler: Callable) -> Callable:
             return handler(self, context, *args)
         except InvalidRequestError as exc:
             log.info("%s refused: %s", handler.__name__, exc)
-            raise pa.ArrowInvalid(str(exc)) from None
+            raise pa.ArrowInvalid(tagged(exc)) from None
         except NotFoundError as exc:
             log.info("%s refused: %s", handler.__name__, exc)
-            raise pa.ArrowKeyError(str(exc)) from None
+            raise pa.ArrowKeyError(tagged(exc)) from None
         except ServerUnavailableError as exc:
             log.warning("%s refused: %s", handler.__name__, exc)
-            raise flight.FlightUnavailableError(str(exc)) from None
+            raise flight.FlightUnavailableError(tagged(exc)) from None
         except flight.FlightError:
             raise
         except CorruptFileError as exc:
             log.error("%s failed: %s", handler.__name__, exc)
-            raise flight.FlightInternalError(str(exc)) from None
+            raise flight.FlightInternalError(tagged(exc)) from None
         except Exception as exc:
             log.exception("%s failed", handler.__name__)
-            raise flight.FlightInternalError(f"{handler.__name__} failed: {type(exc).__name__}: {exc}") from None
+            raise flight.FlightInternalError(
+                tagged(IbstreamError(f"{handler.__name__} failed: {type(exc).__name__}: {exc}"))) from None
 
     return wrapper
 
@@ -396,14 +399,14 @@ def _streamed(batches, ticket: Ticket):
     except ServerUnavailableError as exc:
         level = logging.WARNING if isinstance(exc, SubscriberTooSlowError) else logging.INFO
         log.log(level, "do_get of %s/%s ended: %s", ticket.contract_id, ticket.tick_type.value, exc)
-        raise flight.FlightUnavailableError(str(exc)) from None
+        raise flight.FlightUnavailableError(tagged(exc)) from None
     except CorruptFileError as exc:  # stored bytes that fail their checks: say which, no traceback
         log.error("do_get of %s/%s failed: %s", ticket.contract_id, ticket.tick_type.value, exc)
-        raise flight.FlightInternalError(str(exc)) from None
+        raise flight.FlightInternalError(tagged(exc)) from None
     except Exception as exc:
         log.exception("do_get of %s/%s failed mid-stream", ticket.contract_id, ticket.tick_type.value)
-        raise flight.FlightInternalError(f"reading {ticket.contract_id}/{ticket.tick_type.value} failed: "
-                                         f"{type(exc).__name__}: {exc}") from None
+        raise flight.FlightInternalError(tagged(IbstreamError(
+            f"reading {ticket.contract_id}/{ticket.tick_type.value} failed: {type(exc).__name__}: {exc}"))) from None
 
 
 def _live(feed: LiveFeed | LiveBars, stopped: Callable[[], bool], stopping: threading.Event):

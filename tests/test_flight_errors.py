@@ -115,7 +115,26 @@ def test_corrupt_archive_file_is_an_internal_error_and_serving_goes_on(store, ra
     path = store.settings.archive_root / entry.file_path
     path.write_bytes(b"PAR1" + b"\0" * 64 + path.read_bytes()[-200:])
     command = {**GOOD, "tick_types": ["last"], "start": "2025-01-09T00:00:00Z"}
-    with pytest.raises(flight.FlightInternalError, match=r"archive file of 711280073/last hour 2025-01-09T14:00:00Z "
+    with pytest.raises(flight.FlightInternalError, match=r"\[ibstream.damaged_data\] the archive file of 711280073/last "
+                       r"hour 2025-01-09T14:00:00Z "
                        r"\(tick_type=last/.*\) cannot be read: .*ibstream verify"):
         raw.do_get(info(raw, command).endpoints[0].ticket).read_all()
     assert_good_query_still_works(raw)
+
+
+def test_every_error_carries_its_code_for_clients_in_any_language(raw):
+    with pytest.raises(pa.ArrowInvalid, match=r"^\[ibstream\.invalid_request\] invalid command: resolution: resolution was '2m'"):
+        info(raw, {**GOOD, "resolution": "2m"})
+    with pytest.raises(pa.ArrowKeyError, match=r"\[ibstream\.not_found\] contract_id 7 is not stored"):
+        info(raw, {**GOOD, "contract_id": 7})
+    with pytest.raises(pa.ArrowInvalid, match=r"\[ibstream\.request_too_large\] request too large"):
+        info(raw, {**GOOD, "start": "2000-01-01T00:00:00Z"})
+
+
+def test_the_client_raises_exactly_the_class_the_code_names(client):
+    from ibstream.core.errors import CODES, from_wire, tagged
+
+    for code, cls in CODES.items():
+        back = from_wire(tagged(cls("what went wrong")))
+        assert type(back) is cls and str(back) == "what went wrong", code
+    assert from_wire("no tag here") is None

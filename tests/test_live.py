@@ -23,7 +23,7 @@ from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from ibstream.core.errors import ServerUnavailableError
+from ibstream.core.errors import ServerBusyError, ServerUnavailableError
 from ibstream.core.times import to_us
 from ibstream.recorder.synthetic import MNQ
 from ibstream.settings import Settings
@@ -243,9 +243,16 @@ def test_streams_past_the_limit_are_refused_as_busy(tmp_path):
             live = served.client.live(MNQ.contract_id, "last", T0)
             first = next(iter(live))
             assert first.height == 100
-            with pytest.raises(ServerUnavailableError, match=r"server busy: 1 streams are being served "
-                                                             r"\(IBSTREAM_MAX_STREAMS\); retry shortly"):
-                served.client.ticks(MNQ.contract_id, "last", T0, T0 + timedelta(hours=1))
+            with pytest.raises(ServerBusyError, match=r"^server busy: 1 streams are being served "
+                                                      r"\(IBSTREAM_MAX_STREAMS\); retry shortly$"):
+                served.client.ticks(MNQ.contract_id, "last", T0, T0 + timedelta(hours=1))  # the class, not the text
+            raw = flight.connect(served.location)
+            ticket = raw.get_flight_info(flight.FlightDescriptor.for_command(json.dumps(
+                {"version": 1, "contract_id": MNQ.contract_id, "tick_types": ["last"], "start": "2025-01-10T14:00:00Z",
+                 "end": "2025-01-10T15:00:00Z"}).encode())).endpoints[0].ticket
+            with pytest.raises(flight.FlightUnavailableError, match=r"\[ibstream\.server_busy\] server busy"):
+                raw.do_get(ticket).read_all()  # what another language's client sees: the code in the message
+            raw.close()
             live.close()
             wait_until(lambda: _ticks_served(served), what="the slot to be free again")
         finally:

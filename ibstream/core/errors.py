@@ -1,55 +1,82 @@
-"""One error hierarchy for ibstream.
+"""One error hierarchy for ibstream, with codes that survive the wire.
 
-Every error says what was wrong, what was expected and, where it helps, what to do.
-The Flight server raises the matching Arrow/Flight error type (see ``flight_server.server``);
-the client translates those back into these classes.
+Every error says what was wrong, what was expected and, where it helps, what to do. Each class
+has a stable machine-readable ``code``. The Flight server raises the matching Arrow/Flight error
+type (see ``ibstream.flight_server.server``) with the message tagged ``[ibstream.<code>] ``
+(:func:`tagged`), so a client in any language tells the errors apart without parsing prose; our
+client turns the tag back into exactly the class (:func:`from_wire`).
 """
 
 from __future__ import annotations
+
+import re
+from typing import ClassVar
 
 
 class IbstreamError(Exception):
     """Root of every error ibstream raises on purpose."""
 
+    code: ClassVar[str] = "internal"
+
 
 class InvalidRequestError(IbstreamError, ValueError):
     """A request (command, ticket, range, argument) is malformed or out of bounds."""
+
+    code: ClassVar[str] = "invalid_request"
 
 
 class RequestTooLargeError(InvalidRequestError):
     """A request asks for more data than the server's limits allow."""
 
+    code: ClassVar[str] = "request_too_large"
+
 
 class NotFoundError(IbstreamError, LookupError):
     """A contract or stream the request names is not stored."""
+
+    code: ClassVar[str] = "not_found"
 
 
 class ServerUnavailableError(IbstreamError, ConnectionError):
     """The server cannot be reached or refused the work for now; retrying may help."""
 
+    code: ClassVar[str] = "unavailable"
+
 
 class SubscriberTooSlowError(ServerUnavailableError):
     """A live reader fell too far behind and was dropped; resume from its cursor."""
+
+    code: ClassVar[str] = "subscriber_too_slow"
 
 
 class ServerBusyError(ServerUnavailableError):
     """The server is at a limit (concurrent streams, memory) and refused the work for now."""
 
+    code: ClassVar[str] = "server_busy"
+
 
 class StorageError(IbstreamError):
     """The store cannot do what was asked (ordering, sealing, corrupt file)."""
+
+    code: ClassVar[str] = "storage"
 
 
 class TickOrderError(StorageError, ValueError):
     """Ticks were appended with ``ts`` going backwards within a stream."""
 
+    code: ClassVar[str] = "tick_order"
+
 
 class SealedHourError(StorageError, ValueError):
     """Ticks were appended to an hour that has already been archived."""
 
+    code: ClassVar[str] = "sealed_hour"
+
 
 class CorruptFileError(StorageError):
     """A stored file cannot be read."""
+
+    code: ClassVar[str] = "corrupt_file"
 
 
 class StorageUnavailableError(StorageError, OSError):
@@ -60,6 +87,8 @@ class StorageUnavailableError(StorageError, OSError):
     bytes are left behind, so retrying exactly the rest never duplicates a tick. ``errno`` is the
     operating system's error number (``errno.ENOSPC`` for a full disk).
     """
+
+    code: ClassVar[str] = "storage_unavailable"
 
     def __init__(self, message: str, *, acknowledged: int = 0, errno: int | None = None):
         super().__init__(message)
@@ -72,3 +101,30 @@ class StorageUnavailableError(StorageError, OSError):
 
 class DamagedDataError(CorruptFileError):
     """Stored bytes failed their checksum or could not be decoded; they are quarantined and reported."""
+
+    code: ClassVar[str] = "damaged_data"
+
+
+_TAG = re.compile(r"^\[ibstream\.([a-z_]+)\] ")
+
+
+def _classes(root: type[IbstreamError] = IbstreamError) -> list[type[IbstreamError]]:
+    return [root, *(c for sub in root.__subclasses__() for c in _classes(sub))]
+
+
+CODES: dict[str, type[IbstreamError]] = {cls.code: cls for cls in _classes()}
+
+
+def tagged(exc: BaseException) -> str:
+    """The message as the server sends it: ``[ibstream.<code>] <message>`` (``internal`` for
+    anything that is not one of ours)."""
+    code = exc.code if isinstance(exc, IbstreamError) else "internal"
+    return f"[ibstream.{code}] {exc}"
+
+
+def from_wire(message: str) -> IbstreamError | None:
+    """The error a tagged message names, with the tag removed; None for an untagged message."""
+    match = _TAG.match(message)
+    if match is None or match.group(1) not in CODES:
+        return None
+    return CODES[match.group(1)](message[match.end():])
