@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 
 import polars as pl
 import pyarrow as pa
@@ -13,7 +12,7 @@ import pyarrow.flight as flight
 from ibstream.clients.errors import translated
 from ibstream.clients.live import LiveFrame, LiveStream
 from ibstream.core.errors import InvalidRequestError
-from ibstream.flight_server.commands import command, iso_time
+from ibstream.flight_server.commands import QueryCommand, action_body, command, iso_time
 
 DEFAULT_LOCATION = "grpc://127.0.0.1:8815"
 
@@ -157,7 +156,7 @@ class Client:
                                           start=iso_time(start), end=None if end is None else iso_time(end)))
 
     def _action(self, name: str, **body) -> pa.Table:
-        payload = json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+        payload = action_body(name, **body)
         results = self._call(lambda: list(self._flight.do_action(flight.Action(name, payload))))
         return pa.ipc.open_stream(results[0].body).read_all()
 
@@ -165,17 +164,17 @@ class Client:
         """What the server stores: one row per contract and tick type."""
         rows = []
         for info in self._call(lambda: list(self._flight.list_flights())):
-            parsed = json.loads(info.endpoints[0].ticket.ticket)
+            query = QueryCommand.parse(info.descriptor.command)  # the command, not the ticket: tickets are opaque
             rows.append({
-                "contract_id": parsed["contract_id"],
-                "tick_type": parsed["tick_type"],
-                "first": parsed["start_us"],
-                "last": parsed["end_us"] - 1,
+                "contract_id": query.contract_id,
+                "tick_type": query.tick_types[0].value,
+                "first": query.start,
+                "last": query.end - timedelta(microseconds=1),
                 "tick_count": info.total_records,
             })
-        frame = pl.DataFrame(rows, schema={"contract_id": pl.Int64, "tick_type": pl.String, "first": pl.Int64,
-                                           "last": pl.Int64, "tick_count": pl.Int64})
-        return frame.with_columns(pl.col("first", "last").cast(pl.Datetime("us", "UTC")))
+        return pl.DataFrame(rows, schema={"contract_id": pl.Int64, "tick_type": pl.String,
+                                          "first": pl.Datetime("us", "UTC"), "last": pl.Datetime("us", "UTC"),
+                                          "tick_count": pl.Int64})
 
     def close(self) -> None:
         self._flight.close()

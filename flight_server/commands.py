@@ -247,7 +247,8 @@ def command(contract_ids: int | Sequence[int], tick_types: str | Sequence[str], 
             end: datetime | None = None, *, window: str | None = None, session: str | None = None,
             session_date: str | date | None = None, resolution: str = TICK, fill: bool = False,
             daily_session: str | None = None, live: bool = False, cursor: str | None = None) -> bytes:
-    """The command bytes for a query (what :class:`clients.Client` sends); ``None`` fields are left out."""
+    """The command bytes for a query (what :class:`ibstream.Client` sends), built and checked by the one
+    command model, :class:`QueryCommand` (a bad argument fails here, with the server's message)."""
     payload: dict = {"version": COMMAND_VERSION}
     if isinstance(contract_ids, int):
         payload["contract_id"] = contract_ids
@@ -260,7 +261,7 @@ def command(contract_ids: int | Sequence[int], tick_types: str | Sequence[str], 
                 "resolution": None if resolution == TICK else resolution, "fill": fill or None,
                 "daily_session": daily_session, "live": live or None, "cursor": cursor}
     payload |= {name: value for name, value in optional.items() if value is not None}
-    return json.dumps(payload).encode()
+    return QueryCommand.parse(json.dumps(payload).encode()).to_bytes()
 
 
 def iso_time(value: datetime) -> str:
@@ -276,6 +277,9 @@ class ActionBody(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     contract_id: int = Field(gt=0)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
 
     @classmethod
     def parse(cls, raw: bytes, action: str) -> "ActionBody":
@@ -304,3 +308,15 @@ class CoverageBody(ActionBody):
     tick_type: TickType
     start: AwareTime
     end: AwareTime | None = None
+
+
+ACTION_BODIES: dict[str, type[ActionBody]] = {"statistics": StatisticsBody, "sessions": SessionsBody,
+                                              "coverage": CoverageBody}
+
+
+def action_body(action: str, **fields) -> bytes:
+    """The body bytes of a ``do_action`` call (what :class:`ibstream.Client` sends), built and checked
+    by the action's model; ``None`` fields are left out."""
+    body = json.dumps({name: value for name, value in fields.items() if value is not None}).encode()
+    model = ACTION_BODIES.get(action)
+    return body if model is None else model.parse(body, action).to_bytes()  # an unknown action: the server says so

@@ -25,7 +25,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from datetime import date
+from datetime import date, timedelta
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -48,6 +48,7 @@ from ibstream.flight_server.commands import (
     SessionsBody,
     StatisticsBody,
     Ticket,
+    command,
 )
 from ibstream.settings import Settings
 from ibstream.storage.bars import (
@@ -198,11 +199,7 @@ class FlightServer(flight.FlightServerBase):
             if info.first is None:
                 continue
             descriptor = flight.FlightDescriptor.for_command(
-                json.dumps({
-                    "version": 1, "contract_id": info.contract_id, "tick_types": [info.tick_type.value],
-                    "start": iso(to_us(info.first)), "end": iso(to_us(info.last) + 1),
-                }).encode()
-            )
+                command(info.contract_id, info.tick_type.value, info.first, info.last + timedelta(microseconds=1)))
             ticket = Ticket(
                 contract_id=info.contract_id, tick_type=info.tick_type,
                 start_us=to_us(info.first), end_us=to_us(info.last) + 1,
