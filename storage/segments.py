@@ -89,22 +89,22 @@ def segment_seq(path: Path) -> int:
 
 
 _SEGMENT_NAME = re.compile(r"\d{8}T\d{6}Z-\d+" + re.escape(SUFFIX))
-_foreign_reported: set[Path] = set()
 
 
 def list_segments(directory: Path) -> list[Path]:
     """The segment files of a stream, by name (bucket, then seq); see :func:`in_stream_order`.
-    Files whose names ibstream does not write are left alone, and reported once."""
+    Files whose names ibstream does not write are left alone (the writer reports them on start)."""
     if not directory.is_dir():
         return []
-    paths = []
-    for path in directory.iterdir():
-        if _SEGMENT_NAME.fullmatch(path.name):
-            paths.append(path)
-        elif path.name.endswith(SUFFIX) and path not in _foreign_reported:
-            _foreign_reported.add(path)
-            log.warning("ignoring %s: not a segment name ibstream writes (YYYYmmddTHHMMSSZ-seq%s)", path, SUFFIX)
-    return sorted(paths)
+    return sorted(p for p in directory.iterdir() if _SEGMENT_NAME.fullmatch(p.name))
+
+
+def foreign_files(directory: Path) -> list[Path]:
+    """Files in a stream's folder that ibstream did not write (a copy, a note): never touched."""
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir()
+                  if not _SEGMENT_NAME.fullmatch(p.name) and not p.name.endswith(SUFFIX + TMP_SUFFIX))
 
 
 def list_streams(buffer_root: Path) -> list[StreamKey]:
@@ -450,6 +450,9 @@ class SegmentWriter:
         for leftover in directory.glob(f"*{SUFFIX}{TMP_SUFFIX}"):
             leftover.unlink()  # a segment being created holds only its schema, never a tick
             log.warning("removed %s: a segment whose creation was cut off (it held no tick)", leftover)
+        for foreign in foreign_files(directory):
+            log.warning("ignoring %s: not a segment name ibstream writes (YYYYmmddTHHMMSSZ-seq%s); it is left alone",
+                        foreign, SUFFIX)
         scans = [scan_segment(path) for path in list_segments(directory)]
         newest = max(scans, key=lambda s: (segment_seq(s.path), s.path.name), default=None)
         kept = []

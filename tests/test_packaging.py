@@ -24,7 +24,7 @@ def test_the_wheel_installs_exactly_one_top_level_name(tmp_path):
         names = {name.split("/")[0] for name in archive.namelist()}
         assert {n for n in names if not n.endswith(".dist-info")} == {"ibstream"}
         assert {f"ibstream/{p}/__init__.py" for p in SUBPACKAGES} <= set(archive.namelist())
-        assert "ibstream/storage/py.typed" in archive.namelist()
+        assert {"ibstream/py.typed", "ibstream/storage/py.typed", "ibstream/clients/py.typed"} <= set(archive.namelist())
         site = tmp_path / "site"
         archive.extractall(site)  # a pure-Python wheel installs by unpacking
 
