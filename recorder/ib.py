@@ -107,7 +107,7 @@ _CONNECTING = threading.Lock()  # EClient.connect reads the reader class from ib
 
 
 @dataclass
-class _Stream:
+class _TickStream:
     spec: ContractSpec
     tick_type: TickType
     req_id: int | None = None
@@ -126,7 +126,7 @@ class _Resolution:
     failed: str | None = None
 
 
-class _Session(EWrapper, EClient):
+class _Connection(EWrapper, EClient):
     """One connection: ``ibapi``'s client, its callbacks forwarded to the feed."""
 
     def __init__(self, feed: "IBFeed"):
@@ -213,14 +213,14 @@ class IBFeed:
         self.client_id = settings.ib_client_id
         self.connections = 0
         self._resolutions = {spec: _Resolution() for spec in settings.contracts}
-        self._streams = [_Stream(spec, TickType(t)) for spec in settings.contracts for t in spec.tick_types]
-        self._by_request: dict[int, _Stream] = {}
+        self._streams = [_TickStream(spec, TickType(t)) for spec in settings.contracts for t in spec.tick_types]
+        self._by_request: dict[int, _TickStream] = {}
         self._next_req_id = 1_000
         self._farm_broken = False
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._session: _Session | None = None
+        self._session: _Connection | None = None
 
     # -- TickFeed ----------------------------------------------------------------------------------
 
@@ -254,7 +254,7 @@ class IBFeed:
     def _supervise(self) -> None:
         backoff = self.settings.ib_reconnect_initial.total_seconds()
         while not self._stop.is_set():
-            session = _Session(self)
+            session = _Connection(self)
             self._session = session
             connected_at = time.monotonic()
             reason = "disconnected"
@@ -279,7 +279,7 @@ class IBFeed:
             self._stop.wait(backoff)
             backoff = min(backoff * 2, self.settings.ib_reconnect_max.total_seconds())
 
-    def _connect(self, session: _Session) -> bool:
+    def _connect(self, session: _Connection) -> bool:
         timeout = self.settings.ib_connect_timeout.total_seconds()
         deadline = time.monotonic() + timeout  # one budget for the handshake and nextValidId
         watchdog = threading.Timer(timeout, lambda: session.conn and session.conn.disconnect())
@@ -296,7 +296,7 @@ class IBFeed:
                 return False
         return True
 
-    def _watch(self, session: _Session) -> str:
+    def _watch(self, session: _Connection) -> str:
         """Resolve, subscribe and supervise until the session ends; returns why it ended."""
         heartbeat = self.settings.ib_heartbeat.total_seconds()
         asked_time = False
@@ -318,7 +318,7 @@ class IBFeed:
             self._stop.wait(0.02)
         return "recorder stopped"
 
-    def _disconnect(self, session: _Session, reason: str) -> None:
+    def _disconnect(self, session: _Connection, reason: str) -> None:
         with self._lock:
             if session.isConnected():
                 try:
@@ -348,7 +348,7 @@ class IBFeed:
 
     # -- contracts ---------------------------------------------------------------------------------
 
-    def _resolve(self, session: _Session) -> None:
+    def _resolve(self, session: _Connection) -> None:
         """Ask IB for the details of each contract not yet resolved (once per connection)."""
         for spec, resolution in self._resolutions.items():
             if resolution.contract is not None or resolution.failed or resolution.req_id is not None:
@@ -377,7 +377,7 @@ class IBFeed:
             if found is not None:
                 found[1].details.append(details)
 
-    def _on_contract_details_end(self, session: _Session, req_id: int) -> None:
+    def _on_contract_details_end(self, session: _Connection, req_id: int) -> None:
         with self._lock:
             found = self._resolution_for(req_id)
             if found is None:
@@ -422,7 +422,7 @@ class IBFeed:
         self._next_req_id += 1
         return self._next_req_id
 
-    def _subscribe_due(self, session: _Session) -> None:
+    def _subscribe_due(self, session: _Connection) -> None:
         now = time.monotonic()
         pause = self.settings.ib_resubscribe_pause.total_seconds()
         for stream in self._streams:
@@ -437,13 +437,13 @@ class IBFeed:
             session.reqTickByTickData(stream.req_id, contract, IB_TICK_TYPE[stream.tick_type], 0, False)
             self._begin(stream)
 
-    def _begin(self, stream: _Stream) -> None:
+    def _begin(self, stream: _TickStream) -> None:
         stream.state = "recording"
         if not stream.recording:
             stream.recording = True
             self.sink.on_stream_state(stream.spec.con_id, stream.tick_type, True, "subscribed")
 
-    def _end(self, stream: _Stream, reason: str, *, keep_request: bool = False) -> None:
+    def _end(self, stream: _TickStream, reason: str, *, keep_request: bool = False) -> None:
         """The stream is no longer received (its request dropped unless ``keep_request``)."""
         if not keep_request and stream.req_id is not None:
             self._by_request.pop(stream.req_id, None)
@@ -453,7 +453,7 @@ class IBFeed:
         stream.recording = False
         stream.state = reason
 
-    def _resubscribe_all(self, session: _Session, reason: str, *, cancel: bool) -> None:
+    def _resubscribe_all(self, session: _Connection, reason: str, *, cancel: bool) -> None:
         for stream in self._streams:
             if stream.req_id is not None:
                 if cancel:
@@ -462,7 +462,7 @@ class IBFeed:
 
     # -- IB's messages -----------------------------------------------------------------------------
 
-    def _on_error(self, session: _Session, req_id: int, code: int, message: str) -> None:
+    def _on_error(self, session: _Connection, req_id: int, code: int, message: str) -> None:
         with self._lock:
             stream = self._by_request.get(req_id)
             resolution = self._resolution_for(req_id)

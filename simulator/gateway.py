@@ -150,7 +150,7 @@ class _Subscription:
         return pa.concat_tables(pieces), tails
 
 
-class _Session:
+class _ClientConnection:
     """One client connection: a reader thread for requests, a sender thread for ticks."""
 
     def __init__(self, sim: "GatewaySimulator", sock: socket.socket, address):
@@ -384,7 +384,7 @@ class GatewaySimulator:
         self.stalled_until = 0.0
         self.market_lock = threading.RLock()  # held by each send round and by every market status change
         self.connections = 0
-        self._sessions: list[_Session] = []
+        self._sessions: list[_ClientConnection] = []
         self._lock = threading.Lock()
         self._sent: dict[tuple[int, TickType], list[pa.Table]] = {}
         self._tape_count: dict[tuple[int, TickType], int] = {}
@@ -423,18 +423,18 @@ class GatewaySimulator:
             except OSError:
                 return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            session = _Session(self, sock, address)
+            session = _ClientConnection(self, sock, address)
             with self._lock:
                 self._sessions.append(session)
                 self.connections += 1
             session.start()
 
-    def _forget(self, session: _Session) -> None:
+    def _forget(self, session: _ClientConnection) -> None:
         with self._lock:
             if session in self._sessions:
                 self._sessions.remove(session)
 
-    def _claim_client_id(self, session: _Session, client_id: int) -> bool:
+    def _claim_client_id(self, session: _ClientConnection, client_id: int) -> bool:
         with self._lock:
             if any(s.client_id == client_id for s in self._sessions if s is not session):
                 return False
@@ -457,14 +457,14 @@ class GatewaySimulator:
         with self._lock:
             self._sent.setdefault((sub.contract.con_id, sub.tick_type), []).append(rows)
 
-    def _wait_while_stalled(self, session: _Session) -> None:
+    def _wait_while_stalled(self, session: _ClientConnection) -> None:
         while time.monotonic() < self.stalled_until and not session.closed.is_set():
             if session.peer_gone():
                 session.drop()  # the client gave up on us meanwhile: nothing more is sent to it
                 return
             time.sleep(0.01)
 
-    def _each_session(self) -> list[_Session]:
+    def _each_session(self) -> list[_ClientConnection]:
         with self._lock:
             return list(self._sessions)
 

@@ -401,7 +401,7 @@ class StreamSnapshot:
     open_path: Path | None
 
 
-class _Stream:
+class _StreamState:
     def __init__(self, key: StreamKey, directory: Path, sealed_until_us: int, segments: list[tuple[Path, int, int]]):
         self.key = key
         self.directory = directory
@@ -434,7 +434,7 @@ class SegmentWriter:
         self.root = settings.buffer_root
         self.interval_us = duration_us(settings.rotation_interval)
         self._sealed_until = dict(sealed_until or {})
-        self._streams: dict[StreamKey, _Stream] = {}
+        self._streams: dict[StreamKey, _StreamState] = {}
         self._lock = threading.Lock()
         self.on_damage = on_damage or (lambda damage: None)
         self.forget_listeners: list = []  # called with the paths of segments the archiver removed
@@ -609,17 +609,17 @@ class SegmentWriter:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _stream(self, key: StreamKey) -> _Stream:
+    def _stream(self, key: StreamKey) -> _StreamState:
         with self._lock:
             stream = self._streams.get(key)
             if stream is None:
                 directory = stream_dir(self.root, key)
                 segments = self._recovered.pop(key, [])
-                stream = _Stream(key, directory, self._sealed_until.get(key, NO_TS), segments)
+                stream = _StreamState(key, directory, self._sealed_until.get(key, NO_TS), segments)
                 self._streams[key] = stream
             return stream
 
-    def _check_order(self, stream: _Stream, ts: np.ndarray) -> None:
+    def _check_order(self, stream: _StreamState, ts: np.ndarray) -> None:
         if ts[0] < stream.last_ts or (ts.size > 1 and bool(np.any(ts[1:] < ts[:-1]))):
             raise TickOrderError(
                 f"stream {stream.key}: ts must be non-decreasing; got {iso(int(ts.min()))} after "
@@ -645,7 +645,7 @@ class SegmentWriter:
             if hi > lo:
                 yield batch.slice(lo, hi - lo), bucket
 
-    def _write(self, stream: _Stream, batch: pa.RecordBatch, bucket: int) -> None:
+    def _write(self, stream: _StreamState, batch: pa.RecordBatch, bucket: int) -> None:
         segment = stream.open
         if segment and (segment.bucket_start_us != bucket or segment.offset >= self.settings.segment_max_bytes):
             self._rotate(stream)
@@ -669,7 +669,7 @@ class SegmentWriter:
             for subscriber in stream.subscribers:
                 subscriber.offer(batch)
 
-    def _undo(self, stream: _Stream, segment: _OpenSegment) -> None:
+    def _undo(self, stream: _StreamState, segment: _OpenSegment) -> None:
         """Cut a failed write off the segment; if even that fails, close the segment for good."""
         try:
             os.ftruncate(segment.fd, segment.offset)
@@ -688,7 +688,7 @@ class SegmentWriter:
                 stream.closed.append(segment.path)
                 stream.open = None
 
-    def _replace_changed(self, stream: _Stream, segment: _OpenSegment) -> _OpenSegment:
+    def _replace_changed(self, stream: _StreamState, segment: _OpenSegment) -> _OpenSegment:
         """Another process changed the open segment (truncated it, say): write its acknowledged
         batches, still held in memory, to a new segment, then quarantine the changed file. If the
         rewrite fails, the changed segment stays open and the next append tries again."""
@@ -712,7 +712,7 @@ class SegmentWriter:
                   "memory to %s", segment.path, len(segment.batches), replacement.path.name)
         return self._open(stream, replacement)
 
-    def _create(self, stream: _Stream, bucket: int) -> _OpenSegment:
+    def _create(self, stream: _StreamState, bucket: int) -> _OpenSegment:
         """A new segment holding the schema: written aside, fsynced, then renamed into place."""
         stream.directory.mkdir(parents=True, exist_ok=True)
         path = stream.directory / segment_name(bucket, stream.next_seq)
@@ -734,12 +734,12 @@ class SegmentWriter:
         stream.next_seq += 1
         return _OpenSegment(path, bucket, fd, len(header))
 
-    def _open(self, stream: _Stream, segment: _OpenSegment) -> _OpenSegment:
+    def _open(self, stream: _StreamState, segment: _OpenSegment) -> _OpenSegment:
         with stream.state_lock:
             stream.open = segment
         return segment
 
-    def _rotate(self, stream: _Stream) -> None:
+    def _rotate(self, stream: _StreamState) -> None:
         """Close the open segment with its end-of-stream marker (a segment without one reads the same)."""
         segment = stream.open
         assert segment is not None

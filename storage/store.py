@@ -17,10 +17,10 @@ from ibstream.core.errors import StorageError
 from ibstream.core.times import from_us, to_us
 from ibstream.settings import Settings
 from ibstream.storage.archive import Archiver
+from ibstream.storage.bar_query import read_bars
 from ibstream.storage.cache import ResultCache
 from ibstream.storage.index import ArchiveEntry, ContractDetails, CoverageInterval, DailyStatistics, Index
 from ibstream.storage.planner import Plan, Planner
-from ibstream.storage.query import read_bars
 from ibstream.storage.schemas import COVERAGE_SCHEMA, TickType, records_table
 from ibstream.storage.segments import (
     SegmentWriter,
