@@ -125,12 +125,19 @@ def _settings(args: argparse.Namespace, **extra):
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pydantic import ValidationError
+
     from ibstream.core.errors import IbstreamError
 
     try:
         return _run(args)
     except IbstreamError as exc:
         print(f"ibstream {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # a setting from the environment or a flag
+        problems = "; ".join(f"IBSTREAM_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']} (got {str(e.get('input'))[:80]!r})"
+                             for e in exc.errors())
+        print(f"ibstream {args.command}: bad setting: {problems}", file=sys.stderr)
         return 2
 
 

@@ -182,11 +182,9 @@ class Recorder:
         """Start each stored stream's ``ts`` clamp at its last stored tick (or its archived hours'
         end), so a wall clock that stepped back across a restart cannot make every append fail."""
         writer = self.store.writer
-        last_ts = getattr(writer, "last_ts", None)
         starts = {StreamKey(cid, TickType(tt)): until for (cid, tt), until in self.store.index.archived_until().items()}
         for key in writer.streams() if writer is not None else ():
-            if last_ts is not None:
-                starts[key] = max(starts.get(key, NO_TS), last_ts(key))
+            starts[key] = max(starts.get(key, NO_TS), writer.last_ts(key))
         for key, start in starts.items():
             self._builders[key] = _Builder(last_ts=start)
 

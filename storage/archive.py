@@ -152,12 +152,20 @@ def file_facts(root: Path, path: Path) -> FileFacts:
                              facts.get("contract"), facts.get("coverage", []))
         except (ValueError, KeyError, TypeError) as exc:
             raise DamagedDataError(f"archive file {relative} has unreadable ibstream metadata: {exc}") from None
+    place = hive_place(relative)
+    if place is None:
+        raise DamagedDataError(f"archive file {relative} is not where an hour of a stream belongs")
+    return FileFacts(*place, metadata.num_rows)
+
+
+def hive_place(relative: str) -> tuple[StreamKey, int] | None:
+    """The stream and hour (µs) an archive path names, e.g. ``tick_type=last/contract_id=1/date=…/hour=14/…``."""
     match = _HIVE.search(relative)
     if match is None:
-        raise DamagedDataError(f"archive file {relative} is not where an hour of a stream belongs")
+        return None
     tick_type, cid, year, month, day, hour = match.groups()
     hour_us = int(datetime(int(year), int(month), int(day), int(hour), tzinfo=UTC).timestamp()) * 1_000_000
-    return FileFacts(StreamKey(int(cid), TickType(tick_type)), hour_us, metadata.num_rows)
+    return StreamKey(int(cid), TickType(tick_type)), hour_us
 
 
 def check_archive_file(root: Path, path: Path, expected: ArchiveEntry | None = None) -> tuple[ArchiveEntry, FileFacts, pa.Table]:
@@ -551,12 +559,11 @@ class Archiver:
         """Move an archive file aside; with ``damage``, report its hour as damaged."""
         data_root = self.settings.data_root
         relative = path.relative_to(data_root).as_posix()
-        match = _HIVE.search(path.relative_to(self.root).as_posix())
+        place = hive_place(path.relative_to(self.root).as_posix())
         moved = quarantine_file(data_root, path, {"reason": reason})
-        if damage and match is not None:
-            tick_type, cid, year, month, day, hour = match.groups()
-            start = int(datetime(int(year), int(month), int(day), int(hour), tzinfo=UTC).timestamp()) * 1_000_000
-            self.index.record_damage(Damage(int(cid), tick_type, start, start + US_PER_HOUR - 1, relative,
+        if damage and place is not None:
+            key, start = place
+            self.index.record_damage(Damage(key.contract_id, key.tick_type.value, start, start + US_PER_HOUR - 1, relative,
                                             moved.relative_to(data_root).as_posix(), reason[:500], now_us(),
                                             moved.stat().st_size))
 

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from ibstream.core.errors import DamagedDataError
 from ibstream.core.times import hour_floor, iso
+from ibstream.storage.archive import open_archive_file
 from ibstream.storage.index import ArchiveEntry, Index
 from ibstream.storage.schemas import schema_for
 from ibstream.storage.segments import (
@@ -29,9 +30,9 @@ from ibstream.storage.segments import (
     StreamKey,
     list_segments,
     scan_segment,
-    segment_seq,
     segment_start_us,
     stream_dir,
+    stream_order,
 )
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ class Plan:
     def _archive_batches(self, entry: ArchiveEntry) -> Iterator[pa.RecordBatch]:
         path = self.archive_root / entry.file_path
         try:
-            parquet = pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
+            parquet = open_archive_file(path)
             whole = entry.start_time >= self.start_us and entry.end_time < self.end_us
             groups = list(range(parquet.num_row_groups)) if whole else self._overlapping_groups(parquet)
             tables = (parquet.read_row_group(group, use_threads=True) for group in groups)
@@ -168,13 +169,6 @@ class Plan:
             if high >= self.start_us and low < self.end_us:
                 groups.append(i)
         return groups
-
-
-def _stream_order(item: tuple[pa.Table, Path]) -> tuple[int, int, int]:
-    """Segments in the order of their ticks (see :func:`storage.segments.in_stream_order`)."""
-    table, path = item
-    ts = table.column("ts")
-    return ts[0].value, ts[-1].value, segment_seq(path)
 
 
 def _stat_us(value) -> int:
@@ -211,7 +205,8 @@ class Planner:
             clipped = _clip(table, start_us, end_us)
             if clipped.num_rows:
                 segments.append((clipped, path))
-        segments = [t for t, _ in sorted(segments, key=_stream_order)]
+        segments = [t for t, _ in sorted(segments, key=lambda s: stream_order(s[0]["ts"][0].value,
+                                                                               s[0]["ts"][-1].value, s[1]))]
         tail_table = _clip(coalesce(tail, schema, batch_rows), start_us, end_us) if tail else None
         return Plan(key, start_us, end_us, batch_rows, self.archive_root, archives, segments, tail_table)
 

@@ -92,7 +92,7 @@ _SEGMENT_NAME = re.compile(r"\d{8}T\d{6}Z-\d+" + re.escape(SUFFIX))
 
 
 def list_segments(directory: Path) -> list[Path]:
-    """The segment files of a stream, by name (bucket, then seq); see :func:`in_stream_order`.
+    """The segment files of a stream, by name (bucket, then seq); readers order them by :func:`stream_order`.
     Files whose names ibstream does not write are left alone (the writer reports them on start)."""
     if not directory.is_dir():
         return []
@@ -296,15 +296,11 @@ def scan_segment(path: Path, source: pa.NativeFile | None = None) -> SegmentScan
     while pos < len(data):
         try:
             batch, length = _message_at(data, pos, schema, scan.checksummed)
-        except _Incomplete:
-            if _resync(data, pos, schema, scan.checksummed) is None:
-                scan.torn_tail = len(data) - pos
-                break
-            batch, length = None, -1  # incomplete here, yet good messages follow: damage
-        except _Bad:
-            batch, length = None, -1
-        if length == -1:
+        except (_Incomplete, _Bad) as failed:
             found = _resync(data, pos, schema, scan.checksummed)
+            if found is None and isinstance(failed, _Incomplete):
+                scan.torn_tail = len(data) - pos  # the last message, cut short: a write a crash interrupted
+                break
             scan.damaged.append((pos, len(data) if found is None else found, len(scan.batches)))
             if found is None:
                 break
@@ -348,9 +344,9 @@ def read_segment(path: Path, source: pa.NativeFile | None = None) -> tuple[list[
     return scan.batches, scan.valid_end
 
 
-def in_stream_order(scans: list[SegmentScan]) -> list[SegmentScan]:
-    """Segments of one stream in the order of their ticks: by first and last ``ts``, then seq."""
-    return sorted(scans, key=lambda s: (s.first_ts(), s.last_ts(), segment_seq(s.path)))
+def stream_order(first_ts: int, last_ts: int, path: Path) -> tuple[int, int, int]:
+    """The sort key of a stream's segments: the order of their ticks (first and last ``ts``), then seq."""
+    return first_ts, last_ts, segment_seq(path)
 
 
 def damage_of(scan: SegmentScan, data_root: Path, bucket_us: int, interval_us: int, reason: str) -> list[Damage]:
@@ -402,18 +398,18 @@ class StreamSnapshot:
 
 
 class _StreamState:
-    def __init__(self, key: StreamKey, directory: Path, sealed_until_us: int, segments: list[tuple[Path, int, int]]):
+    def __init__(self, key: StreamKey, directory: Path, segments: list[tuple[Path, int, int]]):
         self.key = key
         self.directory = directory
         self.schema = schema_for(key.tick_type)
         self.write_lock = threading.Lock()  # one append / seal at a time
         self.state_lock = threading.Lock()  # guards what readers see
         self.open: _OpenSegment | None = None
-        ordered = sorted(segments, key=lambda s: (s[1], s[2], segment_seq(s[0])))
+        ordered = sorted(segments, key=lambda s: stream_order(s[1], s[2], s[0]))
         self.closed: list[Path] = [path for path, _, _ in ordered]  # in ts order
         self.next_seq = max((segment_seq(path) for path, _, _ in segments), default=-1) + 1
         self.last_ts = max((last for _, _, last in segments), default=NO_TS)
-        self.sealed_until_us = sealed_until_us
+        self.sealed_until_us = NO_TS  # raised by SegmentWriter.seal (the store seals archived hours on start)
         self.acknowledged = 0
         self.subscribers: list = []  # storage.live.Subscription: offered each batch readers can see
 
@@ -428,12 +424,10 @@ class SegmentWriter:
     each damaged span found then or later (the store records them in the index).
     """
 
-    def __init__(self, settings: Settings, sealed_until: dict[StreamKey, int] | None = None,
-                 on_damage: DamageListener | None = None):
+    def __init__(self, settings: Settings, *, on_damage: DamageListener | None = None):
         self.settings = settings
         self.root = settings.buffer_root
         self.interval_us = duration_us(settings.rotation_interval)
-        self._sealed_until = dict(sealed_until or {})
         self._streams: dict[StreamKey, _StreamState] = {}
         self._lock = threading.Lock()
         self.on_damage = on_damage or (lambda damage: None)
@@ -615,7 +609,7 @@ class SegmentWriter:
             if stream is None:
                 directory = stream_dir(self.root, key)
                 segments = self._recovered.pop(key, [])
-                stream = _StreamState(key, directory, self._sealed_until.get(key, NO_TS), segments)
+                stream = _StreamState(key, directory, segments)
                 self._streams[key] = stream
             return stream
 

@@ -65,11 +65,10 @@ class Store:
         self.archiver: Archiver | None = None
         self._scheduler: BackgroundScheduler | None = None
         if not read_only:
-            sealed = {StreamKey(cid, TickType(tt)): until for (cid, tt), until in self.index.archived_until().items()}
-            self.writer = SegmentWriter(self.settings, sealed, on_damage=self.index.record_damage)
+            self.writer = SegmentWriter(self.settings, on_damage=self.index.record_damage)
             self.archiver = Archiver(self.settings, self.index, self.writer)
             self.archiver.recover()
-            for (cid, tt), until in self.index.archived_until().items():  # hours recovery adopted, too
+            for (cid, tt), until in self.index.archived_until().items():  # after recovery: adopted hours too
                 self.writer.seal(StreamKey(cid, TickType(tt)), until)
         self.planner = Planner(self.index, self.settings.buffer_root, self.settings.archive_root, self.writer)
         self.cache = ResultCache(self.settings.cache_max_bytes, self.settings.cache_ttl.total_seconds())

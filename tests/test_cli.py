@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,3 +45,11 @@ def test_version_and_a_verb_that_records_with_the_vocabulary(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "data" / "index.sqlite").exists()
+
+
+def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "ibstream.cli", "verify", "--data-root", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "IBSTREAM_SCRUB_INTERVAL": "soon"})
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.startswith("ibstream verify: bad setting: IBSTREAM_SCRUB_INTERVAL: ") and "'soon'" in run.stderr
