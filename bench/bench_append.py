@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import day_ticks, header, parse_args, settings, target  # noqa: E402
 
-from ibstream.recorder.synthetic import MNQ  # noqa: E402
 from ibstream.storage import Store  # noqa: E402
+from ibstream.storage.synthetic import MNQ  # noqa: E402
 
 BATCHES = (1_000, 10_000, 100_000)
 REPEATS = 3  # each figure is the median of this many runs

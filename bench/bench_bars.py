@@ -50,9 +50,9 @@ from common import (  # noqa: E402
 
 from ibstream.clients import Client  # noqa: E402
 from ibstream.core.times import US_PER_HOUR  # noqa: E402
-from ibstream.recorder.synthetic import MNQ  # noqa: E402
 from ibstream.simulator.market import SIM_MNQ  # noqa: E402
 from ibstream.storage import Store  # noqa: E402
+from ibstream.storage.synthetic import MNQ  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

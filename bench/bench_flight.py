@@ -33,8 +33,8 @@ from common import (  # noqa: E402
 )
 
 from ibstream.flight_server.commands import command  # noqa: E402
-from ibstream.recorder.synthetic import MNQ  # noqa: E402
 from ibstream.storage import Store  # noqa: E402
+from ibstream.storage.synthetic import MNQ  # noqa: E402
 
 
 def main(quick: bool = False) -> dict:

@@ -33,8 +33,8 @@ from common import header, our_server, parse_args, serving, settings, target  # 
 
 from ibstream.clients import Client  # noqa: E402
 from ibstream.core.times import now_us  # noqa: E402
-from ibstream.recorder.synthetic import MNQ, synthetic_ticks  # noqa: E402
 from ibstream.storage import Store  # noqa: E402
+from ibstream.storage.synthetic import MNQ, synthetic_ticks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE = 5_000  # ticks/s

@@ -47,9 +47,9 @@ from common import (  # noqa: E402
 from ibstream.app import RecordingService  # noqa: E402
 from ibstream.core.times import to_us  # noqa: E402
 from ibstream.recorder.ib import IBFeed  # noqa: E402
-from ibstream.recorder.synthetic import MNQ  # noqa: E402
 from ibstream.settings import ContractSpec  # noqa: E402
 from ibstream.storage import Store  # noqa: E402
+from ibstream.storage.synthetic import MNQ  # noqa: E402
 
 SPEED = 300  # the simulated MNQ market at 300x: about 3,000 ticks a second, in bursts
 

@@ -35,7 +35,7 @@ from common import (  # noqa: E402
 
 from ibstream.clients import Client  # noqa: E402
 from ibstream.core.times import US_PER_HOUR, from_us  # noqa: E402
-from ibstream.recorder.synthetic import MNQ  # noqa: E402
+from ibstream.storage.synthetic import MNQ  # noqa: E402
 
 LIVE_BATCH = 50  # ticks per live append (a few seconds of quotes)
 

@@ -20,9 +20,9 @@ import pyarrow.flight as flight
 
 from ibstream.core.times import US_PER_HOUR, to_us
 from ibstream.flight_server import FlightServer
-from ibstream.recorder.synthetic import MNQ, synthetic_ticks
 from ibstream.settings import Settings
 from ibstream.storage import Store
+from ibstream.storage.synthetic import MNQ, synthetic_ticks
 
 DAY_START = datetime(2025, 1, 10, tzinfo=UTC)
 DAY_START_US = to_us(DAY_START)

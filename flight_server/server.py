@@ -119,9 +119,10 @@ class FlightServer(flight.FlightServerBase):
     >>> server.serve()                         # blocks; or use it in a ``with`` block
     """
 
-    def __init__(self, store: Store, location: str | None = None, **kwargs):
+    def __init__(self, store: Store, location: str | None = None, *, settings: Settings | None = None, **kwargs):
+        """``settings`` bound the queries (spans, rows, streams); by default ``Settings.of(store.settings)``."""
         self.store = store
-        self.settings: Settings = store.settings
+        self.settings = settings or Settings.of(store.settings)
         self._streams = threading.BoundedSemaphore(self.settings.max_streams)
         self._stopping = threading.Event()
         super().__init__(location or self.settings.flight_location, **kwargs)

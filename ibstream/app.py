@@ -60,7 +60,7 @@ class RecordingService:
     def __init__(self, settings: Settings, feed: TickFeed):
         self.settings = settings
         self.store = Store(settings)
-        self.recorder = Recorder(self.store, flush_interval=settings.flush_interval.total_seconds())
+        self.recorder = Recorder(self.store, flush_interval=settings.flush_interval.total_seconds(), settings=settings)
         self.feed = feed
         self.server = FlightServer(self.store, settings.flight_location)
         self._serve = threading.Thread(target=self.server.serve, name="flight-server", daemon=True)

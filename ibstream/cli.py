@@ -203,7 +203,8 @@ def _maintain(args: argparse.Namespace, settings) -> int:
 def _record(args: argparse.Namespace, settings) -> int:
     from ibstream.app import RecordingService, run_for
     from ibstream.recorder.ib import IBFeed
-    from ibstream.recorder.synthetic import AAPL, MNQ, SyntheticFeed
+    from ibstream.recorder.synthetic import SyntheticFeed
+    from ibstream.storage.synthetic import AAPL, MNQ
 
     feed = SyntheticFeed([MNQ, AAPL]) if args.synthetic else IBFeed(settings)
     if not args.synthetic:

@@ -24,11 +24,11 @@ from ibstream.app import RecordingService, run_for
 from ibstream.clients.client import Client
 from ibstream.core.times import US_PER_HOUR, from_us, hour_floor, now_us
 from ibstream.recorder.ib import IBFeed
-from ibstream.recorder.synthetic import MNQ, synthetic_ticks
 from ibstream.settings import ContractSpec, Settings
 from ibstream.simulator.gateway import GatewaySimulator
 from ibstream.storage.schemas import TickType
 from ibstream.storage.store import Store
+from ibstream.storage.synthetic import MNQ, synthetic_ticks
 
 TICK_TYPES = (TickType.BID_ASK, TickType.LAST)
 SPEED = 30  # the simulated market runs 30x its realistic rate: ~450 quotes and ~45 trades a second

@@ -8,11 +8,12 @@ e.g. ``PT5M``, ``PT30S``, ``P31D``). The defaults run out of the box.
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from ibstream.storage.config import StorageSettings
 
 TickTypeName = Literal["bid_ask", "last", "all_last", "mid_point"]  # storage.schemas.TickType values
 
@@ -50,42 +51,12 @@ class ContractSpec(BaseModel):
         return " ".join(part for part in (self.symbol, self.sec_type, self.expiry, self.exchange, self.currency) if part)
 
 
-class Settings(BaseSettings):
-    """Configuration of the recorder, the store and the Flight server."""
+class Settings(StorageSettings):
+    """Configuration of the recorder, the store (:class:`~ibstream.storage.config.StorageSettings`) and the
+    Flight server."""
 
     model_config = SettingsConfigDict(env_prefix="IBSTREAM_", extra="forbid", frozen=True)
 
-    data_root: Path = Field(
-        Path("data"),
-        description="Root folder of the store: buffer/ (IPC segments), archive/ (Parquet), index.sqlite.",
-    )
-    rotation_interval: timedelta = Field(
-        timedelta(minutes=15),
-        description="Segments rotate at UTC multiples of this interval; it must divide one hour.",
-    )
-    segment_max_bytes: int = Field(
-        64 * 1024 * 1024, gt=0, description="A segment also rotates once it grows past this many bytes."
-    )
-    fsync: Literal["batch", "none"] = Field(
-        "batch",
-        description=(
-            "'batch': a batch is acknowledged after fsync (survives power loss). "
-            "'none': acknowledged after write(2) (survives a process crash, not an OS crash)."
-        ),
-    )
-    archive_delay: timedelta = Field(
-        timedelta(minutes=1),
-        description="An hour is archived to Parquet once it ended this long ago (wall clock).",
-    )
-    archive_check_interval: timedelta = Field(
-        timedelta(seconds=30), description="How often the background archiver looks for closed hours."
-    )
-    parquet_compression: Literal["zstd", "snappy", "lz4", "gzip", "none"] = Field(
-        "zstd", description="Parquet codec for archived hours (see bench/bench_storage.py)."
-    )
-    parquet_compression_level: int | None = Field(
-        9, description="Codec level (zstd 1-22); None for the codec's default."
-    )
     flight_host: str = Field("127.0.0.1", description="Interface the Flight server binds to.")
     flight_port: int = Field(8815, ge=0, le=65535, description="Flight server port; 0 picks a free one.")
     max_query_span: timedelta = Field(
@@ -98,11 +69,6 @@ class Settings(BaseSettings):
         timedelta(days=366), description="Longest [start, end) a query for bars (any resolution but tick) may cover.")
     max_bars: int = Field(
         10_000_000, gt=0, description="Most bars one query may ask for: span / resolution (and filled rows).")
-    cache_max_bytes: int = Field(
-        1024 * 1024 * 1024, ge=0,
-        description="Size bound of the result cache (Arrow bytes) for queries over archived (closed) ranges; 0 "
-        "disables it. One result is cached only if it takes at most a quarter of this.")
-    cache_ttl: timedelta = Field(timedelta(minutes=5), description="A cached result is dropped this long after it was computed.")
     max_streams: int = Field(
         64, gt=0, description="Most do_get streams served from ibstream.storage or live at once; past it a do_get is refused "
         "with UNAVAILABLE ('server busy'), so memory stays bounded. Cached results do not count.")
@@ -112,12 +78,6 @@ class Settings(BaseSettings):
     live_poll_interval: timedelta = Field(
         timedelta(milliseconds=50),
         description="A server on a store another process records into reads new ticks this often for live streams.")
-    batch_rows: int = Field(
-        32_768, gt=0,
-        description="Largest record batch the server sends, in rows: 32,768 bid_ask rows are ~2 MB, well under "
-        "gRPC's default 4 MiB message limit of Go/Rust/Java clients.",
-    )
-
     ib_host: str = Field("127.0.0.1", description="Host of TWS / IB Gateway (or `ibstream simulate`).")
     ib_port: int = Field(
         4002, ge=1, le=65535,
@@ -163,11 +123,6 @@ class Settings(BaseSettings):
         timedelta(seconds=10),
         description="On stop, how long the final flush keeps retrying while storage is unavailable before it gives "
         "up and reports the held ticks it could not store.")
-    scrub_interval: timedelta = Field(
-        timedelta(minutes=5),
-        description="The recording process checks a few archive files this often (page CRCs, counts, ts order), in "
-        "turn, so damage is found and quarantined without waiting for `ibstream verify`; 0 turns it off.")
-    scrub_files: int = Field(10, gt=0, description="Archive files checked per scrub run.")
 
     @field_validator("contracts")
     @classmethod
@@ -178,28 +133,11 @@ class Settings(BaseSettings):
             raise ValueError(f"contracts lists {', '.join(twice)} more than once; merge their tick_types")
         return value
 
-    @field_validator("rotation_interval")
     @classmethod
-    def _divides_hour(cls, value: timedelta) -> timedelta:
-        micros = value // timedelta(microseconds=1)
-        if micros <= 0 or micros % 1_000_000 or 3_600_000_000 % micros:
-            raise ValueError(
-                f"rotation_interval was {value}; it must be whole seconds and divide one hour exactly "
-                "(e.g. 5s, 1m, 5m, 15m, 30m, 1h) so that segments never straddle an hour"
-            )
-        return value
-
-    @property
-    def buffer_root(self) -> Path:
-        return self.data_root / "buffer"
-
-    @property
-    def archive_root(self) -> Path:
-        return self.data_root / "archive"
-
-    @property
-    def index_path(self) -> Path:
-        return self.data_root / "index.sqlite"
+    def of(cls, storage: StorageSettings) -> "Settings":
+        """``storage`` itself when it is the app's settings, else the app's defaults (and ``IBSTREAM_*``
+        variables) around those storage settings: what a server or recorder given only a store uses."""
+        return storage if isinstance(storage, cls) else cls(**dict(storage))
 
     @property
     def flight_location(self) -> str:

@@ -41,6 +41,7 @@ import pyarrow as pa
 from ibstream.core.errors import StorageError
 from ibstream.core.times import US_PER_SECOND, now_us
 from ibstream.recorder.feed import Size
+from ibstream.settings import Settings
 from ibstream.storage.index import ContractDetails
 from ibstream.storage.schemas import TickType, schema_for
 from ibstream.storage.segments import StreamKey
@@ -140,12 +141,13 @@ def _size(n: int) -> str:
 class Recorder:
     """Records ticks from a feed into a writable :class:`~storage.store.Store`.
 
-    Limits come from the store's settings: ``max_held_ticks``, ``storage_retry_max``,
-    ``storage_summary_interval``, ``disk_warn_free_bytes`` and ``stop_flush_timeout``.
+    Limits come from ``settings`` (by default ``Settings.of(store.settings)``): ``max_held_ticks``,
+    ``storage_retry_max``, ``storage_summary_interval``, ``disk_warn_free_bytes`` and ``stop_flush_timeout``.
     """
 
-    def __init__(self, store: Store, *, flush_interval: float = 0.02, clock: Callable[[], int] = now_us):
-        settings = store.settings
+    def __init__(self, store: Store, *, flush_interval: float = 0.02, clock: Callable[[], int] = now_us,
+                 settings: Settings | None = None):
+        settings = settings or Settings.of(store.settings)
         self.store = store
         self.flush_interval = flush_interval
         self.clock = clock

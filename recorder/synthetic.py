@@ -1,93 +1,16 @@
-"""A seeded synthetic market: MNQ-like and AAPL-like ticks for the demo, tests and benches.
-
-Prices walk on the contract's grid (0.25 for MNQ, 0.01 for AAPL); quote updates arrive in
-bursts with quiet spells (exponential gaps whose rate itself varies); trades print at the
-bid or the ask. :func:`synthetic_ticks` makes a whole table at once (history, benches);
-:class:`SyntheticFeed` plays the same market in real time into a :class:`~recorder.feed.TickSink`.
-"""
+"""An in-process feed of the synthetic market (:mod:`ibstream.storage.synthetic`): it plays the
+market in real time into a :class:`~ibstream.recorder.feed.TickSink`, one callback per tick (like
+``ibapi``), for the CLI's ``record --synthetic``, tests and benches."""
 
 from __future__ import annotations
 
-import itertools
 import threading
-from dataclasses import dataclass
 from decimal import Decimal
-
-import numpy as np
-import pyarrow as pa
 
 from ibstream.core.times import US_PER_SECOND, now_us
 from ibstream.recorder.feed import TickSink
-from ibstream.storage.schemas import TickType, schema_for
-
-
-@dataclass(frozen=True)
-class SyntheticContract:
-    contract_id: int
-    symbol: str
-    tick_size: float
-    start_price: float
-    quotes_per_second: float
-    trades_per_second: float
-    exchanges: tuple[str, ...]
-
-
-MNQ = SyntheticContract(711280073, "MNQ", 0.25, 21_000.0, 15.0, 1.5, ("CME",))
-AAPL = SyntheticContract(265598, "AAPL", 0.01, 230.0, 8.0, 2.0, ("NASDAQ", "ARCA", "IEX", "EDGX"))
-CONTRACTS = {c.contract_id: c for c in (MNQ, AAPL)}
-
-
-def _arrival_times(rng: np.random.Generator, start_us: int, count: int, per_second: float) -> np.ndarray:
-    """Bursty arrivals: exponential gaps whose rate switches between busy and quiet spells."""
-    regime = np.repeat(rng.choice([0.3, 1.0, 3.0], size=count // 500 + 1), 500)[:count]
-    gaps = rng.exponential(US_PER_SECOND / (per_second * regime)).astype(np.int64)
-    return start_us + np.cumsum(gaps)
-
-
-def _prices(rng: np.random.Generator, contract: SyntheticContract, count: int) -> np.ndarray:
-    steps = rng.choice([-1, 0, 0, 0, 1], size=count)
-    grid = np.round(contract.start_price / contract.tick_size) + np.cumsum(steps)
-    return grid * contract.tick_size
-
-
-def synthetic_ticks(contract: SyntheticContract, tick_type: TickType | str, start_us: int, count: int,
-                    *, seed: int = 0, rate_scale: float = 1.0) -> pa.Table:
-    """``count`` ticks of one type from ``start_us`` on, as a table of the stored schema."""
-    tick_type = TickType(tick_type)
-    rng = np.random.default_rng([seed, contract.contract_id, list(TickType).index(tick_type)])
-    per_second = (contract.quotes_per_second if tick_type in (TickType.BID_ASK, TickType.MID_POINT)
-                  else contract.trades_per_second) * rate_scale
-    ts = _arrival_times(rng, start_us, count, per_second)
-    columns: dict[str, object] = {"ts": ts, "ib_time": ts - ts % US_PER_SECOND - US_PER_SECOND * (rng.random(count) < 0.05)}
-    bid = _prices(rng, contract, count)
-    spread = contract.tick_size * rng.choice([1, 1, 1, 2], size=count)
-    if tick_type is TickType.BID_ASK:
-        columns |= {
-            "bid_price": bid, "ask_price": bid + spread,
-            "bid_size": rng.integers(1, 40, count), "ask_size": rng.integers(1, 40, count),
-            "bid_past_low": rng.random(count) < 0.001, "ask_past_high": rng.random(count) < 0.001,
-        }
-    elif tick_type is TickType.MID_POINT:
-        columns |= {"mid_point": bid + spread / 2}
-    else:
-        at_ask = rng.random(count) < 0.5
-        columns |= {
-            "price": np.where(at_ask, bid + spread, bid),
-            "size": rng.geometric(0.35, count),
-            "exchange": np.array(contract.exchanges)[rng.integers(0, len(contract.exchanges), count)],
-            "special_conditions": np.where(rng.random(count) < 0.02, "I", ""),
-            "past_limit": np.zeros(count, dtype=bool),
-            "unreported": rng.random(count) < (0.01 if tick_type is TickType.ALL_LAST else 0.0),
-        }
-    schema = schema_for(tick_type)
-    arrays = []
-    for f in schema:
-        values = columns[f.name]
-        if pa.types.is_decimal(f.type):
-            arrays.append(pa.array(values).cast(pa.int32()).cast(f.type))
-        else:
-            arrays.append(pa.array(values).cast(f.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
+from ibstream.storage.schemas import TickType
+from ibstream.storage.synthetic import MNQ, SyntheticContract, synthetic_tape
 
 
 class SyntheticFeed:
@@ -123,14 +46,9 @@ class SyntheticFeed:
 
     def _schedule(self, contract: SyntheticContract, tick_type: TickType):
         """Rows of one stream, endlessly, with ``ts`` as the time each is due (microseconds)."""
-        origin, chunk = now_us(), 2_000
-        for round_ in itertools.count():
-            table = synthetic_ticks(contract, tick_type, origin, chunk, seed=self.seed + round_,
-                                    rate_scale=self.rate_scale)
-            table = table.set_column(0, "ts", table.column("ts").cast(pa.int64()))
-            table = table.set_column(1, "ib_time", table.column("ib_time").cast(pa.int64()))
+        for table in synthetic_tape(contract, tick_type, now_us(), seed=self.seed, rate_scale=self.rate_scale,
+                                    chunk_rows=2_000):
             yield from table.to_pylist()
-            origin = table.column("ts")[-1].as_py()
 
     def _run(self, sink: TickSink) -> None:
         streams = [(c, t, self._schedule(c, t)) for c in self.contracts for t in self.tick_types]

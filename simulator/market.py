@@ -9,7 +9,6 @@ early closes: XNYS for the stock, CMES for the Globex future.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
@@ -20,9 +19,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ibstream.core.times import to_us
-from ibstream.recorder.synthetic import AAPL, MNQ, SyntheticContract, synthetic_ticks
 from ibstream.storage.index import ContractDetails
 from ibstream.storage.schemas import TickType
+from ibstream.storage.synthetic import AAPL, MNQ, SyntheticContract
+from ibstream.storage.synthetic import synthetic_tape as market_tape
 
 Tape = Iterator[pa.Table]
 
@@ -159,12 +159,7 @@ SIM_CONTRACTS = (SIM_MNQ, SIM_AAPL)
 def synthetic_tape(contract: SimContract, tick_type: TickType, *, seed: int = 0, speed: float = 1.0,
                    chunk_rows: int = 4_096) -> Tape:
     """The synthetic market of one stream, endlessly, at ``speed`` times its realistic rate."""
-    origin = 0
-    for round_ in itertools.count():
-        table = synthetic_ticks(contract.market, tick_type, origin, chunk_rows, seed=seed + round_, rate_scale=speed)
-        table = table.set_column(0, "ts", table.column("ts").cast(pa.int64()))
-        yield table
-        origin = table.column("ts")[-1].as_py()
+    return market_tape(contract.market, tick_type, seed=seed, rate_scale=speed, chunk_rows=chunk_rows)
 
 
 def archive_tape(data_root: Path, contract_id: int, tick_type: TickType, start: datetime, end: datetime, *,

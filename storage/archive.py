@@ -44,8 +44,8 @@ import pyarrow.parquet as pq
 
 from ibstream.core.errors import DamagedDataError
 from ibstream.core.times import US_PER_HOUR, duration_us, from_us, hour_floor, iso, now_us
-from ibstream.settings import Settings
 from ibstream.storage.bars import PREAGGREGATE_US, partial_table
+from ibstream.storage.config import StorageSettings
 from ibstream.storage.failpoints import failpoint, io_faults
 from ibstream.storage.index import ArchiveEntry, ContractDetails, CoverageInterval, DailyStatistics, Index
 from ibstream.storage.quarantine import Damage, quarantine_file
@@ -75,7 +75,7 @@ def archive_relpath(key: StreamKey, hour_start_us: int) -> str:
     )
 
 
-def parquet_options(settings: Settings, schema: pa.Schema) -> dict:
+def parquet_options(settings: StorageSettings, schema: pa.Schema) -> dict:
     """Writer options for tick data; the choice is measured in bench/bench_storage.py.
 
     Sorted microsecond clocks take DELTA_BINARY_PACKED (a few bits per tick); prices, sizes and
@@ -257,7 +257,7 @@ def day_statistics(key: StreamKey, date: str, tables: list[pl.LazyFrame]) -> Dai
 class Archiver:
     """Turns closed hours of buffered segments into published Parquet files."""
 
-    settings: Settings
+    settings: StorageSettings
     index: Index
     writer: SegmentWriter
     _failing: str | None = None  # why the last run stopped (storage), logged once per change

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from ibstream.core.errors import CorruptFileError, StorageError
 from ibstream.core.times import US_PER_HOUR, now_us
-from ibstream.settings import Settings
 from ibstream.storage.archive import FILE_NAME, Archiver
+from ibstream.storage.config import StorageSettings
 from ibstream.storage.failpoints import failpoint
 from ibstream.storage.index import Index
 from ibstream.storage.quarantine import Damage, quarantine_file
@@ -63,7 +63,7 @@ def _sidecars(path: Path) -> list[Path]:
 # reindex
 
 
-def require_store(settings: Settings) -> None:
+def require_store(settings: StorageSettings) -> None:
     """Refuse a data root that holds no store (a mistyped --data-root must not create one)."""
     root = settings.data_root
     if not any(p.exists() for p in (settings.index_path, settings.buffer_root, settings.archive_root)):
@@ -71,7 +71,7 @@ def require_store(settings: Settings) -> None:
                            "check --data-root or IBSTREAM_DATA_ROOT")
 
 
-def reindex(settings: Settings, progress: Progress = _quiet) -> Report:
+def reindex(settings: StorageSettings, progress: Progress = _quiet) -> Report:
     """Rebuild ``index.sqlite`` from the files: archived hours (from each file's own metadata),
     their statistics and 1-minute pre-aggregates; contracts, coverage and damage records from the
     old index when it can still be read, else from the files' metadata (spans no file
@@ -84,7 +84,7 @@ def reindex(settings: Settings, progress: Progress = _quiet) -> Report:
         lock.close()
 
 
-def _reindex(settings: Settings, progress: Progress) -> Report:
+def _reindex(settings: StorageSettings, progress: Progress) -> Report:
     report = Report()
     target = settings.index_path
     rebuild = target.with_name(target.name + REBUILD_SUFFIX)
@@ -166,7 +166,7 @@ def _report_missing(old: Index, new: Index, report: Report) -> None:
 # verify
 
 
-def verify(settings: Settings, progress: Progress = _quiet) -> Report:
+def verify(settings: StorageSettings, progress: Progress = _quiet) -> Report:
     """Check every file: segments (checksums, on opening the store), archive files against the
     index (page CRCs, decoding, counts, ``ts`` order and bounds, sizes) and the index itself.
     What fails is quarantined and reported as damaged in coverage."""
@@ -195,7 +195,7 @@ def verify(settings: Settings, progress: Progress = _quiet) -> Report:
 # backup
 
 
-def backup(settings: Settings, destination: Path, progress: Progress = _quiet) -> Report:
+def backup(settings: StorageSettings, destination: Path, progress: Progress = _quiet) -> Report:
     """Copy the store to ``destination`` (a new folder) consistently, while it may be recording.
 
     Order: the buffer segments first, then SQLite's online backup of the index, then every

@@ -44,7 +44,7 @@ import pyarrow as pa
 from ibstream.core.errors import SealedHourError, StorageUnavailableError, TickOrderError
 from ibstream.core.ticks import StreamKey, TickType
 from ibstream.core.times import US_PER_SECOND, duration_us, iso, now_us
-from ibstream.settings import Settings
+from ibstream.storage.config import StorageSettings
 from ibstream.storage.failpoints import failpoint, fsync, io_faults, write_all
 from ibstream.storage.quarantine import Damage, damage_note, quarantine_file
 from ibstream.storage.schemas import schema_for
@@ -424,7 +424,7 @@ class SegmentWriter:
     each damaged span found then or later (the store records them in the index).
     """
 
-    def __init__(self, settings: Settings, *, on_damage: DamageListener | None = None):
+    def __init__(self, settings: StorageSettings, *, on_damage: DamageListener | None = None):
         self.settings = settings
         self.root = settings.buffer_root
         self.interval_us = duration_us(settings.rotation_interval)

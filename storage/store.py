@@ -15,10 +15,10 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from ibstream.core.errors import StorageError
 from ibstream.core.times import from_us, to_us
-from ibstream.settings import Settings
 from ibstream.storage.archive import Archiver
 from ibstream.storage.bar_query import read_bars
 from ibstream.storage.cache import ResultCache
+from ibstream.storage.config import StorageSettings
 from ibstream.storage.index import ArchiveEntry, ContractDetails, CoverageInterval, DailyStatistics, Index
 from ibstream.storage.planner import Plan, Planner
 from ibstream.storage.schemas import COVERAGE_SCHEMA, TickType, records_table
@@ -56,8 +56,8 @@ class Store:
     ticks and archives closed hours; a read-only store serves queries over the same folder.
     """
 
-    def __init__(self, settings: Settings | None = None, *, read_only: bool = False):
-        self.settings = settings or Settings()
+    def __init__(self, settings: StorageSettings | None = None, *, read_only: bool = False):
+        self.settings = settings or StorageSettings()
         self.read_only = read_only
         self._lock_file = None if read_only else lock_data_root(self.settings.data_root)
         self.index = Index(self.settings.index_path, read_only=read_only)

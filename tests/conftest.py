@@ -13,9 +13,9 @@ import pytest
 from ibstream.clients import Client
 from ibstream.core.times import to_us
 from ibstream.flight_server import FlightServer
-from ibstream.recorder.synthetic import MNQ, SyntheticContract, synthetic_ticks
 from ibstream.settings import Settings
 from ibstream.storage import Store
+from ibstream.storage.synthetic import MNQ, SyntheticContract, synthetic_ticks
 
 
 def utc(*args) -> datetime:

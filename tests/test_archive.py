@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import append_in_batches, ticks, utc
 
-from ibstream.recorder.synthetic import MNQ
+from ibstream.storage.synthetic import MNQ
 
 CID = MNQ.contract_id
 

@@ -22,12 +22,12 @@ from polars.testing import assert_frame_equal
 
 from ibstream.core.errors import InvalidRequestError
 from ibstream.core.times import US_PER_HOUR, to_us
-from ibstream.recorder.synthetic import MNQ
 from ibstream.settings import Settings
 from ibstream.storage import Plan, Store
 from ibstream.storage.bars import BAR_RESOLUTIONS, PREAGGREGATE_US, partial_bars
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import from_ipc_bytes
+from ibstream.storage.synthetic import MNQ
 
 T0 = utc(2025, 1, 10, 12)
 ARCHIVED_UNTIL = utc(2025, 1, 10, 15)

@@ -11,11 +11,11 @@ import pyarrow as pa
 from conftest import between, ticks, utc
 
 from ibstream.core.times import from_us, hour_floor
-from ibstream.recorder.synthetic import MNQ
 from ibstream.settings import Settings
 from ibstream.storage import Store
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import StreamKey
+from ibstream.storage.synthetic import MNQ
 
 CID = MNQ.contract_id
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from conftest import ticks, utc
 
-from ibstream.recorder.synthetic import MNQ
 from ibstream.settings import Settings
 from ibstream.storage import Store
 from ibstream.storage.failpoints import ENV, EXIT_CODE
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import StreamKey, list_segments, stream_dir
+from ibstream.storage.synthetic import MNQ
 
 CID = MNQ.contract_id
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,7 +22,6 @@ from conftest import append_in_batches, between, ticks, utc
 
 from ibstream.core.errors import CorruptFileError, DamagedDataError, SealedHourError, StorageUnavailableError
 from ibstream.core.times import to_us
-from ibstream.recorder.synthetic import MNQ
 from ibstream.settings import Settings
 from ibstream.storage import Store
 from ibstream.storage.failpoints import io_faults
@@ -30,6 +29,7 @@ from ibstream.storage.index import ContractDetails
 from ibstream.storage.maintenance import reindex, verify
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import StreamKey, header_bytes, list_segments, scan_segment, segment_start_us, stream_dir
+from ibstream.storage.synthetic import MNQ
 
 CID = MNQ.contract_id
 KEY = StreamKey(CID, TickType.BID_ASK)

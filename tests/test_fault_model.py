@@ -18,13 +18,13 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from ibstream.core.errors import StorageUnavailableError
 from ibstream.core.times import from_us, hour_floor
-from ibstream.recorder.synthetic import MNQ, synthetic_ticks
 from ibstream.settings import Settings
 from ibstream.storage import Store
 from ibstream.storage.failpoints import io_faults
 from ibstream.storage.maintenance import verify
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import EOS, StreamKey, encode_batch, list_segments, stream_dir
+from ibstream.storage.synthetic import MNQ, synthetic_ticks
 
 CID = MNQ.contract_id
 KEY = StreamKey(CID, TickType.BID_ASK)

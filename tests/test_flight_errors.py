@@ -9,8 +9,8 @@ import pyarrow.flight as flight
 import pytest
 from conftest import Served, ticks, utc
 
-from ibstream.recorder.synthetic import MNQ
 from ibstream.storage import Store
+from ibstream.storage.synthetic import MNQ
 
 CID = MNQ.contract_id
 GOOD = {"version": 1, "contract_id": CID, "tick_types": ["bid_ask"], "start": "2025-01-10T00:00:00Z",

@@ -25,11 +25,11 @@ from hypothesis import strategies as st
 
 from ibstream.core.errors import ServerBusyError, ServerUnavailableError
 from ibstream.core.times import to_us
-from ibstream.recorder.synthetic import MNQ
 from ibstream.settings import Settings
 from ibstream.storage import Store
 from ibstream.storage.live import Cursor
 from ibstream.storage.schemas import schema_for
+from ibstream.storage.synthetic import MNQ
 
 T0 = utc(2025, 1, 10, 12, 10)
 ROOT = Path(__file__).resolve().parents[1]

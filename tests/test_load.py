@@ -10,9 +10,9 @@ from datetime import timedelta
 import pyarrow as pa
 from conftest import Served, between, ticks, utc
 
-from ibstream.recorder.synthetic import MNQ
 from ibstream.settings import Settings
 from ibstream.storage import Store
+from ibstream.storage.synthetic import MNQ
 
 T0 = utc(2025, 1, 10, 12)
 

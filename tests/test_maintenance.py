@@ -13,11 +13,11 @@ import pyarrow as pa
 import pytest
 from conftest import append_in_batches, between, ticks, utc
 
-from ibstream.recorder.synthetic import MNQ
 from ibstream.settings import Settings
 from ibstream.storage import Store
 from ibstream.storage.failpoints import ENV, EXIT_CODE
 from ibstream.storage.maintenance import backup
+from ibstream.storage.synthetic import MNQ
 
 ROOT = Path(__file__).resolve().parents[1]
 CID = MNQ.contract_id

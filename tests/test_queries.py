@@ -14,9 +14,9 @@ from test_bars import assert_bars_equal
 
 from ibstream.core.errors import InvalidRequestError, NotFoundError, RequestTooLargeError
 from ibstream.core.times import from_us, to_us
-from ibstream.recorder.synthetic import AAPL, MNQ
 from ibstream.simulator.market import SIM_AAPL, SIM_MNQ
 from ibstream.storage.sessions import ContractSessions
+from ibstream.storage.synthetic import AAPL, MNQ
 
 FETCHED = date(2026, 11, 23)  # the Monday of Thanksgiving week 2026, when the recorder resolved the contracts
 HISTORY = (utc(2026, 11, 24, 12), utc(2026, 12, 1, 12))

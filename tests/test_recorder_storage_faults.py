@@ -31,13 +31,14 @@ from test_recorder_ib import wait_until
 from ibstream.app import RecordingService
 from ibstream.core.times import US_PER_HOUR, US_PER_SECOND, from_us, to_us
 from ibstream.recorder.recorder import Recorder
-from ibstream.recorder.synthetic import MNQ, SyntheticFeed
+from ibstream.recorder.synthetic import SyntheticFeed
 from ibstream.settings import Settings
 from ibstream.storage import Store
 from ibstream.storage.failpoints import io_faults
 from ibstream.storage.index import ContractDetails
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import StreamKey
+from ibstream.storage.synthetic import MNQ
 
 ROOT = Path(__file__).resolve().parents[1]
 CID = MNQ.contract_id

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pytest
 from conftest import Served, append_in_batches, between, ticks, utc
 
-from ibstream.recorder.synthetic import MNQ
 from ibstream.storage import Store
+from ibstream.storage.synthetic import MNQ
 
 CID = MNQ.contract_id
 

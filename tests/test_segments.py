@@ -8,11 +8,11 @@ import pytest
 from conftest import ticks, utc
 
 from ibstream.core.errors import SealedHourError, TickOrderError
-from ibstream.recorder.synthetic import MNQ
 from ibstream.settings import Settings
 from ibstream.storage import Store
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import StreamKey, list_segments, stream_dir
+from ibstream.storage.synthetic import MNQ
 
 CID = MNQ.contract_id
 KEY = StreamKey(CID, TickType.BID_ASK)

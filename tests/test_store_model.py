@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from ibstream.core.times import US_PER_HOUR, from_us, hour_floor
-from ibstream.recorder.synthetic import MNQ, synthetic_ticks
 from ibstream.settings import Settings
 from ibstream.storage import Store
+from ibstream.storage.synthetic import MNQ, synthetic_ticks
 
 CID = MNQ.contract_id
 T0 = 1_736_517_600_000_000  # 2025-01-10 14:00 UTC

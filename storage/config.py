@@ -1,0 +1,91 @@
+"""What the store needs to know: where it lives, how segments rotate and commit, how hours archive.
+
+:class:`StorageSettings` is the part of :class:`ibstream.settings.Settings` that storage reads;
+the app's settings extend it, so a ``Settings`` is always a ``StorageSettings``. Environment
+prefix ``IBSTREAM_`` as for every setting; durations are ISO-8601 (``PT5M``).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class StorageSettings(BaseSettings):
+    """Configuration of the store: segments, archive, index, result cache, scrubbing."""
+
+    model_config = SettingsConfigDict(env_prefix="IBSTREAM_", extra="forbid", frozen=True)
+
+    data_root: Path = Field(
+        Path("data"),
+        description="Root folder of the store: buffer/ (IPC segments), archive/ (Parquet), index.sqlite.",
+    )
+    rotation_interval: timedelta = Field(
+        timedelta(minutes=15),
+        description="Segments rotate at UTC multiples of this interval; it must divide one hour.",
+    )
+    segment_max_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, description="A segment also rotates once it grows past this many bytes."
+    )
+    fsync: Literal["batch", "none"] = Field(
+        "batch",
+        description=(
+            "'batch': a batch is acknowledged after fsync (survives power loss). "
+            "'none': acknowledged after write(2) (survives a process crash, not an OS crash)."
+        ),
+    )
+    archive_delay: timedelta = Field(
+        timedelta(minutes=1),
+        description="An hour is archived to Parquet once it ended this long ago (wall clock).",
+    )
+    archive_check_interval: timedelta = Field(
+        timedelta(seconds=30), description="How often the background archiver looks for closed hours."
+    )
+    parquet_compression: Literal["zstd", "snappy", "lz4", "gzip", "none"] = Field(
+        "zstd", description="Parquet codec for archived hours (see bench/bench_storage.py)."
+    )
+    parquet_compression_level: int | None = Field(
+        9, description="Codec level (zstd 1-22); None for the codec's default."
+    )
+    cache_max_bytes: int = Field(
+        1024 * 1024 * 1024, ge=0,
+        description="Size bound of the result cache (Arrow bytes) for queries over archived (closed) ranges; 0 "
+        "disables it. One result is cached only if it takes at most a quarter of this.")
+    cache_ttl: timedelta = Field(timedelta(minutes=5), description="A cached result is dropped this long after it was computed.")
+    batch_rows: int = Field(
+        32_768, gt=0,
+        description="Largest record batch the server sends, in rows: 32,768 bid_ask rows are ~2 MB, well under "
+        "gRPC's default 4 MiB message limit of Go/Rust/Java clients.",
+    )
+    scrub_interval: timedelta = Field(
+        timedelta(minutes=5),
+        description="The recording process checks a few archive files this often (page CRCs, counts, ts order), in "
+        "turn, so damage is found and quarantined without waiting for `ibstream verify`; 0 turns it off.")
+    scrub_files: int = Field(10, gt=0, description="Archive files checked per scrub run.")
+
+    @field_validator("rotation_interval")
+    @classmethod
+    def _divides_hour(cls, value: timedelta) -> timedelta:
+        micros = value // timedelta(microseconds=1)
+        if micros <= 0 or micros % 1_000_000 or 3_600_000_000 % micros:
+            raise ValueError(
+                f"rotation_interval was {value}; it must be whole seconds and divide one hour exactly "
+                "(e.g. 5s, 1m, 5m, 15m, 30m, 1h) so that segments never straddle an hour"
+            )
+        return value
+
+    @property
+    def buffer_root(self) -> Path:
+        return self.data_root / "buffer"
+
+    @property
+    def archive_root(self) -> Path:
+        return self.data_root / "archive"
+
+    @property
+    def index_path(self) -> Path:
+        return self.data_root / "index.sqlite"
