@@ -45,6 +45,7 @@ from ibapi.contract import ContractDetails as IBContractDetails
 from ibapi.reader import EReader
 from ibapi.wrapper import EWrapper
 
+from ibstream.core.framing import FrameTooLargeError, split_frames
 from ibstream.core.times import now_us
 from ibstream.recorder.feed import TickSink
 from ibstream.settings import ContractSpec, Settings
@@ -53,8 +54,6 @@ from ibstream.storage.schemas import TickType
 
 log = logging.getLogger(__name__)
 
-IB_TICK_TYPE = {TickType.LAST: "Last", TickType.ALL_LAST: "AllLast", TickType.BID_ASK: "BidAsk",
-                TickType.MID_POINT: "MidPoint"}
 INFO_CODES = {2104, 2106, 2107, 2108, 2119, 2158}
 CONNECTION_CODES = {502, 504, 509}  # ibapi's own: cannot connect / not connected / socket error
 MAX_QUEUED_MESSAGES = 200_000  # received, not yet decoded; when full the socket stops being read
@@ -86,19 +85,14 @@ class _Reader(EReader):
                     self.conn.disconnect()
                     break
                 buffer += data
-                offset = 0
-                while len(buffer) - offset >= 4:
-                    size = int.from_bytes(buffer[offset:offset + 4], "big")
-                    if size > MAX_MSG_LEN:
-                        log.error("the gateway sent a frame of %d bytes (limit %d): the stream is out of step; "
-                                  "reconnecting", size, MAX_MSG_LEN)
-                        self.conn.disconnect()
-                        return
-                    if len(buffer) - offset - 4 < size:
-                        break
-                    self.msg_queue.put(bytes(buffer[offset + 4:offset + 4 + size]))
-                    offset += 4 + size
-                del buffer[:offset]
+                try:
+                    messages = split_frames(buffer, MAX_MSG_LEN)
+                except FrameTooLargeError as exc:
+                    log.error("the gateway sent a %s: the stream is out of step; reconnecting", exc)
+                    self.conn.disconnect()
+                    return
+                for message in messages:
+                    self.msg_queue.put(message)
         except Exception:
             log.exception("the IB socket reader failed; the connection will be re-established")
 
@@ -434,7 +428,7 @@ class IBFeed:
             stream.req_id = self._new_request()
             stream.last_request = now
             self._by_request[stream.req_id] = stream
-            session.reqTickByTickData(stream.req_id, contract, IB_TICK_TYPE[stream.tick_type], 0, False)
+            session.reqTickByTickData(stream.req_id, contract, stream.tick_type.ib_name, 0, False)
             self._begin(stream)
 
     def _begin(self, stream: _TickStream) -> None:

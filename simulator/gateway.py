@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import select
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from ibapi.server_versions import (
     MIN_SERVER_VER_UNDERLYING_INFO,
 )
 
+from ibstream.core.framing import frame as length_prefixed
 from ibstream.simulator.market import SIM_CONTRACTS, SimContract, Tape, synthetic_tape
 from ibstream.simulator.wire import HANDSHAKE_PREFIX, FrameReader, WireError, fields_of, frame, parse_version_range
 from ibstream.storage.schemas import TickType
@@ -48,9 +48,6 @@ log = logging.getLogger(__name__)
 SERVER_VERSION = 157  # the highest version ibapi 9.81 speaks; newer clients are negotiated down to it
 ACCOUNT = "DU1234567"
 
-WIRE_TICK_TYPES = {"Last": TickType.LAST, "AllLast": TickType.ALL_LAST, "BidAsk": TickType.BID_ASK,
-                   "MidPoint": TickType.MID_POINT}
-WIRE_TICK_CODE = {TickType.LAST: 1, TickType.ALL_LAST: 2, TickType.BID_ASK: 3, TickType.MID_POINT: 4}
 
 MESSAGES = {
     102: "Duplicate ticker ID.",
@@ -319,7 +316,7 @@ class _ClientConnection:
             self.error(req_id, 200)
             return
         contract = matches[0]
-        tick_type = WIRE_TICK_TYPES.get(wire_type)
+        tick_type = TickType.from_ib_name(wire_type)
         refusal = self.sim.refusals.get(contract.con_id)
         with self._subs_lock:
             if refusal:
@@ -358,9 +355,9 @@ class _ClientConnection:
             if due is None or silent or not sub.alive:
                 continue
             rows, tails = due
-            prefix = f"{IN.TICK_BY_TICK}\0{sub.req_id}\0{WIRE_TICK_CODE[sub.tick_type]}\0{seconds}\0"
+            prefix = f"{IN.TICK_BY_TICK}\0{sub.req_id}\0{sub.tick_type.ib_code}\0{seconds}\0"
             payloads = [(prefix + tail).encode("ascii") for tail in tails]
-            data = b"".join(struct.pack("!I", len(p)) + p for p in payloads)
+            data = b"".join(length_prefixed(p) for p in payloads)
             if self.send(data):
                 self.sim._log_sent(sub, rows, seconds)
         return True

@@ -7,10 +7,10 @@ every message in both directions is a frame whose first field is the message id
 
 from __future__ import annotations
 
-import struct
+from ibstream.core.framing import MAX_FRAME_BYTES, FrameTooLargeError, split_frames
+from ibstream.core.framing import frame as length_prefixed
 
 HANDSHAKE_PREFIX = b"API\0"
-MAX_FRAME_BYTES = 0xFFFFFF  # ibapi's MAX_MSG_LEN: larger frames are refused
 
 
 class WireError(ValueError):
@@ -26,14 +26,12 @@ def field(value: object) -> str:
 
 def frame(*fields: object) -> bytes:
     """A length-prefixed message of NUL-terminated fields."""
-    payload = "".join(field(f) + "\0" for f in fields).encode("ascii", errors="backslashreplace")
-    return struct.pack("!I", len(payload)) + payload
+    return length_prefixed("".join(field(f) + "\0" for f in fields).encode("ascii", errors="backslashreplace"))
 
 
 def frame_text(text: str) -> bytes:
     """A frame holding raw text (the handshake's version range has no field terminator)."""
-    payload = text.encode("ascii")
-    return struct.pack("!I", len(payload)) + payload
+    return length_prefixed(text.encode("ascii"))
 
 
 class FrameReader:
@@ -44,18 +42,10 @@ class FrameReader:
 
     def feed(self, data: bytes) -> list[bytes]:
         self._buffer += data
-        frames = []
-        offset = 0
-        while len(self._buffer) - offset >= 4:
-            (size,) = struct.unpack_from("!I", self._buffer, offset)
-            if size > MAX_FRAME_BYTES:
-                raise WireError(f"frame of {size} bytes is over the {MAX_FRAME_BYTES} byte limit")
-            if len(self._buffer) - offset - 4 < size:
-                break
-            frames.append(bytes(self._buffer[offset + 4:offset + 4 + size]))
-            offset += 4 + size
-        del self._buffer[:offset]
-        return frames
+        try:
+            return split_frames(self._buffer, MAX_FRAME_BYTES)
+        except FrameTooLargeError as exc:
+            raise WireError(str(exc)) from None
 
 
 def fields_of(payload: bytes) -> list[str]:

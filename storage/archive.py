@@ -43,8 +43,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ibstream.core.errors import DamagedDataError
+from ibstream.core.ticks import TickFamily
 from ibstream.core.times import US_PER_HOUR, duration_us, from_us, hour_floor, iso, now_us
-from ibstream.storage.bars import PREAGGREGATE_US, partial_table
+from ibstream.storage.bars import PREAGGREGATE_US, partial_table, tick_price
 from ibstream.storage.config import StorageSettings
 from ibstream.storage.failpoints import failpoint, io_faults
 from ibstream.storage.index import ArchiveEntry, ContractDetails, CoverageInterval, DailyStatistics, Index
@@ -221,15 +222,8 @@ def day_statistics(key: StreamKey, date: str, tables: list[pl.LazyFrame]) -> Dai
     mid_point: its price. Volume and VWAP are defined for trades only.
     """
     frame = pl.concat(tables, how="vertical_relaxed")
-    if key.tick_type is TickType.BID_ASK:
-        price = pl.when((pl.col("bid_price") > 0) & (pl.col("ask_price") > 0)).then(
-            (pl.col("bid_price") + pl.col("ask_price")) / 2
-        )
-    elif key.tick_type is TickType.MID_POINT:
-        price = pl.col("mid_point")
-    else:
-        price = pl.col("price")
-    trades = key.tick_type in (TickType.LAST, TickType.ALL_LAST)
+    price = tick_price(key.tick_type)
+    trades = key.tick_type.family is TickFamily.TRADES
     exprs = [
         pl.len().alias("total_ticks"),
         price.filter(price > 0).n_unique().alias("unique_prices"),

@@ -41,6 +41,7 @@ from ibstream.core.resolutions import (  # noqa: F401 (re-exported: the bar voca
     parse_window,
     partial_step_us,
 )
+from ibstream.core.ticks import TickFamily
 from ibstream.storage.schemas import PRICE, SIZE, TIMESTAMP, TickType
 
 VOLUME = pa.decimal128(38, 8)
@@ -53,31 +54,27 @@ def _ohlc(null_ok: bool = False) -> list[pa.Field]:
 
 
 _PARTIAL = {
-    "trades": _ohlc() + [pa.field("volume", VOLUME), pa.field("notional", PRICE), pa.field("trade_count", pa.int64())],
-    "quotes": _ohlc(True) + [
+    TickFamily.TRADES: _ohlc() + [pa.field("volume", VOLUME), pa.field("notional", PRICE), pa.field("trade_count", pa.int64())],
+    TickFamily.QUOTES: _ohlc(True) + [
         pa.field("bid", PRICE), pa.field("ask", PRICE), pa.field("bid_size", SIZE), pa.field("ask_size", SIZE),
         pa.field("spread_sum", PRICE), pa.field("two_sided", pa.int64()), pa.field("quote_count", pa.int64())],
-    "mid": _ohlc() + [pa.field("tick_count", pa.int64())],
+    TickFamily.MID: _ohlc() + [pa.field("tick_count", pa.int64())],
 }
 _INTERNAL = {"notional", "spread_sum", "two_sided"}
 
 
-def _family(tick_type: TickType) -> str:
-    return {TickType.BID_ASK: "quotes", TickType.MID_POINT: "mid"}.get(tick_type, "trades")
-
-
 def partial_schema(tick_type: TickType) -> pa.Schema:
     """Columns of partial bars (as polars produces them: every field nullable)."""
-    return pa.schema([pa.field("ts", TIMESTAMP), *(f.with_nullable(True) for f in _PARTIAL[_family(tick_type)])])
+    return pa.schema([pa.field("ts", TIMESTAMP), *(f.with_nullable(True) for f in _PARTIAL[tick_type.family])])
 
 
 def bar_schema(tick_type: TickType, resolution: str) -> pa.Schema:
     """The served schema of bars of ``tick_type`` at ``resolution``."""
-    fields = [f for f in _PARTIAL[_family(tick_type)] if f.name not in _INTERNAL]
-    family = _family(tick_type)
-    if family == "trades":
+    fields = [f for f in _PARTIAL[tick_type.family] if f.name not in _INTERNAL]
+    family = tick_type.family
+    if family is TickFamily.TRADES:
         fields.insert(5, pa.field("vwap", PRICE))
-    elif family == "quotes":
+    elif family is TickFamily.QUOTES:
         fields.insert(8, pa.field("mean_spread", PRICE))
     head = [pa.field("ts", TIMESTAMP, nullable=False)]
     if resolution == DAILY:
@@ -89,21 +86,30 @@ def bar_schema(tick_type: TickType, resolution: str) -> pa.Schema:
 # -- ticks -> partial bars ---------------------------------------------------------------------
 
 def _tick_aggregations(tick_type: TickType) -> list[pl.Expr]:
-    family = _family(tick_type)
-    if family == "trades":
-        price = pl.col("price")
+    family, price = tick_type.family, tick_price(tick_type)
+    if family is TickFamily.TRADES:
         return [*_ohlc_of(price), pl.col("size").sum().cast(pl.Decimal(38, 8)).alias("volume"),
                 (price * pl.col("size").cast(pl.Float64)).sum().alias("notional"),
                 pl.len().cast(pl.Int64).alias("trade_count")]
-    if family == "mid":
-        return [*_ohlc_of(pl.col("mid_point")), pl.len().cast(pl.Int64).alias("tick_count")]
+    if family is TickFamily.MID:
+        return [*_ohlc_of(price), pl.len().cast(pl.Int64).alias("tick_count")]
     bid, ask = pl.col("bid_price"), pl.col("ask_price")
     two_sided = (bid > 0) & (ask > 0)
-    mid = pl.when(two_sided).then((bid + ask) / 2)
-    return [*_ohlc_of(mid), bid.last().alias("bid"), ask.last().alias("ask"),
+    return [*_ohlc_of(price), bid.last().alias("bid"), ask.last().alias("ask"),
             pl.col("bid_size").last(), pl.col("ask_size").last(),
             pl.when(two_sided).then(ask - bid).sum().alias("spread_sum"),
             two_sided.sum().cast(pl.Int64).alias("two_sided"), pl.len().cast(pl.Int64).alias("quote_count")]
+
+
+def tick_price(tick_type: TickType) -> pl.Expr:
+    """The price of each tick: a trade's price, a mid-point's, or a quote's mid ``(bid + ask) / 2``,
+    null when the quote is one-sided (a price <= 0: IB's empty side)."""
+    if tick_type.family is TickFamily.TRADES:
+        return pl.col("price")
+    if tick_type.family is TickFamily.MID:
+        return pl.col("mid_point")
+    bid, ask = pl.col("bid_price"), pl.col("ask_price")
+    return pl.when((bid > 0) & (ask > 0)).then((bid + ask) / 2)
 
 
 def _ohlc_of(price: pl.Expr) -> list[pl.Expr]:
@@ -140,7 +146,7 @@ def _rollup_aggregations(tick_type: TickType) -> list[pl.Expr]:
     first_last = {"bid", "ask", "bid_size", "ask_size"}
     exprs = [pl.col("open").drop_nulls().first(), pl.col("high").max(), pl.col("low").min(),
              pl.col("close").drop_nulls().last()]
-    for field in _PARTIAL[_family(tick_type)][4:]:
+    for field in _PARTIAL[tick_type.family][4:]:
         exprs.append(pl.col(field.name).last() if field.name in first_last else pl.col(field.name).sum())
     return exprs
 
@@ -175,11 +181,11 @@ def rollup_sessions(partials: pl.DataFrame, tick_type: TickType, sessions: list)
 def finish(partials: pl.DataFrame, tick_type: TickType, resolution: str) -> pa.Table:
     """Served bars (see the module docstring) from rolled-up partial bars."""
     schema = bar_schema(tick_type, resolution)
-    family = _family(tick_type)
-    if family == "trades":
+    family = tick_type.family
+    if family is TickFamily.TRADES:
         volume = pl.col("volume").cast(pl.Float64)
         partials = partials.with_columns(pl.when(volume > 0).then(pl.col("notional") / volume).alias("vwap"))
-    elif family == "quotes":
+    elif family is TickFamily.QUOTES:
         partials = partials.with_columns(
             pl.when(pl.col("two_sided") > 0).then(pl.col("spread_sum") / pl.col("two_sided")).alias("mean_spread"))
     table = partials.select(schema.names).to_arrow()

@@ -68,11 +68,6 @@ def schema_for(tick_type: TickType | str) -> pa.Schema:
     return SCHEMAS[TickType.parse(str(tick_type))]
 
 
-def price_column(tick_type: TickType) -> str:
-    """The column daily statistics treat as the price of a tick type."""
-    return {TickType.BID_ASK: "mid", TickType.MID_POINT: "mid_point"}.get(tick_type, "price")
-
-
 # -- results of the server's actions (one row per record) ----------------------------------------
 
 STATISTICS_SCHEMA = pa.schema([

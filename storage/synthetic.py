@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from ibstream.core.ticks import TickFamily
 from ibstream.core.times import US_PER_SECOND
 from ibstream.storage.schemas import TickType, schema_for
 
@@ -55,7 +56,7 @@ def synthetic_ticks(contract: SyntheticContract, tick_type: TickType | str, star
     """``count`` ticks of one type from ``start_us`` on, as a table of the stored schema."""
     tick_type = TickType(tick_type)
     rng = np.random.default_rng([seed, contract.contract_id, list(TickType).index(tick_type)])
-    per_second = (contract.quotes_per_second if tick_type in (TickType.BID_ASK, TickType.MID_POINT)
+    per_second = (contract.quotes_per_second if tick_type.family is not TickFamily.TRADES
                   else contract.trades_per_second) * rate_scale
     ts = _arrival_times(rng, start_us, count, per_second)
     columns: dict[str, object] = {"ts": ts, "ib_time": ts - ts % US_PER_SECOND - US_PER_SECOND * (rng.random(count) < 0.05)}

@@ -6,17 +6,39 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 
-class TickType(StrEnum):
-    """The IB tick-by-tick types (``reqTickByTickData`` tickType in brackets)."""
+class TickFamily(StrEnum):
+    """What a tick type's rows are: trades (price, size), two-sided quotes, or a mid-point price."""
 
-    BID_ASK = "bid_ask"  # "BidAsk"
-    LAST = "last"  # "Last"
-    ALL_LAST = "all_last"  # "AllLast": time and sales including unreported/odd lots
-    MID_POINT = "mid_point"  # "MidPoint"
+    TRADES = "trades"
+    QUOTES = "quotes"
+    MID = "mid"
+
+
+class TickType(StrEnum):
+    """The IB tick-by-tick types; IB's names (``reqTickByTickData``'s tickType) and wire codes
+    (the ``tickByTick`` message's type field) are :attr:`ib_name` and :attr:`ib_code`."""
+
+    BID_ASK = "bid_ask"
+    LAST = "last"
+    ALL_LAST = "all_last"  # time and sales including unreported and odd lots
+    MID_POINT = "mid_point"
 
     @property
     def ib_name(self) -> str:
-        return {"bid_ask": "BidAsk", "last": "Last", "all_last": "AllLast", "mid_point": "MidPoint"}[self.value]
+        return _IB[self][0]
+
+    @property
+    def ib_code(self) -> int:
+        return _IB[self][1]
+
+    @property
+    def family(self) -> TickFamily:
+        return _IB[self][2]
+
+    @classmethod
+    def from_ib_name(cls, name: str) -> "TickType | None":
+        """The tick type IB calls ``name`` (e.g. ``"BidAsk"``), or None."""
+        return next((t for t, (ib_name, _, _) in _IB.items() if ib_name == name), None)
 
     @classmethod
     def parse(cls, value: str) -> "TickType":
@@ -36,3 +58,11 @@ class StreamKey:
 
     def __str__(self) -> str:
         return f"{self.contract_id}/{self.tick_type.value}"
+
+
+_IB: dict[TickType, tuple[str, int, TickFamily]] = {
+    TickType.LAST: ("Last", 1, TickFamily.TRADES),
+    TickType.ALL_LAST: ("AllLast", 2, TickFamily.TRADES),
+    TickType.BID_ASK: ("BidAsk", 3, TickFamily.QUOTES),
+    TickType.MID_POINT: ("MidPoint", 4, TickFamily.MID),
+}
