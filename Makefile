@@ -20,14 +20,16 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q  # not `python -m pytest`: the repo root on sys.path would hide a missed `ibstream.` import
 
-# The gate CI runs before the tests: ruff (rules in pyproject.toml), then the layer contracts
-# (import-linter) over the package as a wheel installs it (the user's folders become ibstream.*).
+# The gate CI runs before the tests: ruff (rules in pyproject.toml), then mypy with the pydantic
+# plugin and the layer contracts (import-linter), both over the package as a wheel installs it
+# (the user's folders become ibstream.*).
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	@rm -rf build; tmp=$$(mktemp -d); \
 	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation -w $$tmp/wheel . && \
 	$(BIN)/python -m zipfile -e $$tmp/wheel/ibstream-*.whl $$tmp/site && \
-	(cd $$tmp && PYTHONPATH=$$tmp/site $(CURDIR)/$(BIN)/lint-imports $(CURDIR)/pyproject.toml); \
+	(cd $$tmp/site && $(CURDIR)/$(BIN)/mypy --config-file $(CURDIR)/pyproject.toml --cache-dir $$tmp/mypy -p ibstream && \
+	 PYTHONPATH=$$tmp/site $(CURDIR)/$(BIN)/lint-imports $(CURDIR)/pyproject.toml); \
 	status=$$?; rm -rf $$tmp build; exit $$status
 
 bench: $(STAMP)

@@ -88,7 +88,7 @@ def main(quick: bool = False) -> dict:
     start, end = DAY_START, DAY_START + timedelta(days=days)
     month = lambda client: len(client.bars(MNQ.contract_id, "bid_ask", "1m", start, end))  # noqa: E731
     session_day = (DAY_START + timedelta(weeks=(days - 2) // 7)).date()  # a Friday: a whole Globex day
-    session = lambda client: len(client.session(  # noqa: E731
+    session = lambda client: len(client.session_ticks(  # noqa: E731
         MNQ.contract_id, session_day, kind="extended", tick_types="bid_ask"))
     header(f"bars: {days} archived days of MNQ bid_ask ({days * 1.5:.0f}M ticks, {days * 24} hourly files)")
     print(MEASURE_HEADER)

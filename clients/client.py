@@ -47,7 +47,7 @@ class Client:
     >>> client = Client("grpc://127.0.0.1:8815")
     >>> quotes = client.ticks(711280073, "bid_ask", start=datetime(2025, 1, 10, 14, tzinfo=UTC))
     >>> bars = client.bars(711280073, "last", "1m", window="7d")
-    >>> today = client.session(265598, "current", kind="regular", tick_types="last")
+    >>> today = client.session_ticks(265598, "current", kind="regular", tick_types="last")
     """
 
     def __init__(self, location: str = DEFAULT_LOCATION, **kwargs):
@@ -87,14 +87,12 @@ class Client:
                              daily_session=daily_session)
         return _frames(tables, tick_types, as_pandas)
 
-    def session(self, contract_id: Contracts, session_date: str | date = "current", *, kind: str = "regular",
-                tick_types: TickTypes = "bid_ask", resolution: str = "tick", as_pandas: bool = False):
-        """Ticks (or bars at ``resolution``) of a trading session: ``"current"`` (the latest that
-        has opened, up to now), ``"previous"``, or a trading date."""
-        if resolution == "tick":
-            return self.ticks(contract_id, tick_types, session=kind, session_date=session_date, as_pandas=as_pandas)
-        return self.bars(contract_id, tick_types, resolution, session=kind, session_date=session_date,
-                         as_pandas=as_pandas)
+    def session_ticks(self, contract_id: Contracts, session_date: str | date = "current", *, kind: str = "regular",
+                      tick_types: TickTypes = "bid_ask", as_pandas: bool = False):
+        """Ticks of one trading session: ``"current"`` (the latest that has opened, up to now),
+        ``"previous"``, or a trading date; ``kind`` as in :meth:`session_times`. For its bars use
+        :meth:`bars` with ``session=kind, session_date=...``."""
+        return self.ticks(contract_id, tick_types, session=kind, session_date=session_date, as_pandas=as_pandas)
 
     def live(self, contract_id: int, tick_type: str, start: datetime | None = None, end: datetime | None = None, *,
              window: str | None = None, cursor: str | None = None, resolution: str = "tick",
@@ -142,17 +140,17 @@ class Client:
 
     def statistics(self, contract_id: int, tick_type: str | None = None) -> pl.DataFrame:
         """Daily statistics from the index: one row per tick type and UTC date."""
-        return pl.from_arrow(self._action("statistics", contract_id=contract_id, tick_type=tick_type))
+        return pl.DataFrame(self._action("statistics", contract_id=contract_id, tick_type=tick_type))
 
-    def sessions(self, contract_id: int, session_date: str | date = "current") -> pl.DataFrame:
+    def session_times(self, contract_id: int, session_date: str | date = "current") -> pl.DataFrame:
         """Every session kind of a contract on a trading date (``"current"``: the trading day whose
         extended hours have opened): ``contract_id kind trading_date open close source``."""
         when = session_date.isoformat() if isinstance(session_date, date) else session_date
-        return pl.from_arrow(self._action("sessions", contract_id=contract_id, date=when))
+        return pl.DataFrame(self._action("sessions", contract_id=contract_id, date=when))
 
     def coverage(self, contract_id: int, tick_type: str, start: datetime, end: datetime | None = None) -> pl.DataFrame:
         """When a stream was recorded (``status`` recorded) and when not (gap, with ``reason``)."""
-        return pl.from_arrow(self._action("coverage", contract_id=contract_id, tick_type=tick_type,
+        return pl.DataFrame(self._action("coverage", contract_id=contract_id, tick_type=tick_type,
                                           start=iso_time(start), end=None if end is None else iso_time(end)))
 
     def _action(self, name: str, **body) -> pa.Table:
@@ -169,7 +167,7 @@ class Client:
                 "contract_id": query.contract_id,
                 "tick_type": query.tick_types[0].value,
                 "first": query.start,
-                "last": query.end - timedelta(microseconds=1),
+                "last": None if query.end is None else query.end - timedelta(microseconds=1),
                 "tick_count": info.total_records,
             })
         return pl.DataFrame(rows, schema={"contract_id": pl.Int64, "tick_type": pl.String,

@@ -103,7 +103,7 @@ class LiveStream:
                 seam = position["live"] and not self.caught_up
                 self.cursor, self.caught_up = position["cursor"], self.caught_up or position["live"]
             if chunk.data is not None and (chunk.data.num_rows or seam):  # the seam comes as an empty frame
-                frame = pl.from_arrow(chunk.data)
+                frame = pl.DataFrame(chunk.data)
                 if frame.height and self.resolution != "tick":
                     self.last_bar = frame.get_column("ts")[-1]
                 yield frame

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -63,7 +63,7 @@ def _session_date(value: str) -> str:
 
 
 def _aware(value: datetime, info: ValidationInfo) -> datetime:
-    to_us(value, name=info.field_name)  # refuses naive times, saying how to give an offset
+    to_us(value, name=info.field_name or "time")  # refuses naive times, saying how to give an offset
     return value
 
 
@@ -172,7 +172,7 @@ class QueryCommand(BaseModel):
 
     @property
     def contracts(self) -> list[int]:
-        return [self.contract_id] if self.contract_id is not None else list(self.contract_ids)
+        return [self.contract_id] if self.contract_id is not None else list(self.contract_ids or ())
 
     @property
     def day_kind(self) -> str:
@@ -282,7 +282,7 @@ class ActionBody(BaseModel):
         return self.model_dump_json(exclude_none=True).encode()
 
     @classmethod
-    def parse(cls, raw: bytes, action: str) -> "ActionBody":
+    def parse(cls, raw: bytes, action: str) -> Self:
         payload = _json_object(raw or b"{}", f"the body of action {action!r}", '{"contract_id": 711280073}')
         try:
             return cls.model_validate(payload)

@@ -165,11 +165,10 @@ class FlightServer(flight.FlightServerBase):
         return self._bar_stream(parsed, metadata)
 
     def _live_stream(self, context, parsed: Ticket, metadata: dict[str, str]) -> flight.FlightDataStream:
-        feed = LiveFeed(self.store, StreamKey(parsed.contract_id, parsed.tick_type),
-                        Cursor(parsed.start_us, parsed.skip), parsed.end_us, max_rows=self.settings.live_queue_rows,
-                        poll_interval=self.settings.live_poll_interval.total_seconds())
-        if parsed.resolution != TICK:
-            feed = LiveBars(feed, parsed.resolution)
+        ticks = LiveFeed(self.store, StreamKey(parsed.contract_id, parsed.tick_type),
+                         Cursor(parsed.start_us, parsed.skip), parsed.end_us, max_rows=self.settings.live_queue_rows,
+                         poll_interval=self.settings.live_poll_interval.total_seconds())
+        feed = ticks if parsed.resolution == TICK else LiveBars(ticks, parsed.resolution)
         stopped = lambda: context.is_cancelled() or self._stopping.is_set()  # noqa: E731
         schema = _with_metadata(feed.schema, metadata)
         return flight.GeneratorStream(schema, self._slot(_live(feed, stopped, self._stopping), parsed))
@@ -197,7 +196,7 @@ class FlightServer(flight.FlightServerBase):
     @_flight_errors
     def list_flights(self, context, criteria: bytes):
         for info in self.store.streams():
-            if info.first is None:
+            if info.first is None or info.last is None:
                 continue
             descriptor = flight.FlightDescriptor.for_command(
                 command(info.contract_id, info.tick_type.value, info.first, info.last + timedelta(microseconds=1)))
@@ -301,7 +300,11 @@ class FlightServer(flight.FlightServerBase):
             sessions = self.store.sessions(contract_id)
             session = _session(sessions, query.session, query.session_date or "current", now)
             return session.open_us, session.close_us
-        start_us = Cursor.parse(query.cursor).ts if query.cursor else to_us(query.start, name="start")
+        if query.cursor:
+            start_us = Cursor.parse(query.cursor).ts
+        else:
+            assert query.start is not None  # the command model asks for a start, a window, a session or a cursor
+            start_us = to_us(query.start, name="start")
         end_us = open_end if query.end is None else to_us(query.end, name="end")
         if end_us <= start_us:
             raise InvalidRequestError(f"range is empty: start {iso(start_us)} is not before now ({iso(end_us)})")

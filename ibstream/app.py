@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from typing import Any
 
 from ibstream.flight_server.server import FlightServer
 from ibstream.recorder.feed import TickFeed
@@ -25,7 +26,7 @@ class StopSignals:
     def __init__(self, stop: threading.Event):
         self.stop = stop
         self.received = False  # a signal set ``stop``
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}
         self._told = False
 
     def install(self) -> "StopSignals":

@@ -193,7 +193,7 @@ def _maintain(args: argparse.Namespace, settings) -> int:
     for problem in report.problems:
         print(f"  problem: {problem}")
     for damage in report.damage:
-        print(f"  damaged: {damage.contract_id} {damage.tick_type} {iso(damage.start_time)} .. {iso(damage.end_time)}: "
+        print(f"  damaged: {damage.contract_id} {damage.tick_type} {iso(damage.start_us)} .. {iso(damage.end_us)}: "
               f"{damage.reason} ({damage.file} -> {damage.quarantined or 'gone'})")
     if report.damage:
         print(f"  quarantined files are in {settings.data_root / 'quarantine'}, each with a .note.json")

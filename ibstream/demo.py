@@ -102,7 +102,7 @@ def _run(settings: Settings, gateway: GatewaySimulator, seconds: float) -> bool:
             elapsed = time.perf_counter() - started
             streams = client.streams()
             bars = client.bars(MNQ.contract_id, "last", "1m", from_us(history_end - 2 * US_PER_HOUR))
-            sessions = client.sessions(MNQ.contract_id)
+            sessions = client.session_times(MNQ.contract_id)
         wait_for(lambda: live.height >= frames["last"].height)
         live.stop()
         watcher.close()
@@ -132,7 +132,7 @@ def _same_ticks(served: pl.DataFrame, sent: pa.Table | None) -> bool:
     """Every field but ``ts`` (the receive time, which only the recorder knows) is equal."""
     if sent is None:
         return served.height == 0
-    return served.drop("ts").equals(pl.from_arrow(sent).drop("ts"))
+    return served.drop("ts").equals(pl.DataFrame(sent).drop("ts"))
 
 
 def _rows(table: pa.Table | None) -> int:
@@ -149,7 +149,7 @@ def _report(frames: dict[str, pl.DataFrame], history: dict[str, int], acknowledg
         exact &= ok
         print(f"  {name:8s} {frame.height:>8,} ticks served = {history[name]:,} history + "
               f"{acknowledged.get(name, 0):,} live acknowledged  {'OK' if ok else 'MISMATCH'}   "
-              f"first {frame['ts'].min()}  last {frame['ts'].max()}")
+              f"first {frame['ts'].min()!s}  last {frame['ts'].max()!s}")
     with pl.Config(tbl_rows=5, tbl_cols=8, tbl_width_chars=140):
         print("\nlatest quotes:")
         print(frames["bid_ask"].tail(5))

@@ -33,7 +33,6 @@ import socket
 import threading
 import time
 import types
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import ibapi.client
@@ -111,6 +110,11 @@ class _TickStream:
     recording: bool = False
     state: str = "waiting"         # 'recording' or why not (the coverage gap's reason)
 
+    @property
+    def contract_id(self) -> int:
+        """IB's conId: configured, or since the contract was resolved (a stream is requested only then)."""
+        return self.spec.con_id or 0
+
 
 @dataclass
 class _Resolution:
@@ -126,7 +130,7 @@ class _Connection(EWrapper, EClient):
     def __init__(self, feed: "IBFeed"):
         EClient.__init__(self, self)
         self.reader_class = feed.reader_class
-        self.msg_queue = queue.Queue(maxsize=MAX_QUEUED_MESSAGES)
+        self.msg_queue: queue.Queue[bytes] = queue.Queue(maxsize=MAX_QUEUED_MESSAGES)
         self.feed = feed
         self.ready = threading.Event()
         self.last_message = time.monotonic()
@@ -179,20 +183,20 @@ class _Connection(EWrapper, EClient):
                          tickAttribBidAsk: TickAttribBidAsk) -> None:
         stream = self.feed._by_request.get(reqId)
         if stream is not None:
-            self.feed.sink.on_bid_ask(stream.spec.con_id, time, bidPrice, askPrice, bidSize, askSize,
+            self.feed.sink.on_bid_ask(stream.contract_id, time, bidPrice, askPrice, bidSize, askSize,
                                       tickAttribBidAsk.bidPastLow, tickAttribBidAsk.askPastHigh)
 
     def tickByTickAllLast(self, reqId: int, tickType: int, time: int, price: float, size,
                           tickAttribLast: TickAttribLast, exchange: str, specialConditions: str) -> None:
         stream = self.feed._by_request.get(reqId)
         if stream is not None:
-            self.feed.sink.on_trade(stream.spec.con_id, stream.tick_type, time, price, size, exchange,
+            self.feed.sink.on_trade(stream.contract_id, stream.tick_type, time, price, size, exchange,
                                     specialConditions, tickAttribLast.pastLimit, tickAttribLast.unreported)
 
     def tickByTickMidPoint(self, reqId: int, time: int, midPoint: float) -> None:
         stream = self.feed._by_request.get(reqId)
         if stream is not None:
-            self.feed.sink.on_mid_point(stream.spec.con_id, time, midPoint)
+            self.feed.sink.on_mid_point(stream.contract_id, time, midPoint)
 
 
 class IBFeed:
@@ -203,7 +207,7 @@ class IBFeed:
         logging.getLogger("ibapi").setLevel(logging.WARNING)  # ibapi logs every request and message at INFO
         self.settings = settings
         self.reader_class = reader_class
-        self.sink: TickSink | None = None
+        self.sink: TickSink  # set by start(), before any connection
         self.client_id = settings.ib_client_id
         self.connections = 0
         self._resolutions = {spec: _Resolution() for spec in settings.contracts}
@@ -435,7 +439,7 @@ class IBFeed:
         stream.state = "recording"
         if not stream.recording:
             stream.recording = True
-            self.sink.on_stream_state(stream.spec.con_id, stream.tick_type, True, "subscribed")
+            self.sink.on_stream_state(stream.contract_id, stream.tick_type, True, "subscribed")
 
     def _end(self, stream: _TickStream, reason: str, *, keep_request: bool = False) -> None:
         """The stream is no longer received (its request dropped unless ``keep_request``)."""
@@ -443,7 +447,7 @@ class IBFeed:
             self._by_request.pop(stream.req_id, None)
             stream.req_id = None
         if stream.spec.con_id is not None and (stream.recording or not keep_request):
-            self.sink.on_stream_state(stream.spec.con_id, stream.tick_type, False, reason)
+            self.sink.on_stream_state(stream.contract_id, stream.tick_type, False, reason)
         stream.recording = False
         stream.state = reason
 
@@ -504,8 +508,8 @@ class IBFeed:
                           "subscriptions.", code, stream.spec.describe(), stream.tick_type.value, message)
                 self._end(stream, "no_market_data_permissions")
                 stream.refused = "no_market_data_permissions"
-            elif code == 200 and (resolution is not None or stream is not None):
-                spec = resolution[0] if resolution is not None else stream.spec
+            elif code == 200 and (spec := resolution[0] if resolution is not None
+                                  else stream.spec if stream is not None else None) is not None:
                 self._refuse_contract(spec, "no_security_definition", f"IB {code}: {message}")
             elif code in CONNECTION_CODES:
                 log.debug("ibapi %d: %s", code, message)
@@ -522,9 +526,4 @@ def _details_record(details: IBContractDetails) -> ContractDetails:
         primary_exchange=c.primaryExchange, currency=c.currency, local_symbol=c.localSymbol,
         trading_class=c.tradingClass, last_trade_date=c.lastTradeDateOrContractMonth, multiplier=c.multiplier,
         min_tick=details.minTick, long_name=details.longName, time_zone=details.timeZoneId,
-        trading_hours=details.tradingHours, liquid_hours=details.liquidHours, updated_at=now_us())
-
-
-def describe_streams(feed: IBFeed) -> Iterable[str]:
-    for (contract, tick_type), state in sorted(feed.status().items()):
-        yield f"{contract} {tick_type}: {state}"
+        trading_hours=details.tradingHours, liquid_hours=details.liquidHours, updated_at_us=now_us())

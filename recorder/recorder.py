@@ -107,7 +107,7 @@ def rows_to_batch(tick_type: TickType, rows: list[tuple]) -> pa.RecordBatch:
 
 def _sample_row(tick_type: TickType) -> tuple:
     """One row of the tick type as the callbacks build it (Decimal sizes, strings, bools)."""
-    values = []
+    values: list[object] = []
     for f in schema_for(tick_type):
         if pa.types.is_decimal(f.type):
             values.append(Decimal(1))
@@ -185,8 +185,9 @@ class Recorder:
         end), so a wall clock that stepped back across a restart cannot make every append fail."""
         writer = self.store.writer
         starts = {StreamKey(cid, TickType(tt)): until for (cid, tt), until in self.store.index.archived_until().items()}
-        for key in writer.streams() if writer is not None else ():
-            starts[key] = max(starts.get(key, NO_TS), writer.last_ts(key))
+        if writer is not None:
+            for key in writer.streams():
+                starts[key] = max(starts.get(key, NO_TS), writer.last_ts(key))
         for key, start in starts.items():
             self._builders[key] = _Builder(last_ts=start)
 
@@ -232,7 +233,7 @@ class Recorder:
 
     def _add(self, key: StreamKey, ib_time: int, fields: tuple) -> None:
         received = self.clock()
-        message = None
+        message: tuple | None = None
         with self._lock:
             builder = self._builders.get(key)
             if builder is None:

@@ -5,6 +5,7 @@ market in real time into a :class:`~ibstream.recorder.feed.TickSink`, one callba
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from decimal import Decimal
 
 from ibstream.core.times import US_PER_SECOND, now_us
@@ -16,7 +17,7 @@ from ibstream.storage.synthetic import MNQ, SyntheticContract, synthetic_tape
 class SyntheticFeed:
     """Plays synthetic contracts in real time into a sink, one callback per tick (like ibapi)."""
 
-    def __init__(self, contracts: list[SyntheticContract] = (MNQ,), *, seed: int = 0, rate_scale: float = 30.0,
+    def __init__(self, contracts: Sequence[SyntheticContract] = (MNQ,), *, seed: int = 0, rate_scale: float = 30.0,
                  tick_types: tuple[TickType, ...] = (TickType.BID_ASK, TickType.LAST)):
         self.contracts = list(contracts)
         self.seed = seed

@@ -20,7 +20,7 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -93,6 +93,7 @@ def _size_text(column: pa.ChunkedArray | pa.Array) -> list:
 def _row_tails(table: pa.Table, tick_type: TickType) -> list[str]:
     """The fields after the time of each tick-by-tick message, NUL-terminated, one string per row."""
     col = {name: table.column(name) for name in table.column_names}
+    rows: Iterable[tuple]
     if tick_type is TickType.BID_ASK:
         mask = pc.add(pc.cast(col["bid_past_low"], pa.int8()), pc.multiply(pc.cast(col["ask_past_high"], pa.int8()), 2))
         rows = zip(col["bid_price"].to_pylist(), col["ask_price"].to_pylist(), _size_text(col["bid_size"]),
@@ -115,7 +116,7 @@ class _Subscription:
     started: float = field(default_factory=time.monotonic)
     alive: bool = True  # False after a farm flap: IB keeps the request but sends nothing more
     chunk: pa.Table | None = None
-    offsets: np.ndarray | None = None
+    offsets: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     tails: list[str] | None = None
     position: int = 0
     exhausted: bool = False

@@ -82,7 +82,7 @@ class SimContract:
             trading_class=self.trading_class, last_trade_date=self.expiry, multiplier=self.multiplier,
             min_tick=self.market.tick_size, long_name=self.long_name, time_zone=self.time_zone,
             trading_hours=trading, liquid_hours=liquid,
-            updated_at=to_us(datetime.combine(today, time(), ZoneInfo("UTC"))),
+            updated_at_us=to_us(datetime.combine(today, time(), ZoneInfo("UTC"))),
         )
 
     def hours(self, today: date, days: int = 7) -> tuple[str, str]:

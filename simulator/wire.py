@@ -29,11 +29,6 @@ def frame(*fields: object) -> bytes:
     return length_prefixed("".join(field(f) + "\0" for f in fields).encode("ascii", errors="backslashreplace"))
 
 
-def frame_text(text: str) -> bytes:
-    """A frame holding raw text (the handshake's version range has no field terminator)."""
-    return length_prefixed(text.encode("ascii"))
-
-
 class FrameReader:
     """Splits a byte stream into frames; ``feed`` bytes, iterate complete frames."""
 

@@ -130,12 +130,27 @@ class FileFacts:
     before it existed, its Hive path and footer)."""
 
     key: StreamKey
-    hour_start: int
+    hour_start_us: int
     tick_count: int
-    start_time: int | None = None
-    end_time: int | None = None
+    start_us: int | None = None
+    end_us: int | None = None
     contract: dict | None = None
     coverage: list = field(default_factory=list)  # [status, reason, start, end] clipped to the hour
+
+
+METADATA_FORMAT = 2  # 1: times named hour_start, start_time, end_time and the contract's updated_at
+_FORMAT_1_NAMES = {"hour_start": "hour_start_us", "start_time": "start_us", "end_time": "end_us"}
+
+
+def _current_names(facts: dict) -> dict:
+    """A file's ``ibstream.archive`` metadata with today's key names (files of format 1 are read as written)."""
+    if facts.get("format", 1) >= 2:
+        return facts
+    facts = {_FORMAT_1_NAMES.get(name, name): value for name, value in facts.items()}
+    if isinstance(facts.get("contract"), dict) and "updated_at" in facts["contract"]:
+        facts["contract"] = dict(facts["contract"])
+        facts["contract"]["updated_at_us"] = facts["contract"].pop("updated_at")
+    return facts
 
 
 def file_facts(root: Path, path: Path) -> FileFacts:
@@ -147,9 +162,9 @@ def file_facts(root: Path, path: Path) -> FileFacts:
     kv = metadata.metadata or {}
     if METADATA_KEY in kv:
         try:
-            facts = json.loads(kv[METADATA_KEY])
-            return FileFacts(StreamKey(int(facts["contract_id"]), TickType(facts["tick_type"])), int(facts["hour_start"]),
-                             int(facts["tick_count"]), int(facts["start_time"]), int(facts["end_time"]),
+            facts = _current_names(json.loads(kv[METADATA_KEY]))
+            return FileFacts(StreamKey(int(facts["contract_id"]), TickType(facts["tick_type"])), int(facts["hour_start_us"]),
+                             int(facts["tick_count"]), int(facts["start_us"]), int(facts["end_us"]),
                              facts.get("contract"), facts.get("coverage", []))
         except (ValueError, KeyError, TypeError) as exc:
             raise DamagedDataError(f"archive file {relative} has unreadable ibstream metadata: {exc}") from None
@@ -184,21 +199,21 @@ def check_archive_file(root: Path, path: Path, expected: ArchiveEntry | None = N
         problems.append(f"{table.num_rows} ticks where its metadata says {facts.tick_count}")
     if len(ts) and bool(np.any(ts[1:] < ts[:-1])):
         problems.append("ts out of order")
-    if len(ts) and (ts[0] < facts.hour_start or ts[-1] >= facts.hour_start + US_PER_HOUR):
-        problems.append(f"ticks outside its hour {iso(facts.hour_start)}")
-    if len(ts) and facts.start_time is not None and (int(ts[0]), int(ts[-1])) != (facts.start_time, facts.end_time):
+    if len(ts) and (ts[0] < facts.hour_start_us or ts[-1] >= facts.hour_start_us + US_PER_HOUR):
+        problems.append(f"ticks outside its hour {iso(facts.hour_start_us)}")
+    if len(ts) and facts.start_us is not None and (int(ts[0]), int(ts[-1])) != (facts.start_us, facts.end_us):
         problems.append("first or last ts differs from its metadata")
     if not len(ts):
         problems.append("no tick")
     if expected is not None and problems == []:
-        if (expected.tick_count, expected.start_time, expected.end_time) != (table.num_rows, int(ts[0]), int(ts[-1])):
+        if (expected.tick_count, expected.start_us, expected.end_us) != (table.num_rows, int(ts[0]), int(ts[-1])):
             problems.append(f"{table.num_rows} ticks {iso(int(ts[0]))}..{iso(int(ts[-1]))} where the index says "
-                            f"{expected.tick_count} ticks {iso(expected.start_time)}..{iso(expected.end_time)}")
+                            f"{expected.tick_count} ticks {iso(expected.start_us)}..{iso(expected.end_us)}")
         if expected.file_size_bytes != path.stat().st_size:
             problems.append(f"{path.stat().st_size} bytes where the index says {expected.file_size_bytes}")
     if problems:
         raise DamagedDataError(f"archive file {relative}: " + "; ".join(problems))
-    entry = ArchiveEntry(facts.key.contract_id, facts.key.tick_type.value, facts.hour_start, int(ts[0]), int(ts[-1]),
+    entry = ArchiveEntry(facts.key.contract_id, facts.key.tick_type.value, facts.hour_start_us, int(ts[0]), int(ts[-1]),
                          relative, table.num_rows, path.stat().st_size, table.nbytes)
     return entry, facts, table
 
@@ -256,7 +271,7 @@ class Archiver:
     writer: SegmentWriter
     _failing: str | None = None  # why the last run stopped (storage), logged once per change
     _bad_hours: set = field(default_factory=set)  # (key, hour) already reported as failing
-    _scrubbed: tuple = (-1, "", -1)  # the last hour scrub checked: (contract_id, tick_type, hour_start)
+    _scrubbed: tuple = (-1, "", -1)  # the last hour scrub checked: (contract_id, tick_type, hour_start_us)
 
     @property
     def root(self) -> Path:
@@ -272,7 +287,7 @@ class Archiver:
         """
         now = now_us() if now is None else now
         horizon = now - duration_us(self.settings.archive_delay)
-        published = []
+        published: list[ArchiveEntry] = []
         for key in self.writer.streams():
             for hour in self._closed_hours(key, horizon):
                 try:
@@ -353,7 +368,8 @@ class Archiver:
         relpath = archive_relpath(key, hour)
         path = self.root / relpath
         ts = table.column("ts").cast(pa.int64())
-        facts = FileFacts(key, hour, table.num_rows, ts[0].as_py(), ts[-1].as_py(),
+        first_us, last_us = ts[0].as_py(), ts[-1].as_py()
+        facts = FileFacts(key, hour, table.num_rows, first_us, last_us,
                           self._contract_facts(key.contract_id),
                           _coverage_facts(self.index.coverage(key.contract_id, key.tick_type.value, hour, hour_end),
                                           hour, hour_end))
@@ -361,9 +377,9 @@ class Archiver:
         entry = ArchiveEntry(
             contract_id=key.contract_id,
             tick_type=key.tick_type.value,
-            hour_start=hour,
-            start_time=facts.start_time,
-            end_time=facts.end_time,
+            hour_start_us=hour,
+            start_us=first_us,
+            end_us=last_us,
             file_path=relpath,
             tick_count=table.num_rows,
             file_size_bytes=file_size,
@@ -388,8 +404,8 @@ class Archiver:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + TMP_SUFFIX)
         metadata = {METADATA_KEY: json.dumps({
-            "format": 1, "contract_id": facts.key.contract_id, "tick_type": facts.key.tick_type.value,
-            "hour_start": facts.hour_start, "start_time": facts.start_time, "end_time": facts.end_time,
+            "format": METADATA_FORMAT, "contract_id": facts.key.contract_id, "tick_type": facts.key.tick_type.value,
+            "hour_start_us": facts.hour_start_us, "start_us": facts.start_us, "end_us": facts.end_us,
             "tick_count": facts.tick_count, "contract": facts.contract, "coverage": facts.coverage})}
         try:
             io_faults.raise_if_armed("archive.write")
@@ -414,7 +430,7 @@ class Archiver:
         that hour's (the hour in publication); all zero when the day has no file left."""
         day_start = hour - hour % (24 * US_PER_HOUR)
         published = self.index.archives(key.contract_id, key.tick_type.value, day_start, day_start + 24 * US_PER_HOUR)
-        files = [self.root / e.file_path for e in published if e.hour_start != hour or new_file is None]
+        files = [self.root / e.file_path for e in published if e.hour_start_us != hour or new_file is None]
         files += [new_file] if new_file is not None else []
         date = f"{datetime.fromtimestamp(hour / 1e6, UTC):%Y-%m-%d}"
         if not files:
@@ -438,27 +454,27 @@ class Archiver:
     def retire(self, entry: ArchiveEntry, reason: str) -> None:
         """Take a failed archived hour out of service: drop its index rows (readers stop using it at
         once), quarantine its file, record the damage, recompute its day's statistics."""
-        self.index.remove_archive(entry.contract_id, entry.tick_type, entry.hour_start)
+        self.index.remove_archive(entry.contract_id, entry.tick_type, entry.hour_start_us)
         path = self.root / entry.file_path
         if path.exists():
             self._quarantine_file(path, reason)
         else:
-            self.index.record_damage(Damage(entry.contract_id, entry.tick_type, entry.hour_start,
-                                            entry.hour_start + US_PER_HOUR - 1,
+            self.index.record_damage(Damage(entry.contract_id, entry.tick_type, entry.hour_start_us,
+                                            entry.hour_start_us + US_PER_HOUR - 1,
                                             path.relative_to(self.settings.data_root).as_posix(), "", reason[:500],
                                             now_us()))
         key = StreamKey(entry.contract_id, TickType(entry.tick_type))
-        self.index.put_statistics(self._statistics_with(key, entry.hour_start))
+        self.index.put_statistics(self._statistics_with(key, entry.hour_start_us))
 
     def scrub(self, count: int) -> list[str]:
         """Check the next ``count`` published hours, in turn across calls; returns what failed."""
         entries = self.index.archives_all()
         if not entries:
             return []
-        start = next((i for i, e in enumerate(entries) if (e.contract_id, e.tick_type, e.hour_start) > self._scrubbed),
+        start = next((i for i, e in enumerate(entries) if (e.contract_id, e.tick_type, e.hour_start_us) > self._scrubbed),
                      0)
         chosen = (entries[start:] + entries[:start])[:count]
-        self._scrubbed = (chosen[-1].contract_id, chosen[-1].tick_type, chosen[-1].hour_start)
+        self._scrubbed = (chosen[-1].contract_id, chosen[-1].tick_type, chosen[-1].hour_start_us)
         return [problem for entry in chosen if (problem := self.check(entry)) is not None]
 
     # -- recovery ------------------------------------------------------------------------------
@@ -493,23 +509,24 @@ class Archiver:
             self._quarantine_file(path, str(exc))
             return None
         key = facts.key
-        segments, buffered = self._hour_segments(key, facts.hour_start) if self.writer else ([], None)
-        if segments and not (buffered.num_rows == table.num_rows and contains(table, buffered)):
-            self._quarantine_file(path, f"an archive file the index did not know, for hour {iso(facts.hour_start)} "
+        segments, buffered = self._hour_segments(key, facts.hour_start_us) if self.writer else ([], None)
+        if segments and buffered is not None and not (buffered.num_rows == table.num_rows
+                                                      and contains(table, buffered)):
+            self._quarantine_file(path, f"an archive file the index did not know, for hour {iso(facts.hour_start_us)} "
                                         f"whose {len(segments)} buffered segments hold other ticks; the segments "
                                         "keep serving and are archived again", damage=False)
             return None
         if facts.contract and self.index.contract(key.contract_id) is None:
             self.index.upsert_contract(ContractDetails(**facts.contract))
-        hour_end = facts.hour_start + US_PER_HOUR
-        if not self.index.coverage(key.contract_id, key.tick_type.value, facts.hour_start, hour_end):
-            rows = facts.coverage or [["unknown", "index_rebuilt", entry.start_time, entry.end_time]]
+        hour_end = facts.hour_start_us + US_PER_HOUR
+        if not self.index.coverage(key.contract_id, key.tick_type.value, facts.hour_start_us, hour_end):
+            rows = facts.coverage or [["unknown", "index_rebuilt", entry.start_us, entry.end_us]]
             self.index.add_coverage([CoverageInterval(key.contract_id, key.tick_type.value, status, reason, start, end,
                                                       False) for status, reason, start, end in rows])
         minute_bars = ipc_bytes(partial_table(table, key.tick_type, PREAGGREGATE_US))
-        self.index.publish(entry, self._statistics_with(key, facts.hour_start, path), minute_bars)
+        self.index.publish(entry, self._statistics_with(key, facts.hour_start_us, path), minute_bars)
         log.warning("re-indexed archive file %s from its own contents: %s hour %s, %d ticks", relative, key,
-                    iso(facts.hour_start), entry.tick_count)
+                    iso(facts.hour_start_us), entry.tick_count)
         return entry
 
     def _settle_published_segments(self, key: StreamKey) -> None:
@@ -528,7 +545,7 @@ class Archiver:
             archived = read_archive_file(self.root / entry.file_path)
         except (DamagedDataError, FileNotFoundError) as exc:
             log.error("%s hour %s is published but its file cannot be read (%s); its %d segments are kept. "
-                      "Run `ibstream verify`", key, iso(entry.hour_start), exc, len(paths))
+                      "Run `ibstream verify`", key, iso(entry.hour_start_us), exc, len(paths))
             return
         redundant = [p for p in paths if contains(archived, read_segments([p], archived.schema))]
         self.writer.forget_segments(key, redundant)
@@ -536,7 +553,7 @@ class Archiver:
             log.warning("removed segment %s: the published archive file of its hour holds its every tick", path)
         for path in paths:
             if path not in redundant:
-                self._quarantine_segment(key, entry.hour_start, path)
+                self._quarantine_segment(key, entry.hour_start_us, path)
 
     def _quarantine_segment(self, key: StreamKey, hour: int, path: Path) -> None:
         data_root = self.settings.data_root
@@ -566,8 +583,8 @@ def _coverage_facts(rows: list[CoverageInterval], start: int, end: int) -> list:
     """Coverage rows clipped to [start, end), as kept in an archive file's metadata."""
     clipped = []
     for row in rows:
-        row_end = end if row.end_time is None else min(row.end_time, end)
-        clipped.append([row.status, row.reason, max(row.start_time, start), row_end])
+        row_end = end if row.end_us is None else min(row.end_us, end)
+        clipped.append([row.status, row.reason, max(row.start_us, start), row_end])
     return clipped
 
 

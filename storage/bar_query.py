@@ -63,7 +63,7 @@ def read_bars(store: "Store", key: StreamKey, start_us: int, end_us: int, resolu
         start_us, end_us = max(start_us, sessions[0].open_us), min(end_us, sessions[-1].close_us)
     partials = _partials(store, key, start_us, end_us, step) if start_us < end_us else _empty(key)
     if resolution == DAILY:
-        partials = rollup_sessions(partials, key.tick_type, sessions)
+        partials = rollup_sessions(partials, key.tick_type, sessions or [])
     elif BAR_RESOLUTIONS[resolution] != step:
         partials = rollup(partials, key.tick_type, BAR_RESOLUTIONS[resolution])
     bars = finish(partials, key.tick_type, resolution)
@@ -75,14 +75,15 @@ def read_bars(store: "Store", key: StreamKey, start_us: int, end_us: int, resolu
 def _grid(start_us: int, end_us: int, resolution: str, sessions: list["Session"] | None) -> pa.Table:
     """Every bar start of the range (or every session, for daily bars)."""
     if resolution == DAILY:
-        return pa.table({"ts": pa.array([s.open_us for s in sessions], pa.int64()).cast(TIMESTAMP),
-                         "session_date": pa.array([s.trading_date for s in sessions], pa.date32())})
+        days = sessions or []
+        return pa.table({"ts": pa.array([s.open_us for s in days], pa.int64()).cast(TIMESTAMP),
+                         "session_date": pa.array([s.trading_date for s in days], pa.date32())})
     step = BAR_RESOLUTIONS[resolution]
     return pa.table({"ts": pa.array(np.arange(start_us - start_us % step, end_us, step)).cast(TIMESTAMP)})
 
 
 def _empty(key: StreamKey) -> pl.DataFrame:
-    return pl.from_arrow(partial_schema(key.tick_type).empty_table())
+    return pl.DataFrame(partial_schema(key.tick_type).empty_table())
 
 
 def _partials(store: "Store", key: StreamKey, start_us: int, end_us: int, step: int) -> pl.DataFrame:
@@ -100,7 +101,7 @@ def _partials(store: "Store", key: StreamKey, start_us: int, end_us: int, step: 
     if not pieces:
         return _empty(key)
     schema = partial_schema(key.tick_type)
-    frame = pl.from_arrow(pa.concat_tables([conform(piece, schema) for piece in pieces]).combine_chunks())
+    frame = pl.DataFrame(pa.concat_tables([conform(piece, schema) for piece in pieces]).combine_chunks())
     return rollup(frame, key.tick_type, step)  # merges bars split between two pieces or chunks
 
 
@@ -120,16 +121,16 @@ def _preaggregated_hours(store: "Store", key: StreamKey, start_us: int, end_us: 
     """1-minute partial bars of each archived hour wholly inside the range, by hour start."""
     tick_type = key.tick_type.value
     entries = [e for e in store.index.archives(key.contract_id, tick_type, start_us, end_us)
-               if e.hour_start >= start_us and e.hour_start + US_PER_HOUR <= end_us]
+               if e.hour_start_us >= start_us and e.hour_start_us + US_PER_HOUR <= end_us]
     if not entries:
         return {}
-    stored = store.index.hour_bars(key.contract_id, tick_type, entries[0].hour_start, entries[-1].hour_start + 1)
+    stored = store.index.hour_bars(key.contract_id, tick_type, entries[0].hour_start_us, entries[-1].hour_start_us + 1)
     hours = {}
     for entry in entries:
-        blob = stored.get(entry.hour_start)
+        blob = stored.get(entry.hour_start_us)
         if blob is None:
-            blob = _backfill(store, key, entry.hour_start, entry.file_path)
-        hours[entry.hour_start] = from_ipc_bytes(blob)
+            blob = _backfill(store, key, entry.hour_start_us, entry.file_path)
+        hours[entry.hour_start_us] = from_ipc_bytes(blob)
     return hours
 
 

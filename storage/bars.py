@@ -124,9 +124,9 @@ def _floor(step_us: int) -> pl.Expr:
 
 def partial_bars(ticks: pa.Table | pl.DataFrame, tick_type: TickType, step_us: int) -> pl.DataFrame:
     """Partial bars of ``step_us`` (UTC epoch-aligned) over ts-ordered ticks of one stream."""
-    frame = ticks if isinstance(ticks, pl.DataFrame) else pl.from_arrow(ticks)
+    frame = ticks if isinstance(ticks, pl.DataFrame) else pl.DataFrame(ticks)
     if frame.height == 0:
-        return pl.from_arrow(partial_schema(tick_type).empty_table())
+        return pl.DataFrame(partial_schema(tick_type).empty_table())
     return frame.group_by(_floor(step_us), maintain_order=True).agg(_tick_aggregations(tick_type))
 
 
@@ -198,6 +198,6 @@ def fill_grid(bars: pa.Table, grid: pa.Table) -> pa.Table:
     schema = bars.schema
     counts = [f.name for f in schema if f.name.endswith("_count") or f.name == "volume"]
     keys = [name for name in ("ts", "session_date") if name in schema.names]
-    full = pl.from_arrow(grid.select(keys)).join(pl.from_arrow(bars), on=keys, how="left", maintain_order="left")
+    full = pl.DataFrame(grid.select(keys)).join(pl.DataFrame(bars), on=keys, how="left", maintain_order="left")
     full = full.with_columns(pl.col(name).fill_null(0) for name in counts)
     return full.to_arrow().cast(schema)

@@ -25,11 +25,11 @@ CREATE TABLE IF NOT EXISTS coverage (
     tick_type TEXT NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('recorded', 'gap', 'unknown')),
     reason TEXT NOT NULL,
-    start_time INTEGER NOT NULL,
-    end_time INTEGER,
+    start_us INTEGER NOT NULL,
+    end_us INTEGER,
     is_open INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS idx_coverage_stream ON coverage (contract_id, tick_type, start_time);
+CREATE INDEX IF NOT EXISTS idx_coverage_stream ON coverage (contract_id, tick_type, start_us);
 """
 
 SCHEMA = """
@@ -37,19 +37,19 @@ CREATE TABLE IF NOT EXISTS tick_archives (
     id INTEGER PRIMARY KEY,
     contract_id INTEGER NOT NULL,
     tick_type TEXT NOT NULL,
-    hour_start INTEGER NOT NULL,          -- UTC hour the file covers, microseconds
-    start_time INTEGER NOT NULL,          -- first ts in the file, microseconds UTC
-    end_time INTEGER NOT NULL,            -- last ts in the file, microseconds UTC
+    hour_start_us INTEGER NOT NULL,       -- UTC hour the file covers, microseconds
+    start_us INTEGER NOT NULL,            -- first ts in the file, microseconds UTC
+    end_us INTEGER NOT NULL,              -- last ts in the file, microseconds UTC
     file_path TEXT NOT NULL,              -- relative to the archive root
     tick_count INTEGER NOT NULL,
     file_size_bytes INTEGER NOT NULL,
     arrow_size_bytes INTEGER NOT NULL,    -- in-memory (uncompressed Arrow) size
     compression_ratio REAL NOT NULL,      -- arrow_size_bytes / file_size_bytes
     created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
-    UNIQUE (contract_id, tick_type, hour_start)
+    UNIQUE (contract_id, tick_type, hour_start_us)
 );
 CREATE INDEX IF NOT EXISTS idx_archives_contract_time
-    ON tick_archives (contract_id, tick_type, start_time, end_time);
+    ON tick_archives (contract_id, tick_type, start_us, end_us);
 
 CREATE TABLE IF NOT EXISTS data_statistics (
     contract_id INTEGER NOT NULL,
@@ -69,9 +69,9 @@ CREATE TABLE IF NOT EXISTS data_statistics (
 CREATE TABLE IF NOT EXISTS hour_bars (
     contract_id INTEGER NOT NULL,
     tick_type TEXT NOT NULL,
-    hour_start INTEGER NOT NULL,          -- UTC hour, microseconds (as in tick_archives)
+    hour_start_us INTEGER NOT NULL,       -- UTC hour, microseconds (as in tick_archives)
     bars BLOB NOT NULL,
-    PRIMARY KEY (contract_id, tick_type, hour_start)
+    PRIMARY KEY (contract_id, tick_type, hour_start_us)
 );
 
 CREATE TABLE IF NOT EXISTS contracts (
@@ -90,12 +90,12 @@ CREATE TABLE IF NOT EXISTS contracts (
     time_zone TEXT NOT NULL,              -- IB's timeZoneId, e.g. US/Eastern
     trading_hours TEXT NOT NULL,          -- IB's tradingHours: YYYYMMDD:HHMM-YYYYMMDD:HHMM;... or YYYYMMDD:CLOSED
     liquid_hours TEXT NOT NULL,           -- IB's liquidHours, same format (regular session)
-    updated_at INTEGER NOT NULL           -- when the details were received, microseconds UTC
+    updated_at_us INTEGER NOT NULL        -- when the details were received, microseconds UTC
 );
 
 -- Per stream, the intervals during which it was subscribed on a live connection with every
 -- received tick acknowledged ('recorded'), and the intervals when it was not ('gap', with why).
--- The stream's current interval has is_open = 1; an open 'recorded' row's end_time is the
+-- The stream's current interval has is_open = 1; an open 'recorded' row's end_us is the
 -- last time the recorder confirmed it (advanced about once a second), an open gap's is NULL.
 """ + COVERAGE_DDL + """
 
@@ -105,24 +105,34 @@ CREATE TABLE IF NOT EXISTS damage (
     id INTEGER PRIMARY KEY,
     contract_id INTEGER NOT NULL,
     tick_type TEXT NOT NULL,
-    start_time INTEGER NOT NULL,          -- last readable tick before the damage (or the file's edge)
-    end_time INTEGER NOT NULL,            -- first readable tick after it (or the file's edge)
+    start_us INTEGER NOT NULL,            -- last readable tick before the damage (or the file's edge)
+    end_us INTEGER NOT NULL,              -- first readable tick after it (or the file's edge)
     file TEXT NOT NULL,                   -- where the damaged bytes were, relative to the data root
     quarantined TEXT NOT NULL,            -- where they are now, relative to the data root
     reason TEXT NOT NULL,
-    detected_at INTEGER NOT NULL,
+    detected_at_us INTEGER NOT NULL,
     damaged_bytes INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS idx_damage_stream ON damage (contract_id, tick_type, start_time);
+CREATE INDEX IF NOT EXISTS idx_damage_stream ON damage (contract_id, tick_type, start_us);
 """
 
-SCHEMA_VERSION = 2  # PRAGMA user_version; 1: before 'unknown' coverage and the damage table
+SCHEMA_VERSION = 3  # PRAGMA user_version; 1: before 'unknown' coverage and the damage table; 2: times not named *_us
+
+_RENAMED_V3 = {  # table: {column before version 3: its name since}
+    "tick_archives": {"hour_start": "hour_start_us", "start_time": "start_us", "end_time": "end_us"},
+    "hour_bars": {"hour_start": "hour_start_us"},
+    "contracts": {"updated_at": "updated_at_us"},
+    "coverage": {"start_time": "start_us", "end_time": "end_us"},
+    "damage": {"start_time": "start_us", "end_time": "end_us", "detected_at": "detected_at_us"},
+}
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    """Bring an index written by an older ibstream up to :data:`SCHEMA_VERSION`."""
+    """Bring an index written by an older ibstream up to :data:`SCHEMA_VERSION`, in one transaction
+    (a crash leaves the old version whole). Runs before :data:`SCHEMA`, whose indexes name the new columns."""
     (version,) = conn.execute("PRAGMA user_version").fetchone()
-    if version >= SCHEMA_VERSION:
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if version >= SCHEMA_VERSION or not tables:
         return
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -135,6 +145,11 @@ def _migrate(conn: sqlite3.Connection) -> None:
                     conn.execute(statement)
             conn.execute("INSERT INTO coverage SELECT * FROM coverage_v1")
             conn.execute("DROP TABLE coverage_v1")
+        for table, renames in _RENAMED_V3.items():
+            columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            for old, new in renames.items():
+                if old in columns:  # RENAME COLUMN carries indexes and constraints along
+                    conn.execute(f"ALTER TABLE {table} RENAME COLUMN {old} TO {new}")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
@@ -147,9 +162,9 @@ def _migrate(conn: sqlite3.Connection) -> None:
 class ArchiveEntry:
     contract_id: int
     tick_type: str
-    hour_start: int
-    start_time: int
-    end_time: int
+    hour_start_us: int
+    start_us: int
+    end_us: int
     file_path: str
     tick_count: int
     file_size_bytes: int
@@ -188,19 +203,19 @@ class ContractDetails:
     time_zone: str
     trading_hours: str
     liquid_hours: str
-    updated_at: int
+    updated_at_us: int
 
 
 @dataclass(frozen=True)
 class CoverageInterval:
-    """One row of ``coverage``: ``end_time`` is None for a gap that is still going on."""
+    """One row of ``coverage``: ``end_us`` is None for a gap that is still going on."""
 
     contract_id: int
     tick_type: str
     status: str
     reason: str
-    start_time: int
-    end_time: int | None
+    start_us: int
+    end_us: int | None
     is_open: bool
 
 
@@ -229,8 +244,10 @@ class Index:
         self._connections_lock = threading.Lock()
         try:
             conn = self._connection()
-            conn.executescript(SCHEMA)
             _migrate(conn)
+            conn.executescript(SCHEMA)
+            if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")  # a new index
             conn.execute("SELECT COUNT(*) FROM tick_archives").fetchone()
         except sqlite3.DatabaseError as exc:
             self.close()
@@ -264,13 +281,13 @@ class Index:
         conn = self._writable()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            self._put_hour_bars(conn, entry.contract_id, entry.tick_type, entry.hour_start, minute_bars)
+            self._put_hour_bars(conn, entry.contract_id, entry.tick_type, entry.hour_start_us, minute_bars)
             conn.execute(
-                "INSERT INTO tick_archives (contract_id, tick_type, hour_start, start_time, end_time, "
+                "INSERT INTO tick_archives (contract_id, tick_type, hour_start_us, start_us, end_us, "
                 "file_path, tick_count, file_size_bytes, arrow_size_bytes, compression_ratio) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    entry.contract_id, entry.tick_type, entry.hour_start, entry.start_time, entry.end_time,
+                    entry.contract_id, entry.tick_type, entry.hour_start_us, entry.start_us, entry.end_us,
                     entry.file_path, entry.tick_count, entry.file_size_bytes, entry.arrow_size_bytes,
                     entry.arrow_size_bytes / max(entry.file_size_bytes, 1),
                 ),
@@ -284,10 +301,10 @@ class Index:
     def archives(self, contract_id: int, tick_type: str, start_us: int, end_us: int) -> list[ArchiveEntry]:
         """Archived hours of a stream whose hour overlaps [start_us, end_us), oldest first."""
         rows = self._connection().execute(
-            "SELECT contract_id, tick_type, hour_start, start_time, end_time, file_path, tick_count, "
+            "SELECT contract_id, tick_type, hour_start_us, start_us, end_us, file_path, tick_count, "
             "file_size_bytes, arrow_size_bytes FROM tick_archives "
-            "WHERE contract_id = ? AND tick_type = ? AND hour_start < ? AND hour_start + 3600000000 > ? "
-            "ORDER BY hour_start",
+            "WHERE contract_id = ? AND tick_type = ? AND hour_start_us < ? AND hour_start_us + 3600000000 > ? "
+            "ORDER BY hour_start_us",
             (contract_id, tick_type, end_us, start_us),
         ).fetchall()
         return [ArchiveEntry(*row) for row in rows]
@@ -295,26 +312,26 @@ class Index:
     def archives_all(self) -> list[ArchiveEntry]:
         """Every archived hour, by stream and hour."""
         rows = self._connection().execute(
-            "SELECT contract_id, tick_type, hour_start, start_time, end_time, file_path, tick_count, "
-            "file_size_bytes, arrow_size_bytes FROM tick_archives ORDER BY contract_id, tick_type, hour_start")
+            "SELECT contract_id, tick_type, hour_start_us, start_us, end_us, file_path, tick_count, "
+            "file_size_bytes, arrow_size_bytes FROM tick_archives ORDER BY contract_id, tick_type, hour_start_us")
         return [ArchiveEntry(*row) for row in rows]
 
     def hour_bars(self, contract_id: int, tick_type: str, start_us: int, end_us: int) -> dict[int, bytes]:
         """The 1-minute partial bars of archived hours starting in [start_us, end_us), by hour."""
         rows = self._connection().execute(
-            "SELECT hour_start, bars FROM hour_bars WHERE contract_id = ? AND tick_type = ? "
-            "AND hour_start >= ? AND hour_start < ?", (contract_id, tick_type, start_us, end_us))
+            "SELECT hour_start_us, bars FROM hour_bars WHERE contract_id = ? AND tick_type = ? "
+            "AND hour_start_us >= ? AND hour_start_us < ?", (contract_id, tick_type, start_us, end_us))
         return dict(rows)
 
-    def put_hour_bars(self, contract_id: int, tick_type: str, hour_start: int, minute_bars: bytes) -> None:
+    def put_hour_bars(self, contract_id: int, tick_type: str, hour_start_us: int, minute_bars: bytes) -> None:
         """Keep the partial bars of an hour archived before they existed (computed on first use)."""
-        self._put_hour_bars(self._writable(), contract_id, tick_type, hour_start, minute_bars)
+        self._put_hour_bars(self._writable(), contract_id, tick_type, hour_start_us, minute_bars)
 
     @staticmethod
-    def _put_hour_bars(conn: sqlite3.Connection, contract_id: int, tick_type: str, hour_start: int,
+    def _put_hour_bars(conn: sqlite3.Connection, contract_id: int, tick_type: str, hour_start_us: int,
                        minute_bars: bytes) -> None:
         conn.execute("INSERT OR REPLACE INTO hour_bars VALUES (?, ?, ?, ?)",
-                     (contract_id, tick_type, hour_start, minute_bars))
+                     (contract_id, tick_type, hour_start_us, minute_bars))
 
     def all_archive_paths(self) -> set[str]:
         return {row[0] for row in self._connection().execute("SELECT file_path FROM tick_archives")}
@@ -322,7 +339,7 @@ class Index:
     def archived_until(self) -> dict[tuple[int, str], int]:
         """Per stream, the end of its newest archived hour (microseconds)."""
         rows = self._connection().execute(
-            "SELECT contract_id, tick_type, MAX(hour_start) + 3600000000 FROM tick_archives "
+            "SELECT contract_id, tick_type, MAX(hour_start_us) + 3600000000 FROM tick_archives "
             "GROUP BY contract_id, tick_type"
         )
         return {(cid, tt): until for cid, tt, until in rows}
@@ -330,14 +347,14 @@ class Index:
     def archived_until_of(self, contract_id: int, tick_type: str) -> int | None:
         """The end of a stream's newest archived hour (microseconds), None if none is archived."""
         row = self._connection().execute(
-            "SELECT MAX(hour_start) + 3600000000 FROM tick_archives WHERE contract_id = ? AND tick_type = ?",
+            "SELECT MAX(hour_start_us) + 3600000000 FROM tick_archives WHERE contract_id = ? AND tick_type = ?",
             (contract_id, tick_type)).fetchone()
         return row[0]
 
     def archive_summary(self) -> dict[tuple[int, str], tuple[int, int, int, int]]:
         """Per stream: (first ts, last ts, ticks, bytes on disk) over the archive."""
         rows = self._connection().execute(
-            "SELECT contract_id, tick_type, MIN(start_time), MAX(end_time), SUM(tick_count), SUM(file_size_bytes) "
+            "SELECT contract_id, tick_type, MIN(start_us), MAX(end_us), SUM(tick_count), SUM(file_size_bytes) "
             "FROM tick_archives GROUP BY contract_id, tick_type"
         )
         return {(cid, tt): (first, last, count, size) for cid, tt, first, last, count, size in rows}
@@ -385,16 +402,16 @@ class Index:
         conn.execute("BEGIN IMMEDIATE")
         try:
             current = conn.execute(
-                "SELECT id, status, reason, start_time FROM coverage "
+                "SELECT id, status, reason, start_us FROM coverage "
                 "WHERE contract_id = ? AND tick_type = ? AND is_open = 1", (contract_id, tick_type)).fetchone()
             if current is not None and (current[1], current[2]) == (status, reason):
                 conn.execute("COMMIT")
                 return
             if current is not None:
                 at_us = max(at_us, current[3])
-                conn.execute("UPDATE coverage SET end_time = ?, is_open = 0 WHERE id = ?", (at_us, current[0]))
+                conn.execute("UPDATE coverage SET end_us = ?, is_open = 0 WHERE id = ?", (at_us, current[0]))
             conn.execute(
-                "INSERT INTO coverage (contract_id, tick_type, status, reason, start_time, end_time, is_open) "
+                "INSERT INTO coverage (contract_id, tick_type, status, reason, start_us, end_us, is_open) "
                 "VALUES (?, ?, ?, ?, ?, ?, 1)",
                 (contract_id, tick_type, status, reason, at_us, at_us if status == "recorded" else None))
             conn.execute("COMMIT")
@@ -405,14 +422,14 @@ class Index:
     def add_coverage(self, rows: list[CoverageInterval]) -> None:
         """Insert closed coverage rows as they are (rebuilding an index from archive files)."""
         self._writable().executemany(
-            "INSERT INTO coverage (contract_id, tick_type, status, reason, start_time, end_time, is_open) "
+            "INSERT INTO coverage (contract_id, tick_type, status, reason, start_us, end_us, is_open) "
             "VALUES (?, ?, ?, ?, ?, ?, 0)",
-            [(r.contract_id, r.tick_type, r.status, r.reason, r.start_time, r.end_time) for r in rows])
+            [(r.contract_id, r.tick_type, r.status, r.reason, r.start_us, r.end_us) for r in rows])
 
     def coverage_confirm(self, streams: list[tuple[int, str]], at_us: int) -> None:
         """Advance the open 'recorded' intervals of ``streams`` to ``at_us`` (all received is acknowledged)."""
         self._writable().executemany(
-            "UPDATE coverage SET end_time = MAX(end_time, ?) "
+            "UPDATE coverage SET end_us = MAX(end_us, ?) "
             "WHERE contract_id = ? AND tick_type = ? AND is_open = 1 AND status = 'recorded'",
             [(at_us, cid, tt) for cid, tt in streams])
 
@@ -420,7 +437,7 @@ class Index:
         """After a stop or crash: end every open 'recorded' interval where it was last confirmed and
         open a gap from there. Returns how many streams this changed."""
         rows = self._connection().execute(
-            "SELECT contract_id, tick_type, end_time FROM coverage WHERE is_open = 1 AND status = 'recorded'"
+            "SELECT contract_id, tick_type, end_us FROM coverage WHERE is_open = 1 AND status = 'recorded'"
         ).fetchall()
         for contract_id, tick_type, confirmed in rows:
             self.coverage_transition(contract_id, tick_type, confirmed, "gap", reason)
@@ -429,11 +446,12 @@ class Index:
     def coverage(self, contract_id: int, tick_type: str, start_us: int, end_us: int) -> list[CoverageInterval]:
         """Coverage rows of a stream that overlap [start_us, end_us), oldest first."""
         rows = self._connection().execute(
-            "SELECT contract_id, tick_type, status, reason, start_time, end_time, is_open FROM coverage "
-            "WHERE contract_id = ? AND tick_type = ? AND start_time < ? AND (end_time IS NULL OR end_time > ? "
-            "OR (is_open = 1 AND status = 'recorded')) ORDER BY start_time, id",
+            "SELECT contract_id, tick_type, status, reason, start_us, end_us, is_open FROM coverage "
+            "WHERE contract_id = ? AND tick_type = ? AND start_us < ? AND (end_us IS NULL OR end_us > ? "
+            "OR (is_open = 1 AND status = 'recorded')) ORDER BY start_us, id",
             (contract_id, tick_type, end_us, start_us)).fetchall()
-        return [CoverageInterval(*row[:6], bool(row[6])) for row in rows]
+        return [CoverageInterval(cid, tick, status, reason, start, end, bool(is_open))
+                for cid, tick, status, reason, start, end, is_open in rows]
 
     # -- damage ------------------------------------------------------------------------------
 
@@ -446,21 +464,21 @@ class Index:
                end_us: int = 2**63 - 1) -> list[Damage]:
         """Damaged spans (of one stream, or all) that overlap [start_us, end_us], oldest first."""
         names = ", ".join(Damage.__dataclass_fields__)
-        sql = f"SELECT {names} FROM damage WHERE start_time <= ? AND end_time >= ?"
+        sql = f"SELECT {names} FROM damage WHERE start_us <= ? AND end_us >= ?"
         args: tuple = (end_us, start_us)
         if contract_id is not None:
             sql += " AND contract_id = ? AND tick_type = ?"
             args += (contract_id, tick_type)
-        return [Damage(*row) for row in self._connection().execute(sql + " ORDER BY start_time, id", args)]
+        return [Damage(*row) for row in self._connection().execute(sql + " ORDER BY start_us, id", args)]
 
-    def remove_archive(self, contract_id: int, tick_type: str, hour_start: int) -> None:
+    def remove_archive(self, contract_id: int, tick_type: str, hour_start_us: int) -> None:
         """Take an archived hour out of service (its file was quarantined): its row and its bars."""
         conn = self._writable()
         conn.execute("BEGIN IMMEDIATE")
         try:
             for table in ("tick_archives", "hour_bars"):
-                conn.execute(f"DELETE FROM {table} WHERE contract_id = ? AND tick_type = ? AND hour_start = ?",
-                             (contract_id, tick_type, hour_start))
+                conn.execute(f"DELETE FROM {table} WHERE contract_id = ? AND tick_type = ? AND hour_start_us = ?",
+                             (contract_id, tick_type, hour_start_us))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -201,18 +201,19 @@ class LiveBars:
             closed, with_forming = [], live and (ticks.num_rows > 0 or seam)  # not again on heartbeats
             if ticks.num_rows:
                 merged = partial_bars(pa.Table.from_batches([ticks]), tick_type, self.step)
-                if self._closed_by_time and merged.get_column("ts")[0] != self._forming.get_column("ts")[0]:
+                if (self._closed_by_time and self._forming is not None
+                        and merged.get_column("ts")[0] != self._forming.get_column("ts")[0]):
                     self._forming = None  # already sent as closed, and these ticks belong to later bars
                 if self._forming is not None:
                     merged = rollup(pl.concat([self._forming, merged], how="vertical_relaxed"), tick_type, self.step)
                 closed, self._forming, self._closed_by_time = [merged.head(merged.height - 1)], merged.tail(1), False
-            elif self._forming is not None and not self._closed_by_time and self._time_closed():
+            elif self._forming is not None and not self._closed_by_time and self._time_closed(self._forming):
                 # announced closed, but kept: a late tick of this bar re-opens it (the row replaces this one)
                 closed, with_forming, self._closed_by_time = [self._forming], False, True
             yield self._rows(closed, with_forming=with_forming), cursor, live
 
-    def _time_closed(self) -> bool:
-        start = self._forming.get_column("ts").cast(pl.Int64)[0]
+    def _time_closed(self, forming: pl.DataFrame) -> bool:
+        start = forming.get_column("ts").cast(pl.Int64)[0]
         return now_us() > start + self.step + self.CLOSE_GRACE_US
 
     def _rows(self, closed: list[pl.DataFrame], with_forming: bool) -> pa.RecordBatch:

@@ -141,9 +141,9 @@ def _carry_over(old: Index, new: Index) -> None:
     for details in old.contracts():
         new.upsert_contract(details)
     rows = old._connection().execute(
-        "SELECT contract_id, tick_type, status, reason, start_time, end_time, is_open FROM coverage ORDER BY id")
+        "SELECT contract_id, tick_type, status, reason, start_us, end_us, is_open FROM coverage ORDER BY id")
     new._connection().executemany(
-        "INSERT INTO coverage (contract_id, tick_type, status, reason, start_time, end_time, is_open) "
+        "INSERT INTO coverage (contract_id, tick_type, status, reason, start_us, end_us, is_open) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)", rows.fetchall())
     for damage in old.damage():
         new.record_damage(damage)
@@ -153,7 +153,7 @@ def _report_missing(old: Index, new: Index, report: Report) -> None:
     """Hours the old index published whose file is gone: reported as damage, not silently dropped."""
     known = new.all_archive_paths()
     rows = old._connection().execute(
-        "SELECT contract_id, tick_type, hour_start, start_time, end_time, file_path FROM tick_archives")
+        "SELECT contract_id, tick_type, hour_start_us, start_us, end_us, file_path FROM tick_archives")
     for contract_id, tick_type, hour, start, end, file_path in rows:
         if file_path not in known:
             damage = Damage(contract_id, tick_type, start, end, f"archive/{file_path}", "",

@@ -143,7 +143,7 @@ class Plan:
         path = self.archive_root / entry.file_path
         try:
             parquet = open_archive_file(path)
-            whole = entry.start_time >= self.start_us and entry.end_time < self.end_us
+            whole = entry.start_us >= self.start_us and entry.end_us < self.end_us
             groups = list(range(parquet.num_row_groups)) if whole else self._overlapping_groups(parquet)
             tables = (parquet.read_row_group(group, use_threads=True) for group in groups)
             for table in tables:
@@ -153,7 +153,7 @@ class Plan:
                 yield from table.to_batches(max_chunksize=self.batch_rows)
         except (OSError, pa.ArrowException) as exc:
             raise DamagedDataError(
-                f"the archive file of {self.key} hour {iso(entry.hour_start)} ({entry.file_path}) cannot be read: "
+                f"the archive file of {self.key} hour {iso(entry.hour_start_us)} ({entry.file_path}) cannot be read: "
                 f"{exc}. Run `ibstream verify` on the recording host: it quarantines the file and reports the "
                 "span in coverage (restore it from a backup, then `ibstream reindex`)") from None
 
@@ -194,7 +194,7 @@ class Planner:
         schema = schema_for(key.tick_type)
         sources, tail, open_path = self._buffer_snapshot(key, start_us, end_us, subscription)
         archives = self.index.archives(key.contract_id, key.tick_type.value, start_us, end_us)
-        archived_hours = {e.hour_start for e in archives}
+        archived_hours = {e.hour_start_us for e in archives}
         if open_path is not None and hour_floor(segment_start_us(open_path)) in archived_hours:
             tail = []  # its hour was sealed and published after the snapshot: the archive has these ticks
         segments = []

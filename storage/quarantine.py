@@ -26,18 +26,18 @@ FOLDER = "quarantine"
 class Damage:
     """A span of a stream that damage destroyed (or may have): reported in coverage as ``damaged``.
 
-    ``start_time``/``end_time`` bound the lost ticks (microseconds UTC, inclusive): the last
+    ``start_us``/``end_us`` bound the lost ticks (microseconds UTC, inclusive): the last
     readable tick before the damage and the first after it, or the file's bucket or hour edge.
     """
 
     contract_id: int
     tick_type: str
-    start_time: int
-    end_time: int
+    start_us: int
+    end_us: int
     file: str  # relative to the data root
     quarantined: str  # relative to the data root ('' when nothing was moved)
     reason: str
-    detected_at: int
+    detected_at_us: int
     damaged_bytes: int = 0
 
 
@@ -72,6 +72,6 @@ def quarantine_file(data_root: Path, path: Path, note: dict, *, keep: bool = Fal
 
 def damage_note(damage: Damage) -> dict:
     note = asdict(damage)
-    note["start"] = iso(damage.start_time)
-    note["end"] = iso(damage.end_time)
+    note["start"] = iso(damage.start_us)
+    note["end"] = iso(damage.end_us)
     return note

@@ -108,7 +108,7 @@ def foreign_files(directory: Path) -> list[Path]:
 
 
 def list_streams(buffer_root: Path) -> list[StreamKey]:
-    keys = []
+    keys: list[StreamKey] = []
     if not buffer_root.is_dir():
         return keys
     for contract in buffer_root.iterdir():

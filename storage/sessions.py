@@ -421,6 +421,7 @@ class ContractSessions:
 
     def _from_calendar(self, day: date) -> _Hours:
         """Hours of ``day`` from the template and the calendar (module docstring)."""
+        assert self._calendar is not None  # _compute asks only for a contract with a calendar
         if day not in self._calendar.sessions:
             return _Hours(None, None, "calendar")
         if self._matched is None:
@@ -435,7 +436,7 @@ class ContractSessions:
 
     def _matching_session(self, calendar: _Calendar) -> str | None:
         """The IB session ("trading" or "liquid") nearest to the calendar's normal hours."""
-        if not self._patterns:
+        if not self._patterns or self._window is None:
             return None
         near = calendar.normal_day(self._window[0])
         cal = _Pattern.of(near, *(from_us(us).astimezone(self.zone) for us in calendar.sessions[near]))

@@ -226,10 +226,10 @@ class Store:
         rows = self.index.coverage(contract_id, tick_type, start_us, end_us)
         rows += [CoverageInterval(d.contract_id, d.tick_type, "damaged",
                                   f"{d.reason}; in {d.file}" + (f", kept in {d.quarantined}" if d.quarantined else ""),
-                                  d.start_time, d.end_time, False)
+                                  d.start_us, d.end_us, False)
                  for d in self.index.damage(contract_id, tick_type, start_us, end_us - 1)]
-        rows.sort(key=lambda r: r.start_time)
-        return records_table(rows, COVERAGE_SCHEMA, {"start": "start_time", "end": "end_time", "open": "is_open"})
+        rows.sort(key=lambda r: r.start_us)
+        return records_table(rows, COVERAGE_SCHEMA, {"start": "start_us", "end": "end_us", "open": "is_open"})
 
     def close(self) -> None:
         if self._scheduler is not None:

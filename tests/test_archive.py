@@ -50,7 +50,7 @@ def test_archive_files_are_sorted_by_ts_and_indexed(store, archived):
         table = pq.read_table(store.settings.archive_root / entry.file_path)
         ts = table.column("ts").cast("int64").to_pylist()
         assert ts == sorted(ts)
-        assert (ts[0], ts[-1], len(ts)) == (entry.start_time, entry.end_time, entry.tick_count)
+        assert (ts[0], ts[-1], len(ts)) == (entry.start_us, entry.end_us, entry.tick_count)
         assert entry.file_size_bytes == (store.settings.archive_root / entry.file_path).stat().st_size
 
 

@@ -132,7 +132,7 @@ def test_a_stale_index_adopts_the_hours_archived_after_it(settings):
     assert all(segment_start_us(p) >= to_us(utc(2025, 1, 10, 17)) for p in segments(settings)), \
         "the adopted hours' segments were removed when they were archived; nothing is served twice"
     with Store(settings, read_only=True) as store:
-        assert [e.hour_start for e in store.index.archives(CID, "bid_ask", 0, 2**62)] == [
+        assert [e.hour_start_us for e in store.index.archives(CID, "bid_ask", 0, 2**62)] == [
             to_us(utc(2025, 1, 10, h)) for h in (13, 14, 15, 16)]
 
 

@@ -143,7 +143,7 @@ def test_window_and_current_session_end_now(tmp_path, settings):
         try:
             window = served.client.ticks(MNQ.contract_id, "last", window="24h")
             assert window.to_arrow().equals(pl.from_arrow(late).to_arrow())
-            current = served.client.session(MNQ.contract_id, "current", kind="extended", tick_types="last")
+            current = served.client.session_ticks(MNQ.contract_id, "current", kind="extended", tick_types="last")
             session = ContractSessions.from_details(store.index.contract(MNQ.contract_id)).current(
                 "extended", to_us(now))
             everything = pa.concat_tables([early, late])
@@ -161,7 +161,7 @@ def test_actions_statistics_sessions_coverage(week):
     assert statistics.get_column("total_ticks").to_list() == [s.total_ticks for s in expected]
     assert statistics.get_column("vwap").to_list() == [s.vwap for s in expected]
 
-    monday = served.client.sessions(MNQ.contract_id, date(2026, 11, 30))
+    monday = served.client.session_times(MNQ.contract_id, date(2026, 11, 30))
     assert monday.get_column("kind").to_list() == ["regular", "extended", "pre_market", "after_hours", "full_day"]
     extended = monday.row(1, named=True)
     assert (extended["open"], extended["close"]) == (utc(2026, 11, 29, 23), utc(2026, 11, 30, 22))
@@ -239,11 +239,11 @@ def test_a_session_of_a_contract_without_details_is_refused(tmp_path, settings):
         try:
             with pytest.raises(InvalidRequestError, match="contract 711280073 has no trading hours: sessions and 1d "
                                                           "bars need the contract details"):
-                served.client.session(MNQ.contract_id, "current", kind="regular", tick_types="last")
+                served.client.session_ticks(MNQ.contract_id, "current", kind="regular", tick_types="last")
             with pytest.raises(InvalidRequestError, match="has no trading hours"):
                 served.client.bars(MNQ.contract_id, "last", "1d", utc(2026, 11, 30), utc(2026, 12, 1))
             with pytest.raises(InvalidRequestError, match="has no trading hours"):
-                served.client.sessions(MNQ.contract_id)
+                served.client.session_times(MNQ.contract_id)
         finally:
             served.close()
 

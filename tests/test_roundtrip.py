@@ -32,7 +32,7 @@ def three_hours(store: Store) -> pa.Table:
     table = ticks(utc(2025, 1, 10, 13, 40), 40_000, rate_scale=0.25)
     append_in_batches(store, table)
     published = store.archive(now=utc(2025, 1, 10, 15, 30))
-    assert [e.hour_start for e in published] == [
+    assert [e.hour_start_us for e in published] == [
         int(utc(2025, 1, 10, h).timestamp()) * 1_000_000 for h in (13, 14)
     ]
     return table
