@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import Served, append_in_batches, market
 
 from ibstream.settings import Settings
 from ibstream.simulator.market import SIM_AAPL, SIM_MNQ
 from ibstream.storage import Store
 from ibstream.storage.synthetic import AAPL, MNQ
+from tests.helpers import Served, append_in_batches, market
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

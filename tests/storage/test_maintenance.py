@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from conftest import append_in_batches, between, ticks, utc
 
 from ibstream.settings import Settings
 from ibstream.storage import Store
 from ibstream.storage.failpoints import ENV, EXIT_CODE
 from ibstream.storage.maintenance import backup
 from ibstream.storage.synthetic import MNQ
+from tests.helpers import append_in_batches, between, ticks, utc
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CID = MNQ.contract_id
 EVERYTHING = (utc(2000, 1, 1), utc(2100, 1, 1))
 START = utc(2025, 1, 10, 13, 30)

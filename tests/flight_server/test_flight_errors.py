@@ -7,10 +7,10 @@ import json
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
-from conftest import Served, ticks, utc
 
 from ibstream.storage import Store
 from ibstream.storage.synthetic import MNQ
+from tests.helpers import Served, ticks, utc
 
 CID = MNQ.contract_id
 GOOD = {"version": 1, "contract_id": CID, "tick_types": ["bid_ask"], "start": "2025-01-10T00:00:00Z",

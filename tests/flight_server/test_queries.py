@@ -9,14 +9,14 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.flight as flight
 import pytest
-from conftest import Served, append_in_batches, between, market, utc
-from test_bars import assert_bars_equal
 
 from ibstream.core.errors import InvalidRequestError, NotFoundError, RequestTooLargeError
 from ibstream.core.times import from_us, to_us
 from ibstream.simulator.market import SIM_AAPL, SIM_MNQ
 from ibstream.storage.sessions import ContractSessions
 from ibstream.storage.synthetic import AAPL, MNQ
+from tests.bar_reference import assert_bars_equal
+from tests.helpers import Served, append_in_batches, between, market, utc
 
 FETCHED = date(2026, 11, 23)  # the Monday of Thanksgiving week 2026, when the recorder resolved the contracts
 HISTORY = (utc(2026, 11, 24, 12), utc(2026, 12, 1, 12))

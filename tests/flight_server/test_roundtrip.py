@@ -9,10 +9,10 @@ from zoneinfo import ZoneInfo
 import polars as pl
 import pyarrow as pa
 import pytest
-from conftest import Served, append_in_batches, between, ticks, utc
 
 from ibstream.storage import Store
 from ibstream.storage.synthetic import MNQ
+from tests.helpers import Served, append_in_batches, between, ticks, utc
 
 CID = MNQ.contract_id
 

@@ -9,7 +9,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pyarrow as pa
-from conftest import between
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -18,6 +17,7 @@ from ibstream.core.times import US_PER_HOUR, from_us, hour_floor
 from ibstream.settings import Settings
 from ibstream.storage import Store
 from ibstream.storage.synthetic import MNQ, synthetic_ticks
+from tests.helpers import between
 
 CID = MNQ.contract_id
 T0 = 1_736_517_600_000_000  # 2025-01-10 14:00 UTC

@@ -8,7 +8,6 @@ import time
 from datetime import timedelta
 
 import pyarrow as pa
-from conftest import between, ticks, utc
 
 from ibstream.core.times import from_us, hour_floor
 from ibstream.settings import Settings
@@ -16,6 +15,7 @@ from ibstream.storage import Store
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import StreamKey
 from ibstream.storage.synthetic import MNQ
+from tests.helpers import between, ticks, utc
 
 CID = MNQ.contract_id
 

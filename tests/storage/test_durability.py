@@ -18,7 +18,6 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 import pytest
-from conftest import append_in_batches, between, ticks, utc
 
 from ibstream.core.errors import CorruptFileError, DamagedDataError, SealedHourError, StorageUnavailableError
 from ibstream.core.times import to_us
@@ -30,6 +29,7 @@ from ibstream.storage.maintenance import reindex, verify
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import StreamKey, header_bytes, list_segments, scan_segment, segment_start_us, stream_dir
 from ibstream.storage.synthetic import MNQ
+from tests.helpers import append_in_batches, between, ticks, utc
 
 CID = MNQ.contract_id
 KEY = StreamKey(CID, TickType.BID_ASK)

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
-from test_recorder_ib import wait_until
 
 from ibstream.settings import Settings
 from ibstream.simulator.gateway import GatewaySimulator
 from ibstream.simulator.market import SIM_MNQ
 from ibstream.storage import Store
+from tests.helpers import wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CID = SIM_MNQ.con_id
 TICK_TYPES = ("bid_ask", "last")
 

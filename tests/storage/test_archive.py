@@ -6,9 +6,9 @@ import duckdb
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
-from conftest import append_in_batches, ticks, utc
 
 from ibstream.storage.synthetic import MNQ
+from tests.helpers import append_in_batches, ticks, utc
 
 CID = MNQ.contract_id
 

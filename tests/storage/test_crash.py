@@ -11,7 +11,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from conftest import ticks, utc
 
 from ibstream.settings import Settings
 from ibstream.storage import Store
@@ -19,9 +18,10 @@ from ibstream.storage.failpoints import ENV, EXIT_CODE
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import StreamKey, list_segments, stream_dir
 from ibstream.storage.synthetic import MNQ
+from tests.helpers import ticks, utc
 
 CID = MNQ.contract_id
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EVERYTHING = (utc(2000, 1, 1), utc(2100, 1, 1))
 
 WRITER = textwrap.dedent(
@@ -29,8 +29,8 @@ WRITER = textwrap.dedent(
     import sys
     from datetime import timedelta
     from pathlib import Path
-    sys.path.insert(0, {tests!r})
-    from conftest import ticks, utc
+    sys.path.insert(0, {root_dir!r})  # for tests.helpers
+    from tests.helpers import ticks, utc
     from ibstream.settings import Settings
     from ibstream.storage import Store
 
@@ -46,7 +46,7 @@ WRITER = textwrap.dedent(
 
 
 def run_writer(root: Path, *, fsync: str, count: int, batch: int) -> subprocess.Popen:
-    code = WRITER.format(tests=str(ROOT / "tests"), root=str(root), fsync=fsync, count=count, batch=batch, cid=CID)
+    code = WRITER.format(root_dir=str(ROOT), root=str(root), fsync=fsync, count=count, batch=batch, cid=CID)
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
 
 
@@ -113,8 +113,8 @@ ARCHIVER = textwrap.dedent(
     import sys
     from datetime import timedelta
     from pathlib import Path
-    sys.path.insert(0, {tests!r})
-    from conftest import append_in_batches, ticks, utc
+    sys.path.insert(0, {root_dir!r})  # for tests.helpers
+    from tests.helpers import append_in_batches, ticks, utc
     from ibstream.settings import Settings
     from ibstream.storage import Store
 
@@ -129,7 +129,7 @@ ARCHIVER = textwrap.dedent(
 @pytest.mark.parametrize("point", ["archive.after_write_tmp", "archive.after_rename", "archive.after_publish"])
 def test_kill_during_archival_counts_every_tick_once(tmp_path, point):
     root = tmp_path / "data"
-    code = ARCHIVER.format(tests=str(ROOT / "tests"), root=str(root))
+    code = ARCHIVER.format(root_dir=str(ROOT), root=str(root))
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, ENV: point})
     assert result.returncode == EXIT_CODE
     expected = ticks(utc(2025, 1, 10, 13, 30), 20_000, rate_scale=0.5)

@@ -8,18 +8,19 @@ from datetime import timedelta
 
 import polars as pl
 import pyarrow as pa
-from test_recorder_ib import EVERYTHING, Recording, gateway, ib_settings, wait_until  # noqa: F401,F811 (a fixture)
 
 from ibstream.simulator.market import SIM_MNQ
 from ibstream.storage import Store
 from ibstream.storage.failpoints import io_faults
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import StreamKey, list_segments, scan_segment, stream_dir
+from tests.helpers import EVERYTHING, wait_until
+from tests.recorder.harness import Recording, ib_settings
 
 CID = SIM_MNQ.con_id
 
 
-def test_refused_writes_then_lost_index_and_damage_between_runs(tmp_path, gateway):  # noqa: F811
+def test_refused_writes_then_lost_index_and_damage_between_runs(tmp_path, gateway):
     settings = ib_settings(tmp_path, gateway, rotation_interval=timedelta(seconds=1),
                            contracts=ib_settings(tmp_path, gateway).contracts[:1])
     first = Recording(settings, gateway)

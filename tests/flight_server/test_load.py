@@ -8,11 +8,11 @@ import time
 from datetime import timedelta
 
 import pyarrow as pa
-from conftest import Served, between, ticks, utc
 
 from ibstream.settings import Settings
 from ibstream.storage import Store
 from ibstream.storage.synthetic import MNQ
+from tests.helpers import Served, between, ticks, utc
 
 T0 = utc(2025, 1, 10, 12)
 

@@ -1,0 +1,73 @@
+"""Shared test helpers: times, reference filters, synthetic ticks, a Flight server on loopback, waiting."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ibstream.clients import Client
+from ibstream.core.times import to_us
+from ibstream.flight_server import FlightServer
+from ibstream.storage import Store
+from ibstream.storage.synthetic import MNQ, SyntheticContract, synthetic_ticks
+
+
+def utc(*args) -> datetime:
+    return datetime(*args, tzinfo=UTC)
+
+
+def between(table: pa.Table, start: datetime, end: datetime) -> pa.Table:
+    """Reference filter: rows with start <= ts < end."""
+    ts = table.column("ts")
+    return table.filter(pc.and_(pc.greater_equal(ts, pa.scalar(start, ts.type)), pc.less(ts, pa.scalar(end, ts.type))))
+
+
+def ticks(start: datetime, count: int, tick_type: str = "bid_ask", *, seed: int = 0, rate_scale: float = 1.0) -> pa.Table:
+    return synthetic_ticks(MNQ, tick_type, to_us(start), count, seed=seed, rate_scale=rate_scale)
+
+
+def market(contract: SyntheticContract, tick_type: str, start: datetime, end: datetime, per_second: float,
+           *, seed: int = 0) -> pa.Table:
+    """Synthetic ticks of ``contract`` at about ``per_second`` over [start, end)."""
+    base = contract.quotes_per_second if tick_type in ("bid_ask", "mid_point") else contract.trades_per_second
+    count = int((end - start).total_seconds() * per_second * 1.5) + 10
+    table = synthetic_ticks(contract, tick_type, to_us(start), count, seed=seed, rate_scale=per_second / base)
+    return between(table, start, end)
+
+
+def append_in_batches(store: Store, table: pa.Table, batch: int = 997, contract_id: int = MNQ.contract_id) -> None:
+    tick_type = table.schema.metadata[b"ibstream.tick_type"].decode()
+    for offset in range(0, table.num_rows, batch):
+        store.append(contract_id, tick_type, table.slice(offset, batch))
+
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+EVERYTHING = (datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC))
+
+
+class Served:
+    """A Flight server over a store, on a free loopback port, with a client."""
+
+    def __init__(self, store: Store, port: int = 0):
+        self.server = FlightServer(store, f"grpc://127.0.0.1:{port}")
+        self.thread = threading.Thread(target=self.server.serve, daemon=True)
+        self.thread.start()
+        self.location = f"grpc://127.0.0.1:{self.server.port}"
+        self.client = Client(self.location)
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.shutdown()
+        self.thread.join()
+
+
+def wait_until(condition, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
