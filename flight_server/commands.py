@@ -7,26 +7,42 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
-from typing import Annotated, Literal, Self
+from typing import Annotated, Literal, Self, TypeVar
 
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
+    StrictInt,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from ibstream.core.cursors import Cursor
-from ibstream.core.errors import InvalidRequestError
+from ibstream.core.cursors import MAX_CURSOR_N, Cursor
+from ibstream.core.errors import InvalidRequestError, shown
 from ibstream.core.resolutions import DAILY, TICK, normalize_kind, parse_resolution, parse_window
 from ibstream.core.ticks import TickType
-from ibstream.core.times import iso, to_us
+from ibstream.core.times import FOREVER_US, MAX_CONTRACT_ID, MAX_US, MIN_US, in_range_us, iso, to_us
 
 COMMAND_VERSION = 1
+MAX_JSON_BYTES = 64 * 1024  # a command, ticket or action body larger than this is refused unread
+MAX_CONTRACTS = 1_000  # contract_ids of one command
+ContractId = Annotated[StrictInt, Field(gt=0, le=MAX_CONTRACT_ID)]
+
+
+def _version(value: object) -> object:
+    if type(value) is not int or value != COMMAND_VERSION:
+        raise ValueError(f"version was {shown(value)}; this server speaks version {COMMAND_VERSION} (the integer)")
+    return value
+
+
+Version = Annotated[Literal[1], BeforeValidator(_version)]
+_Model = TypeVar("_Model", bound=BaseModel)
 
 
 def _format(exc: ValidationError, what: str) -> str:
@@ -34,12 +50,12 @@ def _format(exc: ValidationError, what: str) -> str:
     for error in exc.errors():
         where = ".".join(str(part) for part in error["loc"]) or what
         if error["type"] == "extra_forbidden":
-            problems.append(f"unknown field {where!r}")
+            problems.append(f"unknown field {shown(where)}")
         elif error["type"] == "missing":
-            problems.append(f"missing field {where!r}")
+            problems.append(f"missing field {shown(where)}")
         elif error["loc"]:
             message = error["msg"].removeprefix("Value error, ")
-            received = repr(error.get("input"))
+            received = shown(error.get("input"))
             problems.append(f"{where}: {message}" + ("" if f"was {received}" in message else f" (got {received})"))
         else:
             problems.append(error["msg"].removeprefix("Value error, "))
@@ -58,12 +74,13 @@ def _session_date(value: str) -> str:
         except ValueError:
             raise ValueError("use a trading date YYYY-MM-DD, 'current' or 'previous'") from None
         if not date(1970, 1, 1) <= day < date(2200, 1, 1):
-            raise ValueError(f"session_date was {value!r}; use a date from 1970-01-01 to 2199-12-31")
+            raise ValueError(f"session_date was {shown(value)}; use a date from 1970-01-01 to 2199-12-31")
     return value
 
 
 def _aware(value: datetime, info: ValidationInfo) -> datetime:
-    to_us(value, name=info.field_name or "time")  # refuses naive times, saying how to give an offset
+    name = info.field_name or "time"
+    in_range_us(to_us(value, name=name), name=name)  # refuses naive times, saying how to give an offset
     return value
 
 
@@ -92,18 +109,18 @@ class QueryCommand(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     version: Literal[1] = 1
-    contract_id: int | None = Field(None, gt=0)
-    contract_ids: list[Annotated[int, Field(gt=0)]] | None = Field(None, min_length=1)
-    tick_types: list[TickType] = Field(min_length=1)
+    contract_id: ContractId | None = None
+    contract_ids: list[ContractId] | None = Field(None, min_length=1, max_length=MAX_CONTRACTS)
+    tick_types: list[TickType] = Field(min_length=1, max_length=len(TickType))
     start: AwareTime | None = None
     end: AwareTime | None = None
     window: Window | None = None
     session: SessionKind | None = None
     session_date: SessionDate | None = None
     resolution: Resolution = TICK
-    fill: bool = False
+    fill: StrictBool = False
     daily_session: SessionKind | None = None
-    live: bool = False
+    live: StrictBool = False
     cursor: CursorText | None = None
 
     @field_validator("tick_types", mode="before")
@@ -114,13 +131,12 @@ class QueryCommand(BaseModel):
             for item in values:
                 if isinstance(item, str):
                     TickType.parse(item)  # the message lists the legal values
-            _distinct("tick_types", values)
         return values
 
-    @field_validator("contract_ids")
+    @field_validator("tick_types", "contract_ids")
     @classmethod
-    def _contract_ids(cls, value):
-        return value if value is None else _distinct("contract_ids", value)
+    def _distinct_items(cls, value, info: ValidationInfo):
+        return value if value is None else _distinct(info.field_name or "list", value)
 
     @model_validator(mode="after")
     def _consistent(self) -> "QueryCommand":
@@ -158,14 +174,11 @@ class QueryCommand(BaseModel):
     @classmethod
     def parse(cls, raw: bytes) -> "QueryCommand":
         payload = _json_object(raw, "command", EXAMPLE_COMMAND)
-        if payload.get("version", COMMAND_VERSION) != COMMAND_VERSION:
+        version = payload.get("version", COMMAND_VERSION)
+        if type(version) is not int or version != COMMAND_VERSION:
             raise InvalidRequestError(
-                f"command version was {payload.get('version')!r}; this server speaks version {COMMAND_VERSION}"
-            )
-        try:
-            return cls.model_validate(payload)
-        except ValidationError as exc:
-            raise InvalidRequestError(f"invalid command: {_format(exc, 'command')}") from None
+                f"command version was {shown(version)}; this server speaks version {COMMAND_VERSION} (the integer)")
+        return _validated(cls, payload, "invalid command", "command")
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
@@ -189,18 +202,33 @@ def _check_bar_options(resolution: str, fill: bool, daily_session: str | None) -
 
 def _distinct(name: str, values: list) -> list:
     if len(set(values)) != len(values):
-        raise ValueError(f"{name} lists a value twice: {values}")
+        raise ValueError(f"{name} lists a value twice: {shown([str(v) for v in values])}")
     return values
 
 
 def _json_object(raw: bytes, what: str, example: str) -> dict:
+    if len(raw) > MAX_JSON_BYTES:
+        raise InvalidRequestError(f"{what} is {len(raw):,} bytes, over the limit of {MAX_JSON_BYTES:,}; "
+                                  f"expected an object such as {example}")
     try:
         payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequestError(f"{what} is not valid JSON ({exc}); expected an object such as {example}") from None
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, nested too deep, a number too long
+        reason = "nested too deep" if isinstance(exc, RecursionError) else shown(str(exc), 120)
+        raise InvalidRequestError(f"{what} is not valid JSON ({reason}); expected an object such as {example}") from None
     if not isinstance(payload, dict):
         raise InvalidRequestError(f"{what} must be a JSON object; got {type(payload).__name__}")
     return payload
+
+
+def _validated(model: type[_Model], payload: dict | bytes, prefix: str, what: str, hint: str = "") -> _Model:
+    """``payload`` (a parsed object, or JSON bytes) as ``model``; every failure an InvalidRequestError
+    naming the fields (values cut to a few dozen characters)."""
+    try:
+        return model.model_validate_json(payload) if isinstance(payload, bytes) else model.model_validate(payload)
+    except ValidationError as exc:
+        raise InvalidRequestError(f"{prefix}: {_format(exc, what)}{hint}") from None
+    except (ValueError, TypeError, RecursionError, OverflowError) as exc:  # raised past pydantic by a validator
+        raise InvalidRequestError(f"{prefix}: {shown(str(exc), 200)}{hint}") from None
 
 
 EXAMPLE_COMMAND = ('{"version": 1, "contract_id": 711280073, "tick_types": ["bid_ask"], '
@@ -208,36 +236,39 @@ EXAMPLE_COMMAND = ('{"version": 1, "contract_id": 711280073, "tick_types": ["bid
 
 
 class Ticket(BaseModel):
-    """One endpoint's stream: a single tick type over a pinned range (microseconds, UTC)."""
+    """One endpoint's stream: a single tick type over a pinned range (microseconds, UTC).
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    Its fields are bounded like a command's (a forged ticket is refused, and ``do_get`` applies the
+    server's limits to it again): contract ids up to 2^31 - 1, times from 1970 to 2200 (a live
+    stream's end may be :data:`~ibstream.core.times.FOREVER_US`)."""
 
-    version: Literal[1] = 1
-    contract_id: int = Field(gt=0)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    version: Version = 1
+    contract_id: ContractId
     tick_type: TickType
-    start_us: int
-    end_us: int
+    start_us: int = Field(ge=MIN_US, le=MAX_US)
+    end_us: int = Field(ge=MIN_US, le=FOREVER_US)
     resolution: Resolution = TICK
     fill: bool = False
     daily_session: SessionKind | None = None
     live: bool = False
-    skip: int = Field(0, ge=0)  # ticks at start_us already delivered (a resumed cursor's n)
+    skip: int = Field(0, ge=0, le=MAX_CURSOR_N)  # ticks at start_us already delivered (a resumed cursor's n)
 
     @model_validator(mode="after")
     def _ordered(self) -> "Ticket":
         if self.end_us <= self.start_us:
-            raise ValueError(f"ticket range is empty: [{iso(self.start_us)}, {iso(self.end_us)})")
+            raise ValueError(f"ticket range is empty: [{iso(self.start_us)}, {iso(min(self.end_us, MAX_US))})")
+        if self.end_us > MAX_US and not (self.live and self.end_us == FOREVER_US):
+            raise ValueError(f"end_us was {self.end_us}; past 2200-01-01 only a live ticket's open end is allowed")
         _check_bar_options(self.resolution, self.fill, self.daily_session)
         return self
 
     @classmethod
     def parse(cls, raw: bytes) -> "Ticket":
-        try:
-            return cls.model_validate_json(raw)
-        except ValidationError as exc:
-            raise InvalidRequestError(
-                f"invalid ticket: {_format(exc, 'ticket')}; use a ticket from get_flight_info"
-            ) from None
+        if len(raw) > MAX_JSON_BYTES:
+            raise InvalidRequestError(f"invalid ticket: {len(raw):,} bytes; use a ticket from get_flight_info")
+        return _validated(cls, raw, "invalid ticket", "ticket", "; use a ticket from get_flight_info")
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
@@ -276,18 +307,15 @@ class ActionBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    contract_id: int = Field(gt=0)
+    contract_id: ContractId
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
 
     @classmethod
     def parse(cls, raw: bytes, action: str) -> Self:
-        payload = _json_object(raw or b"{}", f"the body of action {action!r}", '{"contract_id": 711280073}')
-        try:
-            return cls.model_validate(payload)
-        except ValidationError as exc:
-            raise InvalidRequestError(f"invalid body for action {action!r}: {_format(exc, 'body')}") from None
+        payload = _json_object(raw or b"{}", f"the body of action {shown(action)}", '{"contract_id": 711280073}')
+        return _validated(cls, payload, f"invalid body for action {shown(action)}", "body")
 
 
 class StatisticsBody(ActionBody):

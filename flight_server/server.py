@@ -39,9 +39,10 @@ from ibstream.core.errors import (
     ServerBusyError,
     ServerUnavailableError,
     SubscriberTooSlowError,
+    shown,
     tagged,
 )
-from ibstream.core.times import duration_us, from_us, iso, now_us, to_us
+from ibstream.core.times import FOREVER_US, duration_us, from_us, iso, now_us, to_us
 from ibstream.flight_server.commands import (
     CoverageBody,
     QueryCommand,
@@ -60,7 +61,8 @@ from ibstream.storage.bars import (
     parse_window,
     partial_step_us,
 )
-from ibstream.storage.live import FOREVER_US, Cursor, LiveBars, LiveFeed, live_bar_schema
+from ibstream.storage.live import Cursor, LiveBars, LiveFeed, live_bar_schema
+from ibstream.storage.planner import Plan
 from ibstream.storage.schemas import SESSIONS_SCHEMA, STATISTICS_SCHEMA, records_table, schema_for
 from ibstream.storage.segments import StreamKey, ipc_bytes
 from ibstream.storage.sessions import ContractSessions, Session
@@ -137,13 +139,7 @@ class FlightServer(flight.FlightServerBase):
         if not _reads_raw_ticks(query.resolution):  # bars from 1m up: pre-aggregates, no tick estimate
             return flight.FlightInfo(_info_schema(query), descriptor, _endpoints(tickets), -1, -1)
         plans = [self.store.plan(t.contract_id, t.tick_type, t.start_us, t.end_us) for t in tickets]
-        rows = sum(p.estimated_rows() for p in plans)
-        if rows > self.settings.max_query_rows:
-            raise RequestTooLargeError(
-                f"request too large: about {rows:,} ticks, over the limit of {self.settings.max_query_rows:,} "
-                "(IBSTREAM_MAX_QUERY_ROWS); split the range" + ("" if query.resolution == TICK else
-                                                                " or use a resolution of 1m or more")
-            )
+        rows = self._check_rows(plans, query.resolution)
         if query.resolution != TICK:
             return flight.FlightInfo(_info_schema(query), descriptor, _endpoints(tickets), -1, -1)
         return flight.FlightInfo(
@@ -157,6 +153,7 @@ class FlightServer(flight.FlightServerBase):
     @_flight_errors
     def do_get(self, context, ticket: flight.Ticket) -> flight.FlightDataStream:
         parsed = Ticket.parse(ticket.ticket)
+        self._check_ticket(parsed)
         metadata = {"ibstream.contract_id": str(parsed.contract_id)}
         if parsed.live:
             return self._live_stream(context, parsed, metadata)
@@ -235,7 +232,7 @@ class FlightServer(flight.FlightServerBase):
     @_flight_errors
     def do_action(self, context, action: flight.Action):
         if action.type not in ACTIONS:
-            raise InvalidRequestError(f"action was {action.type!r}; use any of {', '.join(ACTIONS)} (see list_actions)")
+            raise InvalidRequestError(f"action was {shown(action.type)}; use any of {', '.join(ACTIONS)} (see list_actions)")
         body = action.body.to_pybytes() if action.body is not None else b""
         table = getattr(self, f"_action_{action.type}")(body)
         return [flight.Result(ipc_bytes(table))]
@@ -281,7 +278,7 @@ class FlightServer(flight.FlightServerBase):
         for contract_id in query.contracts:
             start_us, end_us = self._range(query, contract_id, now)
             if not query.live:  # a live stream is never held in memory: only the row limit applies
-                self._check_span(query, start_us, end_us)
+                self._check_span(query.resolution, start_us, end_us)
             if query.resolution == DAILY:
                 self.store.sessions(contract_id)  # refuse a contract without trading hours now, not at do_get
             tickets += [Ticket(contract_id=contract_id, tick_type=t, start_us=start_us, end_us=end_us,
@@ -310,20 +307,41 @@ class FlightServer(flight.FlightServerBase):
             raise InvalidRequestError(f"range is empty: start {iso(start_us)} is not before now ({iso(end_us)})")
         return start_us, end_us
 
-    def _check_span(self, query: QueryCommand, start_us: int, end_us: int) -> None:
-        limit = self.settings.max_query_span if query.resolution == TICK else self.settings.max_bar_span
+    def _check_ticket(self, ticket: Ticket) -> None:
+        """The limits of ``get_flight_info`` once more, for the ticket ``do_get`` was given: a forged
+        or edited ticket gets no more than its command could have."""
+        self._check_stored([ticket.contract_id])
+        if ticket.live:
+            return
+        self._check_span(ticket.resolution, ticket.start_us, ticket.end_us)
+        if _reads_raw_ticks(ticket.resolution):
+            self._check_rows([self.store.plan(ticket.contract_id, ticket.tick_type, ticket.start_us, ticket.end_us)],
+                             ticket.resolution)
+
+    def _check_rows(self, plans: list[Plan], resolution: str) -> int:
+        rows = sum(p.estimated_rows() for p in plans)
+        if rows > self.settings.max_query_rows:
+            raise RequestTooLargeError(
+                f"request too large: about {rows:,} ticks, over the limit of {self.settings.max_query_rows:,} "
+                "(IBSTREAM_MAX_QUERY_ROWS); split the range" + ("" if resolution == TICK else
+                                                                " or use a resolution of 1m or more")
+            )
+        return rows
+
+    def _check_span(self, resolution: str, start_us: int, end_us: int) -> None:
+        limit = self.settings.max_query_span if resolution == TICK else self.settings.max_bar_span
         if end_us - start_us > duration_us(limit):
-            setting = "IBSTREAM_MAX_QUERY_SPAN" if query.resolution == TICK else "IBSTREAM_MAX_BAR_SPAN"
+            setting = "IBSTREAM_MAX_QUERY_SPAN" if resolution == TICK else "IBSTREAM_MAX_BAR_SPAN"
             raise RequestTooLargeError(
                 f"request too large: range [{iso(start_us)}, {iso(end_us)}) spans more than {limit} ({setting}); "
-                "split the range" + (" or ask for bars (resolution)" if query.resolution == TICK else "")
+                "split the range" + (" or ask for bars (resolution)" if resolution == TICK else "")
             )
-        if query.resolution not in (TICK, DAILY):
-            step = BAR_RESOLUTIONS[query.resolution]
+        if resolution not in (TICK, DAILY):
+            step = BAR_RESOLUTIONS[resolution]
             bars = -(-(end_us - (start_us - start_us % step)) // step)  # bar starts in the range, as fill makes them
             if bars > self.settings.max_bars:
                 raise RequestTooLargeError(
-                    f"request too large: about {bars:,} bars of {query.resolution}, over the limit of "
+                    f"request too large: about {bars:,} bars of {resolution}, over the limit of "
                     f"{self.settings.max_bars:,} (IBSTREAM_MAX_BARS); use a coarser resolution or split the range")
 
     def _check_known(self, contract_id: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,13 +219,23 @@ class CoverageInterval:
     is_open: bool
 
 
+MAX_IDLE_CONNECTIONS = 8  # connections kept open for the next thread; more are closed
+
+
 class _Held:
-    """A thread's connection, held by the thread's local storage (the index keeps a weak reference)."""
+    """A thread's connection, held by the thread's local storage. When the thread ends (for Flight's
+    handlers: when the call returns), the connection goes back to the index's idle pool."""
 
-    __slots__ = ("conn", "__weakref__")
+    __slots__ = ("conn", "give_back")
 
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
+    def __init__(self, conn: sqlite3.Connection, give_back: Callable[[sqlite3.Connection], None]):
+        self.conn, self.give_back = conn, give_back
+
+    def __del__(self) -> None:
+        try:
+            self.give_back(self.conn)
+        except Exception:  # interpreter shutdown: nothing left to give back to
+            pass
 
 
 class Index:
@@ -240,8 +250,9 @@ class Index:
         self.read_only = read_only
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._connections: weakref.WeakSet[_Held] = weakref.WeakSet()
-        self._connections_lock = threading.Lock()
+        self._open: set[sqlite3.Connection] = set()  # every connection this index opened and did not close
+        self._idle: list[sqlite3.Connection] = []  # of those, the ones no thread holds (most recent last)
+        self._connections_lock = threading.RLock()  # RLock: a _Held may be collected while it is held
         try:
             conn = self._connection()
             _migrate(conn)
@@ -258,15 +269,37 @@ class Index:
                 f"`ibstream reindex --data-root {path.parent}` (the damaged file is kept aside)") from None
 
     def _connection(self) -> sqlite3.Connection:
+        """This thread's connection: an idle one from the pool, or a new one (Flight runs each call
+        on a fresh Python thread state, so without the pool every call would open a connection)."""
         held = getattr(self._local, "held", None)
         if held is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            held = self._local.held = _Held(conn)
             with self._connections_lock:
-                self._connections.add(held)  # weakly: a thread's connection goes when the thread does
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                with self._connections_lock:
+                    self._open.add(conn)
+            held = self._local.held = _Held(conn, self._give_back)
         return held.conn
+
+    def _give_back(self, conn: sqlite3.Connection) -> None:
+        with self._connections_lock:
+            if conn not in self._open:
+                return  # closed by close() meanwhile
+            if len(self._idle) < MAX_IDLE_CONNECTIONS and not conn.in_transaction:
+                self._idle.append(conn)
+                return
+            self._open.discard(conn)
+        conn.close()
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open now (held by threads and idle): bounded by the threads using the index at
+        once plus :data:`MAX_IDLE_CONNECTIONS`."""
+        with self._connections_lock:
+            return len(self._open)
 
     def _writable(self) -> sqlite3.Connection:
         """The connection for a write (where tests inject a full disk: point ``index.write``)."""
@@ -516,8 +549,8 @@ class Index:
         """Close every connection; the last one checkpoints the WAL into the database file, so
         ``index.sqlite`` alone holds everything committed."""
         with self._connections_lock:
-            connections = [held.conn for held in self._connections]
-            self._connections = weakref.WeakSet()
+            connections = list(self._open)
+            self._open, self._idle = set(), []
         for conn in connections[:-1]:
             conn.close()
         for conn in connections[-1:]:

@@ -33,11 +33,10 @@ import pyarrow as pa
 from ibstream.core.cursors import Cursor
 from ibstream.core.errors import SubscriberTooSlowError
 from ibstream.core.ticks import StreamKey
-from ibstream.core.times import now_us
+from ibstream.core.times import FOREVER_US, now_us
 from ibstream.storage.bars import BAR_RESOLUTIONS, bar_schema, finish, partial_bars, rollup
 from ibstream.storage.schemas import schema_for
 
-FOREVER_US = 2**62  # the end of a live stream that has no end
 HEARTBEAT_SECONDS = 2.0  # an empty batch with the cursor is sent when nothing happened for this long
 
 

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from ibstream.core.errors import InvalidRequestError
+from ibstream.core.errors import InvalidRequestError, shown
+from ibstream.core.times import in_range_us
+
+MAX_CURSOR_N = 2**31  # ticks with one time a cursor can count
 
 
 @dataclass(frozen=True)
@@ -25,12 +28,16 @@ class Cursor:
     def parse(cls, text: str) -> "Cursor":
         try:
             ts, n = (int(part) for part in text.split(":"))
-        except (AttributeError, ValueError):
+        except (AttributeError, ValueError, TypeError):
             raise InvalidRequestError(
-                f"cursor was {text!r}; use the 'cursor' of a batch's app_metadata, \"<ts microseconds>:<n>\", "
+                f"cursor was {shown(text)}; use the 'cursor' of a batch's app_metadata, \"<ts microseconds>:<n>\", "
                 "e.g. \"1736519400123456:1\"") from None
-        if n < 0:
-            raise InvalidRequestError(f"cursor was {text!r}; its tick count n must be >= 0")
+        if not 0 <= n <= MAX_CURSOR_N:
+            raise InvalidRequestError(f"cursor was {shown(text)}; its tick count n must be from 0 to {MAX_CURSOR_N}")
+        try:
+            in_range_us(ts, name="the cursor's time")
+        except ValueError as exc:
+            raise InvalidRequestError(f"cursor was {shown(text)}: {exc}") from None
         return cls(ts, n)
 
     def after(self, batch: pa.RecordBatch) -> "Cursor":

@@ -55,6 +55,24 @@ class ServerBusyError(ServerUnavailableError):
     code: ClassVar[str] = "server_busy"
 
 
+class UnauthenticatedError(IbstreamError):
+    """The call carries no token, or one the server does not know (gRPC UNAUTHENTICATED)."""
+
+    code: ClassVar[str] = "unauthenticated"
+
+
+class PermissionDeniedError(IbstreamError):
+    """The caller's token lacks the role the call needs (gRPC PERMISSION_DENIED)."""
+
+    code: ClassVar[str] = "permission_denied"
+
+
+class InvalidConfigError(IbstreamError, ValueError):
+    """A setting, a token file or a certificate cannot be used as given."""
+
+    code: ClassVar[str] = "invalid_config"
+
+
 class StorageError(IbstreamError):
     """The store cannot do what was asked (ordering, sealing, corrupt file)."""
 
@@ -115,11 +133,27 @@ def _classes(root: type[IbstreamError] = IbstreamError) -> list[type[IbstreamErr
 CODES: dict[str, type[IbstreamError]] = {cls.code: cls for cls in _classes()}
 
 
+ECHO_LIMIT = 80  # characters of a bad input value a message repeats
+MESSAGE_LIMIT = 2_000  # characters of a message on the wire: far under gRPC's 8 KiB metadata limit
+
+
+def shown(value: object, limit: int = ECHO_LIMIT) -> str:
+    """``repr(value)`` as a message echoes input: cut to ``limit`` characters, saying how long it was."""
+    try:
+        text = repr(value)
+    except Exception:  # an input whose repr fails (e.g. an int too long to print) is named by its type
+        return f"a {type(value).__name__}"
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 def tagged(exc: BaseException) -> str:
     """The message as the server sends it: ``[ibstream.<code>] <message>`` (``internal`` for
-    anything that is not one of ours)."""
+    anything that is not one of ours), at most :data:`MESSAGE_LIMIT` characters."""
     code = exc.code if isinstance(exc, IbstreamError) else "internal"
-    return f"[ibstream.{code}] {exc}"
+    message = str(exc)
+    if len(message) > MESSAGE_LIMIT:
+        message = f"{message[:MESSAGE_LIMIT]}... (cut from {len(message):,} characters)"
+    return f"[ibstream.{code}] {message}"
 
 
 def from_wire(message: str) -> IbstreamError | None:

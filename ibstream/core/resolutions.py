@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ibstream.core.errors import InvalidRequestError
+from ibstream.core.errors import InvalidRequestError, shown
 from ibstream.core.times import US_PER_HOUR, US_PER_SECOND
 
 TICK = "tick"
@@ -22,7 +22,7 @@ PREAGGREGATE_US = US_PER_MINUTE  # archived hours keep 1-minute partial bars
 def parse_resolution(value: str) -> str:
     """``value`` if it is a known resolution, else an error listing the legal ones."""
     if value not in RESOLUTIONS:
-        raise InvalidRequestError(f"resolution was {value!r}; use any of {', '.join(RESOLUTIONS)}")
+        raise InvalidRequestError(f"resolution was {shown(value)}; use any of {', '.join(RESOLUTIONS)}")
     return value
 
 
@@ -44,10 +44,10 @@ def parse_window(value: str) -> int:
     match = _WINDOW.match(value)
     if match is None:
         raise InvalidRequestError(
-            f"window was {value!r}; use a whole number and a unit s, m, h, d or w, e.g. '15m', '24h', '7d'")
+            f"window was {shown(value)}; use a whole number and a unit s, m, h, d or w, e.g. '15m', '24h', '7d'")
     micros = int(match.group(1)) * _UNIT_US[match.group(2)]
     if micros > MAX_WINDOW_US:
-        raise InvalidRequestError(f"window was {value!r}; a window reaches back at most ten years (3660d)")
+        raise InvalidRequestError(f"window was {shown(value)}; a window reaches back at most ten years (3660d)")
     return micros
 
 
@@ -61,7 +61,7 @@ def normalize_kind(kind: str) -> str:
     name = _ALIASES.get(name, name)
     if name not in SESSION_KINDS:
         raise InvalidRequestError(
-            f"session kind was {kind!r}; use one of {', '.join(SESSION_KINDS)} "
+            f"session kind was {shown(kind)}; use one of {', '.join(SESSION_KINDS)} "
             "('overnight' is accepted for full_day)"
         )
     return name

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from ibstream.core.errors import shown
+
 
 class TickFamily(StrEnum):
     """What a tick type's rows are: trades (price, size), two-sided quotes, or a mid-point price."""
@@ -46,7 +48,7 @@ class TickType(StrEnum):
             return cls(value)
         except ValueError:
             legal = ", ".join(t.value for t in cls)
-            raise ValueError(f"tick_type was {value!r}; use any of {legal}") from None
+            raise ValueError(f"tick_type was {shown(value)}; use any of {legal}") from None
 
 
 @dataclass(frozen=True, order=True)

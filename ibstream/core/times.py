@@ -7,6 +7,10 @@ from datetime import UTC, datetime, timedelta
 US_PER_SECOND = 1_000_000
 US_PER_HOUR = 3_600 * US_PER_SECOND
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MIN_US = 0  # 1970-01-01: what a request may name, from here...
+MAX_US = 7_258_118_400 * US_PER_SECOND  # ...to 2200-01-01
+FOREVER_US = 2**62  # the end of a live stream that has no end (past MAX_US, never a tick's time)
+MAX_CONTRACT_ID = 2**31 - 1  # IB's conId is a signed 32-bit integer
 
 
 def to_us(value: datetime, *, name: str = "time") -> int:
@@ -17,6 +21,20 @@ def to_us(value: datetime, *, name: str = "time") -> int:
             "(e.g. 2025-01-10T14:30:00Z or datetime(..., tzinfo=ZoneInfo('America/New_York')))"
         )
     return (value - _EPOCH) // timedelta(microseconds=1)
+
+
+def in_range_us(micros: int, *, name: str = "time") -> int:
+    """``micros`` if it lies in [:data:`MIN_US`, :data:`MAX_US`]; else a ValueError saying the range."""
+    if not MIN_US <= micros <= MAX_US:
+        raise ValueError(f"{name} was {_describe(micros)}, out of range; use a time from 1970-01-01 to 2199-12-31")
+    return micros
+
+
+def _describe(micros: int) -> str:
+    try:
+        return iso(micros)
+    except (OverflowError, ValueError):
+        return f"{micros} µs from the epoch" if abs(micros) < 10**30 else "a number of microseconds far from 1970"
 
 
 def from_us(micros: int) -> datetime:
