@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from datetime import date, datetime, timedelta
+from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
@@ -15,6 +17,33 @@ from ibstream.core.errors import InvalidRequestError
 from ibstream.flight_server.commands import QueryCommand, action_body, command, iso_time
 
 DEFAULT_LOCATION = "grpc://127.0.0.1:8815"
+
+
+class _Bearer(flight.ClientMiddleware):
+    def __init__(self, header: str):
+        super().__init__()
+        self._header = header
+
+    def sending_headers(self):
+        return {"authorization": self._header}
+
+
+class _BearerFactory(flight.ClientMiddlewareFactory):
+    """Adds ``authorization: Bearer <token>`` to every call, live streams' reconnects included."""
+
+    def __init__(self, token: str):
+        super().__init__()
+        self._header = f"Bearer {token}"
+
+    def start_call(self, info):
+        return _Bearer(self._header)
+
+
+def _pem(path: str | os.PathLike, name: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidRequestError(f"{name} {path} cannot be read ({exc.strerror}); give the path of a PEM file") from None
 
 
 def _frames(tables: dict[str, pa.Table], tick_types: TickTypes, as_pandas: bool):
@@ -40,7 +69,15 @@ class Client:
     Parameters
     ----------
     location
-        The server, e.g. ``"grpc://127.0.0.1:8815"``.
+        The server, e.g. ``"grpc://127.0.0.1:8815"`` (``"grpc+tls://host:8815"`` for TLS).
+    token
+        The bearer token the server gave you (default: ``IBSTREAM_TOKEN``); sent on every call
+        as ``authorization: Bearer <token>``.
+    tls_root_certs
+        Path of the PEM root certificates that signed the server's certificate (default:
+        ``IBSTREAM_TLS_ROOT_CERTS``; without it, the system's roots).
+    tls_client_cert, tls_client_key
+        Paths of this client's PEM certificate and key, for a server that asks for one (mutual TLS).
 
     Examples
     --------
@@ -50,8 +87,21 @@ class Client:
     >>> today = client.session_ticks(265598, "current", kind="regular", tick_types="last")
     """
 
-    def __init__(self, location: str = DEFAULT_LOCATION, **kwargs):
+    def __init__(self, location: str = DEFAULT_LOCATION, *, token: str | None = None,
+                 tls_root_certs: str | os.PathLike | None = None, tls_client_cert: str | os.PathLike | None = None,
+                 tls_client_key: str | os.PathLike | None = None, **kwargs):
         self.location = location
+        token = token if token is not None else os.environ.get("IBSTREAM_TOKEN")
+        roots = tls_root_certs if tls_root_certs is not None else os.environ.get("IBSTREAM_TLS_ROOT_CERTS")
+        if roots:
+            kwargs["tls_root_certs"] = _pem(roots, "tls_root_certs")
+        if (tls_client_cert is None) != (tls_client_key is None):
+            raise InvalidRequestError("mutual TLS needs both tls_client_cert and tls_client_key (PEM paths)")
+        if tls_client_cert is not None and tls_client_key is not None:
+            kwargs |= {"cert_chain": _pem(tls_client_cert, "tls_client_cert"),
+                       "private_key": _pem(tls_client_key, "tls_client_key")}
+        if token:
+            kwargs["middleware"] = [*kwargs.get("middleware", []), _BearerFactory(token)]
         self._flight = flight.connect(location, **kwargs)
 
     def ticks(self, contract_id: Contracts, tick_types: TickTypes, start: datetime | None = None,

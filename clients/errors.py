@@ -10,8 +10,10 @@ from ibstream.core.errors import (
     IbstreamError,
     InvalidRequestError,
     NotFoundError,
+    PermissionDeniedError,
     RequestTooLargeError,
     ServerUnavailableError,
+    UnauthenticatedError,
     from_wire,
 )
 
@@ -34,6 +36,22 @@ def translated(exc: Exception) -> IbstreamError:
         return cls(message)
     if isinstance(exc, pa.ArrowKeyError):
         return NotFoundError(message)
+    if isinstance(exc, flight.FlightUnauthenticatedError):
+        return UnauthenticatedError(message)
+    if isinstance(exc, flight.FlightUnauthorizedError):
+        return PermissionDeniedError(message)
     if isinstance(exc, (flight.FlightUnavailableError, flight.FlightTimedOutError)):
-        return ServerUnavailableError(f"{message} (is the server running and reachable?)")
+        return ServerUnavailableError(f"{message} ({_hint(message)})")
     return IbstreamError(message)
+
+
+def _hint(message: str) -> str:
+    lowered = message.lower()
+    if "ssl" in lowered or "handshake" in lowered or "certificate" in lowered or "tls" in lowered:
+        return ("a TLS problem: a TLS server needs grpc+tls:// and, for a private certificate authority, "
+                "tls_root_certs= (or IBSTREAM_TLS_ROOT_CERTS); a server asking for client certificates needs "
+                "tls_client_cert= and tls_client_key=")
+    if "socket closed" in lowered or "connection reset" in lowered or "protocol" in lowered:
+        return ("the server closed the connection: if it serves TLS, connect with grpc+tls:// (and tls_root_certs=); "
+                "else is it running and reachable?")
+    return "is the server running and reachable?"

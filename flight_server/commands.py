@@ -307,8 +307,6 @@ class ActionBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    contract_id: ContractId
-
     def to_bytes(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()
 
@@ -318,19 +316,23 @@ class ActionBody(BaseModel):
         return _validated(cls, payload, f"invalid body for action {shown(action)}", "body")
 
 
-class StatisticsBody(ActionBody):
+class ContractBody(ActionBody):
+    contract_id: ContractId
+
+
+class StatisticsBody(ContractBody):
     """``statistics``: the daily statistics of a contract (all its tick types, or one)."""
 
     tick_type: TickType | None = None
 
 
-class SessionsBody(ActionBody):
+class SessionsBody(ContractBody):
     """``sessions``: every session kind of a contract on a trading date (or current / previous)."""
 
     date: SessionDate = "current"
 
 
-class CoverageBody(ActionBody):
+class CoverageBody(ContractBody):
     """``coverage``: when a stream was recorded and when not (and why) over [start, end)."""
 
     tick_type: TickType
@@ -338,8 +340,14 @@ class CoverageBody(ActionBody):
     end: AwareTime | None = None
 
 
+class ScrubBody(ActionBody):
+    """``scrub`` (role admin): check the next ``files`` archive files now, as the recorder's scrub job does."""
+
+    files: StrictInt = Field(10, ge=1, le=100_000)
+
+
 ACTION_BODIES: dict[str, type[ActionBody]] = {"statistics": StatisticsBody, "sessions": SessionsBody,
-                                              "coverage": CoverageBody}
+                                              "coverage": CoverageBody, "scrub": ScrubBody}
 
 
 def action_body(action: str, **fields) -> bytes:

@@ -26,6 +26,7 @@ import logging
 import threading
 from collections.abc import Callable
 from datetime import date, timedelta
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.flight as flight
@@ -33,19 +34,32 @@ import pyarrow.flight as flight
 from ibstream.core.errors import (
     CorruptFileError,
     IbstreamError,
+    InvalidConfigError,
     InvalidRequestError,
     NotFoundError,
+    PermissionDeniedError,
     RequestTooLargeError,
     ServerBusyError,
     ServerUnavailableError,
     SubscriberTooSlowError,
+    UnauthenticatedError,
     shown,
     tagged,
 )
 from ibstream.core.times import FOREVER_US, duration_us, from_us, iso, now_us, to_us
+from ibstream.flight_server.auth import (
+    Authenticator,
+    AuthMiddlewareFactory,
+    Caller,
+    TokenEntry,
+    caller_of,
+    check_entry,
+    read_token_file,
+)
 from ibstream.flight_server.commands import (
     CoverageBody,
     QueryCommand,
+    ScrubBody,
     SessionsBody,
     StatisticsBody,
     Ticket,
@@ -90,6 +104,11 @@ def _flight_errors(handler: Callable) -> Callable:
         except ServerUnavailableError as exc:
             log.warning("%s refused: %s", handler.__name__, exc)
             raise flight.FlightUnavailableError(tagged(exc)) from None
+        except UnauthenticatedError as exc:
+            raise flight.FlightUnauthenticatedError(tagged(exc)) from None
+        except PermissionDeniedError as exc:
+            log.info("%s refused: %s", handler.__name__, exc)
+            raise flight.FlightUnauthorizedError(tagged(exc)) from None
         except flight.FlightError:
             raise
         except CorruptFileError as exc:
@@ -111,7 +130,11 @@ ACTIONS = {
                 "\"current\" | \"previous\"}. Result: one Arrow IPC stream.",
     "coverage": "When a stream was recorded and when not (and why). Body: {\"contract_id\": int, \"tick_type\": str, "
                 "\"start\": ISO time, \"end\": optional ISO time}. Result: one Arrow IPC stream.",
+    "scrub": "Role admin: check the next archive files now (page CRCs, counts, ts order), quarantining damage, as "
+             "the recorder's scrub job does. Body: {\"files\": int (default 10)}. Result: one Arrow IPC stream of "
+             "the problems found (none: no rows). Only on a recording server.",
 }
+ADMIN_ACTIONS = {"scrub"}
 
 
 class FlightServer(flight.FlightServerBase):
@@ -126,8 +149,25 @@ class FlightServer(flight.FlightServerBase):
         self.store = store
         self.settings = settings or Settings.of(store.settings)
         self._streams = threading.BoundedSemaphore(self.settings.max_streams)
+        self._per_caller: dict[str, int] = {}  # streams held per token (with tokens only)
+        self._per_caller_lock = threading.Lock()
         self._stopping = threading.Event()
-        super().__init__(location or self.settings.flight_location, **kwargs)
+        self.authenticator = Authenticator(_token_entries(self.settings))
+        tls = _tls_options(self.settings)
+        location = location or self.settings.flight_location
+        if tls and location.startswith("grpc://"):
+            location = "grpc+tls://" + location.removeprefix("grpc://")
+        middleware = {"auth": AuthMiddlewareFactory(self.authenticator)} if self.authenticator.enabled else {}
+        try:
+            super().__init__(location, middleware=middleware, **tls, **kwargs)
+        except (pa.ArrowException, OSError) as exc:
+            raise ServerUnavailableError(
+                f"the Flight server cannot listen on {location} ({_message(exc)}); is another server using the "
+                "port? Pick another with --flight-port (0: any free port)") from None
+        if not self.settings.loopback and not (tls and self.authenticator.enabled):
+            log.warning("serving %s without %s (IBSTREAM_ALLOW_INSECURE): anyone who reaches this address can read "
+                        "every tick", location, " and ".join(
+                            part for part, on in (("TLS", bool(tls)), ("tokens", self.authenticator.enabled)) if not on))
         threading.Thread(target=store.warm_sessions, name="warm-sessions", daemon=True).start()
 
     # -- RPCs ----------------------------------------------------------------------------------
@@ -155,31 +195,32 @@ class FlightServer(flight.FlightServerBase):
         parsed = Ticket.parse(ticket.ticket)
         self._check_ticket(parsed)
         metadata = {"ibstream.contract_id": str(parsed.contract_id)}
+        caller = caller_of(context)
         if parsed.live:
-            return self._live_stream(context, parsed, metadata)
+            return self._live_stream(context, parsed, metadata, caller)
         if parsed.resolution == TICK:
-            return self._tick_stream(parsed, metadata)
+            return self._tick_stream(parsed, metadata, caller)
         return self._bar_stream(parsed, metadata)
 
-    def _live_stream(self, context, parsed: Ticket, metadata: dict[str, str]) -> flight.FlightDataStream:
+    def _live_stream(self, context, parsed: Ticket, metadata: dict[str, str], caller: Caller) -> flight.FlightDataStream:
         ticks = LiveFeed(self.store, StreamKey(parsed.contract_id, parsed.tick_type),
                          Cursor(parsed.start_us, parsed.skip), parsed.end_us, max_rows=self.settings.live_queue_rows,
                          poll_interval=self.settings.live_poll_interval.total_seconds())
         feed = ticks if parsed.resolution == TICK else LiveBars(ticks, parsed.resolution)
         stopped = lambda: context.is_cancelled() or self._stopping.is_set()  # noqa: E731
         schema = _with_metadata(feed.schema, metadata)
-        return flight.GeneratorStream(schema, self._slot(_live(feed, stopped, self._stopping), parsed))
+        return flight.GeneratorStream(schema, self._slot(_live(feed, stopped, self._stopping), parsed, caller))
 
-    def _tick_stream(self, parsed: Ticket, metadata: dict[str, str]) -> flight.FlightDataStream:
+    def _tick_stream(self, parsed: Ticket, metadata: dict[str, str], caller: Caller) -> flight.FlightDataStream:
         schema = _with_metadata(schema_for(parsed.tick_type), metadata)
         if parsed.skip:  # a cursor without live: the ticks after it, up to end
             plan = self.store.plan(parsed.contract_id, parsed.tick_type, parsed.start_us, parsed.end_us)
             batches = Cursor(parsed.start_us, parsed.skip).unseen(plan.batches())
-            return flight.GeneratorStream(schema, self._slot(batches, parsed))
+            return flight.GeneratorStream(schema, self._slot(batches, parsed, caller))
         ticks = self.store.ticks(parsed.contract_id, parsed.tick_type, parsed.start_us, parsed.end_us)
         if isinstance(ticks, pa.Table):  # a closed range, from the cache
             return flight.RecordBatchStream(_with_metadata(ticks, metadata))
-        return flight.GeneratorStream(schema, self._slot(ticks.batches(), parsed))
+        return flight.GeneratorStream(schema, self._slot(ticks.batches(), parsed, caller))
 
     def _bar_stream(self, parsed: Ticket, metadata: dict[str, str]) -> flight.FlightDataStream:
         sessions = None
@@ -218,13 +259,31 @@ class FlightServer(flight.FlightServerBase):
             log.warning("the Flight server did not stop within %.0f s (a client is not reading its stream); "
                         "going on without waiting for it", SHUTDOWN_SECONDS)
 
-    def _slot(self, batches, ticket: Ticket):
-        """Stream ``batches`` in one of ``max_streams`` slots; refuse with UNAVAILABLE when none is free."""
+    def _slot(self, batches, ticket: Ticket, caller: Caller):
+        """Stream ``batches`` in one of ``max_streams`` slots (with tokens, at most ``max_streams_per_token``
+        of them per token); refuse with UNAVAILABLE when none is free."""
         if not self._streams.acquire(blocking=False):
             raise ServerBusyError(
                 f"server busy: {self.settings.max_streams} streams are being served (IBSTREAM_MAX_STREAMS); "
                 "retry shortly")
-        return _SlotStream(_streamed(batches, ticket), self._streams.release)
+        if not self.authenticator.enabled:
+            return _SlotStream(_streamed(batches, ticket), self._streams.release)
+        cap = self.settings.max_streams_per_token
+        with self._per_caller_lock:
+            held = self._per_caller.get(caller.name, 0)
+            if held < cap:
+                self._per_caller[caller.name] = held + 1
+        if held >= cap:
+            self._streams.release()
+            raise ServerBusyError(f"server busy for token {caller.name!r}: it holds {cap} streams "
+                                  "(IBSTREAM_MAX_STREAMS_PER_TOKEN); close one or retry shortly")
+
+        def release() -> None:
+            with self._per_caller_lock:
+                self._per_caller[caller.name] -= 1
+            self._streams.release()
+
+        return _SlotStream(_streamed(batches, ticket), release)
 
     def list_actions(self, context):
         return list(ACTIONS.items())
@@ -233,6 +292,8 @@ class FlightServer(flight.FlightServerBase):
     def do_action(self, context, action: flight.Action):
         if action.type not in ACTIONS:
             raise InvalidRequestError(f"action was {shown(action.type)}; use any of {', '.join(ACTIONS)} (see list_actions)")
+        if action.type in ADMIN_ACTIONS:
+            caller_of(context).require("admin", f"action {action.type!r}")
         body = action.body.to_pybytes() if action.body is not None else b""
         table = getattr(self, f"_action_{action.type}")(body)
         return [flight.Result(ipc_bytes(table))]
@@ -251,6 +312,15 @@ class FlightServer(flight.FlightServerBase):
         sessions = self.store.sessions(request.contract_id)
         trading_date = _trading_date(sessions, "extended", request.date)  # the trading day that has opened
         return records_table(sessions.day(trading_date), SESSIONS_SCHEMA, {"open": "open_us", "close": "close_us"})
+
+    def _action_scrub(self, body: bytes) -> pa.Table:
+        request = ScrubBody.parse(body, "scrub")
+        if self.store.read_only:
+            raise InvalidRequestError("this server's store is read-only (ibstream serve); scrubbing runs in the "
+                                      "recording process (ibstream record, every IBSTREAM_SCRUB_INTERVAL), or run "
+                                      "`ibstream verify`")
+        problems = self.store.scrub(request.files)
+        return pa.table({"problem": pa.array(problems, pa.string())})
 
     def _action_coverage(self, body: bytes) -> pa.Table:
         request = CoverageBody.parse(body, "coverage")
@@ -357,6 +427,37 @@ class FlightServer(flight.FlightServerBase):
             raise NotFoundError(
                 f"contract_id {', '.join(map(str, missing))} is not stored; list_flights shows the stored contracts"
             )
+
+
+def _token_entries(settings: Settings) -> list[TokenEntry]:
+    entries = [check_entry(t.name, t.role, t.sha256, "IBSTREAM_TOKENS") for t in settings.tokens]
+    return entries + (read_token_file(settings.token_file) if settings.token_file is not None else [])
+
+
+def _tls_options(settings: Settings) -> dict:
+    """FlightServerBase's TLS arguments from the settings' PEM files ({} without TLS)."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return {}
+
+    def pem(path: Path, setting: str) -> bytes:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InvalidConfigError(f"{setting} {path} cannot be read ({exc.strerror}); give a PEM file") from None
+        if b"-----BEGIN " not in data:
+            raise InvalidConfigError(f"{setting} {path} is not PEM (no '-----BEGIN' line); give a PEM file")
+        return data
+
+    options: dict = {"tls_certificates": [flight.CertKeyPair(pem(settings.tls_cert_file, "IBSTREAM_TLS_CERT_FILE"),
+                                                             pem(settings.tls_key_file, "IBSTREAM_TLS_KEY_FILE"))]}
+    if settings.tls_client_ca_file is not None:
+        options |= {"verify_client": True,
+                    "root_certificates": pem(settings.tls_client_ca_file, "IBSTREAM_TLS_CLIENT_CA_FILE")}
+    return options
+
+
+def _message(exc: BaseException) -> str:
+    return str(exc).split(". Detail:", 1)[0].strip()
 
 
 def _endpoints(tickets: list[Ticket]) -> list[flight.FlightEndpoint]:

@@ -17,7 +17,8 @@ from ibstream._lazy import lazy_exports
 
 _ERRORS = ["IbstreamError", "InvalidRequestError", "RequestTooLargeError", "NotFoundError", "ServerUnavailableError",
            "SubscriberTooSlowError", "ServerBusyError", "StorageError", "TickOrderError", "SealedHourError",
-           "CorruptFileError", "StorageUnavailableError", "DamagedDataError"]
+           "CorruptFileError", "StorageUnavailableError", "DamagedDataError", "UnauthenticatedError",
+           "PermissionDeniedError", "InvalidConfigError"]
 _EXPORTS = {
     "Client": "ibstream.clients.client",
     "LiveFrame": "ibstream.clients.live",
@@ -57,8 +58,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (re-exports, hence F401)
         CorruptFileError,
         DamagedDataError,
         IbstreamError,
+        InvalidConfigError,
         InvalidRequestError,
         NotFoundError,
+        PermissionDeniedError,
         RequestTooLargeError,
         SealedHourError,
         ServerBusyError,
@@ -67,6 +70,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see (re-exports, hence F401)
         StorageUnavailableError,
         SubscriberTooSlowError,
         TickOrderError,
+        UnauthenticatedError,
     )
     from ibstream.flight_server.server import FlightServer  # noqa: F401
     from ibstream.recorder.recorder import Recorder  # noqa: F401

@@ -63,13 +63,13 @@ class RecordingService:
         self.store = Store(settings)
         self.recorder = Recorder(self.store, flush_interval=settings.flush_interval.total_seconds(), settings=settings)
         self.feed = feed
-        self.server = FlightServer(self.store, settings.flight_location)
+        self.server = FlightServer(self.store, settings.flight_location, settings=settings)
         self._serve = threading.Thread(target=self.server.serve, name="flight-server", daemon=True)
         self.signals: StopSignals | None = None  # run_for's, once a signal stopped it: kept until the final flush
 
     @property
     def location(self) -> str:
-        return f"grpc://{self.settings.flight_host}:{self.server.port}"
+        return f"{self.settings.flight_location.rsplit(':', 1)[0]}:{self.server.port}"
 
     def __enter__(self) -> "RecordingService":
         self._serve.start()

@@ -20,23 +20,39 @@ Examples:
   ibstream verify --data-root data   # check every file; quarantine and report what is damaged
   ibstream reindex --data-root data  # rebuild index.sqlite from the files (lost or damaged index)
   ibstream backup /mnt/backup/ticks-2026-12-01   # a consistent copy, while recording goes on
+  ibstream token --name alice --token-file /etc/ibstream/tokens   # a read token for a Flight client
 
 Try the whole chain without IB: `ibstream simulate` in one terminal, `ibstream record` in another.
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(value: str) -> str:
+    if value.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"log level was {value[:40]!r}; use one of {', '.join(LOG_LEVELS)}")
+    return value.upper()
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ibstream", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO); also after the verb")
+    parser.add_argument("--log-level", default="INFO", type=_log_level,
+                        help="logging level (default INFO); also after the verb")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def verb(name: str, *options: str, **kwargs) -> argparse.ArgumentParser:
         """A verb with the shared vocabulary: each option means the same in every verb that takes it."""
         sub = commands.add_parser(name, **kwargs)
-        sub.add_argument("--log-level", default=argparse.SUPPRESS, help="logging level (default INFO)")
+        sub.add_argument("--log-level", default=argparse.SUPPRESS, type=_log_level, help="logging level (default INFO)")
         for option in options:
             flag, help_text = OPTIONS[option]
             sub.add_argument(flag, type=int if option.endswith("port") else Path, dest=option, help=help_text)
@@ -70,6 +86,16 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--end", help="replay until this ISO time (with --replay; default: now)")
 
     verb("serve", "data_root", "flight_port", help="serve an existing store over Flight (read-only)")
+
+    token = verb(
+        "token", help="make a bearer token for a Flight client (printed once; the server keeps its hash)",
+        description="Prints a new random token for the client (Client(token=...) or IBSTREAM_TOKEN) and the line the "
+        "server needs: appended to --token-file when given (the server reads IBSTREAM_TOKEN_FILE), else printed for "
+        "IBSTREAM_TOKENS. Role 'read': queries, live streams, statistics, sessions, coverage; 'admin': also "
+        "maintenance actions (scrub). Restart the server to load new tokens.")
+    token.add_argument("--name", required=True, help="who the token is for, e.g. alice (no spaces; in logs)")
+    token.add_argument("--role", choices=("read", "admin"), default="read", help="read (default) or admin")
+    token.add_argument("--token-file", type=Path, help="append the token's line to this file (made mode 0600)")
 
     maintenance = {
         "verify": ("check every stored file; quarantine and report what is damaged",
@@ -114,18 +140,56 @@ def _version() -> str:
         return "unknown"
 
 
+OTHER_VARIABLES = {"IBSTREAM_FAILPOINT", "IBSTREAM_IO_FAULT", "IBSTREAM_TOKEN", "IBSTREAM_TLS_ROOT_CERTS"}
+
+
 def _settings(args: argparse.Namespace, **extra):
-    """Settings from the environment, with the vocabulary options given on the command line."""
+    """Settings from the environment, with the vocabulary options given on the command line; an
+    ``IBSTREAM_*`` variable that names no setting is refused (a misspelling would go unnoticed)."""
+    import difflib
+    import os
+
+    from ibstream.core.errors import InvalidConfigError
     from ibstream.settings import Settings
 
+    known = {f"IBSTREAM_{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
+    for variable in sorted(v for v in os.environ if v.upper().startswith("IBSTREAM_") and v.upper() not in known):
+        near = difflib.get_close_matches(variable.upper(), sorted(known), n=1)
+        raise InvalidConfigError(f"{variable} is not a setting" + (f"; did you mean {near[0]}?" if near else
+                                 "; see ibstream/settings.py for the IBSTREAM_* settings"))
     given = {name: getattr(args, name) for name in OPTIONS if getattr(args, name, None) is not None}
     return Settings(**(given | extra))
 
 
+def _problems(errors: list) -> str:
+    """pydantic's errors as the variables they came from, e.g. ``IBSTREAM_CONTRACTS[0].tick_types[0]: ...``
+    (an error about a whole list is left out when one about its item says more)."""
+    locs = [tuple(e["loc"]) for e in errors]
+    lines = []
+    for error, loc in zip(errors, locs):
+        if any(other != loc and other[:len(loc)] == loc for other in locs):
+            continue
+        message = error["msg"].removeprefix("Value error, ")
+        if "timedelta" in message:
+            message += "; durations are ISO-8601, e.g. PT5M, PT30S, P1D"
+        if not loc:  # about several settings together
+            lines.append(message)
+            continue
+        head, *rest = loc
+        where = f"IBSTREAM_{str(head).upper()}" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in rest)
+        value = str(error.get("input"))
+        lines.append(f"{where}: {message} (got {value if len(value) <= 80 else value[:80] + '...'!r})")
+    return "; ".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # gRPC's own log lines; our messages say what failed
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from ibstream.core.errors import IbstreamError
 
@@ -133,12 +197,18 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except IbstreamError as exc:
         print(f"ibstream {args.command}: {exc}", file=sys.stderr)
-        return 2
     except ValidationError as exc:  # a setting from the environment or a flag
-        problems = "; ".join(f"IBSTREAM_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']} (got {str(e.get('input'))[:80]!r})"
-                             for e in exc.errors())
-        print(f"ibstream {args.command}: bad setting: {problems}", file=sys.stderr)
-        return 2
+        print(f"ibstream {args.command}: bad setting: {_problems(exc.errors())}", file=sys.stderr)
+    except SettingsError as exc:  # e.g. IBSTREAM_CONTRACTS that is not JSON
+        field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else "?"
+        cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+        print(f"ibstream {args.command}: bad setting: IBSTREAM_{field.upper()} is not valid JSON{cause}",
+              file=sys.stderr)
+    except OSError as exc:  # the data root or a file cannot be created, read or written
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"ibstream {args.command}: {exc.strerror or exc}{':' if where else ''}{where}; check the path "
+              "(--data-root / IBSTREAM_DATA_ROOT) and its permissions", file=sys.stderr)
+    return 2
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -153,6 +223,8 @@ def _run(args: argparse.Namespace) -> int:
         return _simulate(args, _settings(args))
     if args.command in ("verify", "reindex", "backup"):
         return _maintain(args, _settings(args))
+    if args.command == "token":
+        return _token(args)
     settings = _settings(args)
     from ibstream.flight_server.server import FlightServer
     from ibstream.storage.maintenance import require_store
@@ -161,12 +233,40 @@ def _run(args: argparse.Namespace) -> int:
     require_store(settings)  # a mistyped --data-root must not serve (and create) an empty store
 
     with Store(settings, read_only=True) as store:
-        server = FlightServer(store, settings.flight_location)
-        logging.info("serving %s at grpc://%s:%d", settings.data_root, settings.flight_host, server.port)
+        server = FlightServer(store, settings.flight_location, settings=settings)
+        logging.info("serving %s at %s", settings.data_root, settings.flight_location.rsplit(":", 1)[0] +
+                     f":{server.port}")
         try:
             server.serve()
         except KeyboardInterrupt:
             server.shutdown()
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    from ibstream.flight_server.auth import check_entry, new_token, read_token_file, token_digest, token_line
+
+    secret = new_token()
+    entry = check_entry(args.name, args.role, token_digest(secret), where="--name/--role")
+    if args.token_file is not None:
+        if args.token_file.exists() and any(e.name == entry.name for e in read_token_file(args.token_file)):
+            from ibstream.core.errors import InvalidConfigError
+
+            raise InvalidConfigError(f"{args.token_file} already has a token named {entry.name!r}; remove its line "
+                                     "first or pick another --name")
+        descriptor = os.open(args.token_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(descriptor, "a") as handle:
+            handle.write(token_line(entry.name, entry.role, secret) + "\n")
+        print(f"added {entry.name!r} ({entry.role}) to {args.token_file}; the client's token (shown once):",
+              file=sys.stderr)
+    else:
+        spec = json.dumps({"name": entry.name, "role": entry.role, "sha256": entry.sha256})
+        print(f"for the server: IBSTREAM_TOKENS='[{spec}]' (or a token file line: "
+              f"{token_line(entry.name, entry.role, secret)}); the client's token (shown once):", file=sys.stderr)
+    print(secret)
     return 0
 
 

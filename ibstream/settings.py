@@ -7,7 +7,9 @@ e.g. ``PT5M``, ``PT30S``, ``P31D``). The defaults run out of the box.
 
 from __future__ import annotations
 
+import ipaddress
 from datetime import timedelta
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -51,14 +53,41 @@ class ContractSpec(BaseModel):
         return " ".join(part for part in (self.symbol, self.sec_type, self.expiry, self.exchange, self.currency) if part)
 
 
+class TokenSpec(BaseModel):
+    """A bearer token as the server keeps it: a name, a role (read or admin) and the token's SHA-256."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, pattern=r"^\S+$")
+    role: Literal["read", "admin"]
+    sha256: str = Field(pattern=r"^sha256:[0-9a-f]{64}$", description="`ibstream token` prints it; never the token.")
+
+
 class Settings(StorageSettings):
     """Configuration of the recorder, the store (:class:`~ibstream.storage.config.StorageSettings`) and the
     Flight server."""
 
     model_config = SettingsConfigDict(env_prefix="IBSTREAM_", extra="forbid", frozen=True)
 
-    flight_host: str = Field("127.0.0.1", description="Interface the Flight server binds to.")
+    flight_host: str = Field(
+        "127.0.0.1", description="Interface the Flight server binds to. Another than loopback needs TLS and tokens "
+        "(or allow_insecure).")
     flight_port: int = Field(8815, ge=0, le=65535, description="Flight server port; 0 picks a free one.")
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate chain of the Flight server; with tls_key_file it serves grpc+tls://.")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM root certificates of client certificates: set, every client must present a "
+        "certificate they signed (mutual TLS).")
+    tokens: tuple[TokenSpec, ...] = Field(
+        (), description="Bearer tokens as JSON, stored hashed: IBSTREAM_TOKENS='[{\"name\": \"alice\", \"role\": "
+        "\"read\", \"sha256\": \"sha256:...\"}]' (`ibstream token` makes one). Any token given: every call needs one.")
+    token_file: Path | None = Field(
+        None, description="A file of tokens, one '<name> <role> sha256:<hex>' per line (`ibstream token --token-file`).")
+    max_streams_per_token: int = Field(
+        16, gt=0, description="With tokens: most do_get streams one token may hold at once (of max_streams).")
+    allow_insecure: bool = Field(
+        False, description="Serve another address than loopback without TLS or tokens (warned about at start).")
     max_query_span: timedelta = Field(
         timedelta(days=31), description="Longest [start, end) a single query may cover."
     )
@@ -139,6 +168,40 @@ class Settings(StorageSettings):
         variables) around those storage settings: what a server or recorder given only a store uses."""
         return storage if isinstance(storage, cls) else cls(**dict(storage))
 
+    @model_validator(mode="after")
+    def _access(self) -> "Settings":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS needs both tls_cert_file and tls_key_file (PEM); give both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs the server's own tls_cert_file and tls_key_file")
+        if not self.loopback and not self.allow_insecure and not (self.tls and self.authenticated):
+            missing = " and ".join(part for part, given in (("TLS (IBSTREAM_TLS_CERT_FILE, IBSTREAM_TLS_KEY_FILE)",
+                                                              self.tls),
+                                                             ("tokens (IBSTREAM_TOKEN_FILE or IBSTREAM_TOKENS)",
+                                                              self.authenticated)) if not given)
+            raise ValueError(f"flight_host {self.flight_host} is not a loopback address: serving it needs {missing}, "
+                             "or IBSTREAM_ALLOW_INSECURE=true to serve it unprotected")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.tokens) or self.token_file is not None
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the Flight server binds a loopback address only (reachable from this machine alone)."""
+        host = self.flight_host.strip("[]")
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
     @property
     def flight_location(self) -> str:
-        return f"grpc://{self.flight_host}:{self.flight_port}"
+        return f"{'grpc+tls' if self.tls else 'grpc'}://{self.flight_host}:{self.flight_port}"

@@ -7,16 +7,20 @@ and the buffer segments of that hour stop answering at the same instant.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ibstream.core.errors import CorruptFileError
+from ibstream.core.errors import CorruptFileError, StorageError
 from ibstream.storage.failpoints import io_faults
 from ibstream.storage.quarantine import Damage
+
+log = logging.getLogger(__name__)
 
 COVERAGE_DDL = """
 CREATE TABLE IF NOT EXISTS coverage (
@@ -219,6 +223,14 @@ class CoverageInterval:
     is_open: bool
 
 
+def writable_dir(path: Path) -> bool:
+    """Whether files can be made in ``path`` (False on read-only media; the fault point
+    ``data_root.read_only`` pretends so, where no read-only filesystem can be mounted)."""
+    if io_faults.check("data_root.read_only") is not None:
+        return False
+    return os.access(path, os.W_OK)
+
+
 MAX_IDLE_CONNECTIONS = 8  # connections kept open for the next thread; more are closed
 
 
@@ -248,17 +260,24 @@ class Index:
     def __init__(self, path: Path, *, read_only: bool = False):
         self.path = path
         self.read_only = read_only
-        path.parent.mkdir(parents=True, exist_ok=True)
+        # on read-only media (a mounted snapshot, a DVD), SQLite can make neither the WAL's shared memory nor a
+        # journal: the file is opened immutable, as it was last checkpointed (a clean stop checkpoints everything)
+        self.immutable = read_only and path.exists() and not writable_dir(path.parent)
+        if not self.immutable:
+            path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._open: set[sqlite3.Connection] = set()  # every connection this index opened and did not close
         self._idle: list[sqlite3.Connection] = []  # of those, the ones no thread holds (most recent last)
         self._connections_lock = threading.RLock()  # RLock: a _Held may be collected while it is held
         try:
             conn = self._connection()
-            _migrate(conn)
-            conn.executescript(SCHEMA)
-            if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")  # a new index
+            if self.immutable:
+                self._check_immutable(conn)
+            else:
+                _migrate(conn)
+                conn.executescript(SCHEMA)
+                if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")  # a new index
             conn.execute("SELECT COUNT(*) FROM tick_archives").fetchone()
         except sqlite3.DatabaseError as exc:
             self.close()
@@ -275,6 +294,11 @@ class Index:
         if held is None:
             with self._connections_lock:
                 conn = self._idle.pop() if self._idle else None
+            if conn is None and self.immutable:
+                conn = sqlite3.connect(f"file:{urllib.parse.quote(str(self.path))}?immutable=1", uri=True,
+                                       isolation_level=None, check_same_thread=False)
+                with self._connections_lock:
+                    self._open.add(conn)
             if conn is None:
                 conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
                 conn.execute("PRAGMA journal_mode=WAL")
@@ -283,6 +307,17 @@ class Index:
                     self._open.add(conn)
             held = self._local.held = _Held(conn, self._give_back)
         return held.conn
+
+    def _check_immutable(self, conn: sqlite3.Connection) -> None:
+        (version,) = conn.execute("PRAGMA user_version").fetchone()
+        if version != SCHEMA_VERSION:
+            raise StorageError(
+                f"the index {self.path} on read-only media has schema version {version}, this ibstream reads "
+                f"{SCHEMA_VERSION}; open a writable copy once (e.g. `ibstream verify`) to upgrade it")
+        wal = self.path.with_name(self.path.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            log.warning("%s is on read-only media with a write-ahead log that was never checkpointed (the recorder "
+                        "did not stop cleanly): what only the log holds is not served", self.path)
 
     def _give_back(self, conn: sqlite3.Connection) -> None:
         with self._connections_lock:

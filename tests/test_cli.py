@@ -53,3 +53,67 @@ def test_a_bad_setting_is_one_line_naming_the_variable(tmp_path):
                          env={**os.environ, "IBSTREAM_SCRUB_INTERVAL": "soon"})
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.startswith("ibstream verify: bad setting: IBSTREAM_SCRUB_INTERVAL: ") and "'soon'" in run.stderr
+
+
+def ibstream(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("IBSTREAM_")} | (env or {})
+    return subprocess.run([sys.executable, "-m", "ibstream.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=environment, timeout=timeout)
+
+
+def assert_one_line(run: subprocess.CompletedProcess, *parts: str) -> None:
+    assert run.returncode == 2, (run.returncode, run.stderr)
+    assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    for part in parts:
+        assert part in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("env, parts", [
+    ({"IBSTREAM_CONTRACTS": "[{bad"}, ["ibstream serve: bad setting: IBSTREAM_CONTRACTS is not valid JSON"]),
+    ({"IBSTREAM_CONTRACTS": '[{"con_id": 265598, "tick_types": ["quotes"]}]'},
+     ["bad setting: IBSTREAM_CONTRACTS[0].tick_types[0]: Input should be 'bid_ask', 'last', 'all_last' or "
+      "'mid_point' (got 'quotes')"]),
+    ({"IBSTREAM_ROTATION_INTERVAL": "5 minutes"},
+     ["IBSTREAM_ROTATION_INTERVAL: Input should be a valid timedelta", "durations are ISO-8601, e.g. PT5M"]),
+    ({"IBSTREAM_DATAROOT": "/srv/ticks"}, ["IBSTREAM_DATAROOT is not a setting; did you mean IBSTREAM_DATA_ROOT?"]),
+    ({"IBSTREAM_FLIGHT_HOST": "0.0.0.0"},
+     ["flight_host 0.0.0.0 is not a loopback address: serving it needs TLS", "IBSTREAM_ALLOW_INSECURE=true"]),
+])
+def test_a_bad_setting_is_one_line_and_exit_status_2(tmp_path, env, parts):
+    assert_one_line(ibstream("serve", "--data-root", str(tmp_path), env=env), *parts)
+
+
+def test_each_cli_mistake_is_one_line_and_exit_status_2(tmp_path):
+    assert_one_line(ibstream("serve", "--log-level", "LOUD"),
+                    "ibstream serve: argument --log-level: log level was 'LOUD'; use one of DEBUG, INFO")
+    assert_one_line(ibstream("serve", "--data-root", str(tmp_path / "typo")),
+                    f"{tmp_path / 'typo'} holds no ibstream store", "check --data-root")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert_one_line(ibstream("record", "--synthetic", "--seconds", "1", "--data-root", str(blocker / "data")),
+                    "ibstream record: Not a directory:", "check the path (--data-root / IBSTREAM_DATA_ROOT)")
+
+
+def test_a_port_in_use_and_a_second_recorder_are_one_line(tmp_path):
+    import socket
+
+    data = str(tmp_path / "data")
+    first = subprocess.Popen([sys.executable, "-m", "ibstream.cli", "record", "--synthetic", "--seconds", "30",
+                              "--data-root", data, "--flight-port", "0", "--log-level", "WARNING"], cwd=ROOT,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = __import__("time").monotonic() + 30
+        while not (tmp_path / "data" / "writer.lock").exists() or not (tmp_path / "data" / "index.sqlite").exists():
+            assert __import__("time").monotonic() < deadline
+        assert_one_line(ibstream("record", "--synthetic", "--seconds", "1", "--data-root", data, "--flight-port", "0"),
+                        f"ibstream record: {data} is already open for writing by another process (pid {first.pid})")
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            assert_one_line(ibstream("serve", "--data-root", data, "--flight-port", str(port)),
+                            f"ibstream serve: the Flight server cannot listen on grpc://127.0.0.1:{port}",
+                            "Pick another with --flight-port")
+    finally:
+        first.terminate()
+        first.wait(timeout=30)

@@ -172,7 +172,7 @@ def test_actions_statistics_sessions_coverage(week):
     assert coverage.select("status", "reason").rows() == [("recorded", "subscribed"), ("gap", "disconnected")]
 
     names = [action.type for action in served.client._flight.list_actions()]
-    assert names == ["statistics", "sessions", "coverage"]
+    assert names == ["statistics", "sessions", "coverage", "scrub"]
 
 
 GOOD = {"version": 1, "contract_id": MNQ.contract_id, "tick_types": ["last"], "start": "2026-11-30T15:00:00Z",
