@@ -21,6 +21,8 @@ Examples:
   ibstream reindex --data-root data  # rebuild index.sqlite from the files (lost or damaged index)
   ibstream backup /mnt/backup/ticks-2026-12-01   # a consistent copy, while recording goes on
   ibstream token --name alice --token-file /etc/ibstream/tokens   # a read token for a Flight client
+  ibstream status --data-root data   # streams, last ticks, today's gaps, archival, retention, disk
+  IBSTREAM_RETENTION='[{"ticks_days": 90}]' ibstream prune   # what retention would expire (--apply: do it)
 
 Try the whole chain without IB: `ibstream simulate` in one terminal, `ibstream record` in another.
 """
@@ -119,6 +121,18 @@ def _parser() -> argparse.ArgumentParser:
         sub = verb(name, "data_root", help=summary, description=description)
         if name == "backup":
             sub.add_argument("destination", type=Path, help="a new (or empty) folder for the copy")
+
+    verb("status", "data_root", help="what is stored and how recording goes (safe while recording)",
+         description="Per stream: the last tick and its age, whether it is being recorded, today's coverage gaps "
+         "(UTC), how far archival has come, and its retention; then the buffer's and archive's size and the free "
+         "disk. Reads the store without writing, so it runs beside the recorder.")
+    prune = verb("prune", "data_root", help="expire raw ticks past their retention (a dry run unless --apply)",
+                 description="Lists, per stream, the archived hours whose raw ticks are past IBSTREAM_RETENTION "
+                 "(e.g. '[{\"ticks_days\": 90}]'), their ticks and bytes. With --apply it expires them: queries "
+                 "for them then say they expired, their 1-minute bars and up, statistics and coverage stay, and "
+                 "the files are deleted IBSTREAM_RETENTION_GRACE later (on a later run, or by the recorder's "
+                 "hourly job). --apply needs the writer lock: stop the recorder, or let it do this on schedule.")
+    prune.add_argument("--apply", action="store_true", help="expire them (default: only list what would go)")
     return parser
 
 
@@ -225,6 +239,10 @@ def _run(args: argparse.Namespace) -> int:
         return _maintain(args, _settings(args))
     if args.command == "token":
         return _token(args)
+    if args.command == "status":
+        return _status(_settings(args))
+    if args.command == "prune":
+        return _prune(args, _settings(args))
     settings = _settings(args)
     from ibstream.flight_server.server import FlightServer
     from ibstream.storage.maintenance import require_store
@@ -240,6 +258,66 @@ def _run(args: argparse.Namespace) -> int:
             server.serve()
         except KeyboardInterrupt:
             server.shutdown()
+    return 0
+
+
+def _age(micros: int) -> str:
+    seconds = micros / 1e6
+    for unit, size in (("d", 86_400), ("h", 3_600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**30:,.1f} GB" if n >= 2**30 else f"{n / 2**20:,.1f} MB"
+
+
+def _status(settings) -> int:
+    from ibstream.core.times import iso, now_us
+    from ibstream.storage.maintenance import status
+
+    now = now_us()
+    store = status(settings, now)
+    print(f"{settings.data_root}: {len(store.streams)} streams, {sum(s.ticks for s in store.streams):,} ticks; "
+          f"buffer {_megabytes(store.buffer_bytes)}, archive {_megabytes(store.archive_bytes)}, "
+          f"{_megabytes(store.free_bytes)} free")
+    for s in store.streams:
+        last = "no ticks" if s.last_us is None else f"last tick {iso(s.last_us)} ({_age(now - s.last_us)} ago)"
+        archived = ("nothing archived" if s.archived_until_us is None else
+                    f"archived to {iso(s.archived_until_us)[:16]}Z ({s.buffered_ticks:,} ticks buffered)")
+        kept = "kept for ever" if s.ticks_days is None else f"ticks kept {s.ticks_days} days"
+        if s.expired_until_us is not None:
+            kept += f", expired before {iso(s.expired_until_us)[:16]}Z"
+        gaps = ", ".join(f"{iso(a)[11:16]}-{'now' if b is None else iso(b)[11:16]} {reason}"
+                         for a, b, reason in s.gaps_today[-3:])
+        print(f"  {s.key}: {'recording' if s.recording else 'not recording'}; {last}; {s.ticks:,} ticks; {archived}; "
+              f"{kept}; gaps today: {len(s.gaps_today)}{' (' + gaps + ')' if gaps else ''}")
+    return 0
+
+
+def _prune(args: argparse.Namespace, settings) -> int:
+    from ibstream.core.times import US_PER_HOUR, iso
+    from ibstream.storage.maintenance import require_store
+    from ibstream.storage.store import Store
+
+    require_store(settings)
+    if not settings.retention:
+        print(f"no retention is set (IBSTREAM_RETENTION): {settings.data_root} keeps every tick")
+        return 0
+    with Store(settings, read_only=not args.apply) as store:
+        report = store.prune(apply=args.apply)
+    verb = "expired" if args.apply else "would expire"
+    by_stream: dict[str, list] = {}
+    for entry in report.hours:
+        by_stream.setdefault(f"{entry.contract_id}/{entry.tick_type}", []).append(entry)
+    for name, hours in sorted(by_stream.items()):
+        print(f"  {name}: {len(hours)} hours {iso(hours[0].hour_start_us)[:16]}Z .. "
+              f"{iso(hours[-1].hour_start_us + US_PER_HOUR)[:16]}Z, {sum(h.tick_count for h in hours):,} ticks, "
+              f"{_megabytes(sum(h.file_size_bytes for h in hours))}")
+    print(f"{verb} {len(report.hours)} hours ({report.ticks:,} ticks, {_megabytes(report.bytes)}); "
+          + (f"deleted {report.files_removed} files of hours expired earlier" if args.apply else
+             "run with --apply to expire them"))
     return 0
 
 

@@ -491,11 +491,15 @@ class Archiver:
         """
         if self.root.is_dir():
             published = self.index.all_archive_paths()
+            expired = self.index.expired_paths()
             for path in sorted(self.root.rglob("*")):
+                relative = path.relative_to(self.root).as_posix()
                 if path.name.endswith(TMP_SUFFIX):
                     path.unlink()
                     log.warning("removed unfinished archive file %s (its segments hold the hour)", path)
-                elif path.name == FILE_NAME and path.relative_to(self.root).as_posix() not in published:
+                elif path.name == FILE_NAME and relative in expired and relative not in published:
+                    log.info("archive file %s is of an hour retention expired: left for retention to delete", relative)
+                elif path.name == FILE_NAME and relative not in published:
                     self.adopt(path)
         for key in self.writer.streams():
             self._settle_published_segments(key)

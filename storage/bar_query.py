@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ibstream.core.times import US_PER_HOUR
 from ibstream.storage.archive import read_archive_file
@@ -87,8 +88,19 @@ def _empty(key: StreamKey) -> pl.DataFrame:
 
 
 def _partials(store: "Store", key: StreamKey, start_us: int, end_us: int, step: int) -> pl.DataFrame:
-    """Partial bars of ``step`` over the range, from pre-aggregates where possible."""
-    whole = _preaggregated_hours(store, key, start_us, end_us) if step == PREAGGREGATE_US else {}
+    """Partial bars of ``step`` over the range, from pre-aggregates where possible (and where the
+    raw ticks expired: then the range must cut expired hours on whole minutes)."""
+    expired = {h.hour_start_us for h in store.index.expired(key.contract_id, key.tick_type.value, start_us, end_us)}
+    if expired and step != PREAGGREGATE_US:
+        store.refuse_expired(key, start_us, end_us)  # sub-minute bars need the raw ticks
+    whole = _preaggregated_hours(store, key, start_us, end_us, expired) if step == PREAGGREGATE_US else {}
+    for hour in expired - set(whole):  # an expired hour the range cuts: its minutes in the range
+        lo, hi = max(start_us, hour), min(end_us, hour + US_PER_HOUR)
+        if lo % PREAGGREGATE_US or hi % PREAGGREGATE_US:
+            store.refuse_expired(key, lo, hi)
+        minutes = from_ipc_bytes(_hour_bars_of(store, key, hour))
+        ts = minutes.column("ts").cast(pa.int64())
+        whole[hour] = minutes.filter(pc.and_(pc.greater_equal(ts, lo), pc.less(ts, hi)))
     pieces: list[pa.Table] = []
     cursor = start_us
     for hour in sorted(whole):
@@ -105,6 +117,14 @@ def _partials(store: "Store", key: StreamKey, start_us: int, end_us: int, step: 
     return rollup(frame, key.tick_type, step)  # merges bars split between two pieces or chunks
 
 
+def _hour_bars_of(store: "Store", key: StreamKey, hour: int) -> bytes:
+    blob = store.index.hour_bars(key.contract_id, key.tick_type.value, hour, hour + 1).get(hour)
+    if blob is None:  # never: retention computes them before it expires an hour
+        store.refuse_expired(key, hour, hour + US_PER_HOUR)
+    assert blob is not None
+    return blob
+
+
 def _raw_partials(store: "Store", key: StreamKey, start_us: int, end_us: int, step: int) -> Iterator[pa.Table]:
     batches, rows = [], 0
     for batch in store.plan(key.contract_id, key.tick_type, start_us, end_us).batches():
@@ -117,20 +137,26 @@ def _raw_partials(store: "Store", key: StreamKey, start_us: int, end_us: int, st
         yield partial_table(pa.Table.from_batches(batches), key.tick_type, step)
 
 
-def _preaggregated_hours(store: "Store", key: StreamKey, start_us: int, end_us: int) -> dict[int, pa.Table]:
-    """1-minute partial bars of each archived hour wholly inside the range, by hour start."""
+def _preaggregated_hours(store: "Store", key: StreamKey, start_us: int, end_us: int,
+                         expired: set[int]) -> dict[int, pa.Table]:
+    """1-minute partial bars of each archived (or expired) hour wholly inside the range, by hour start."""
     tick_type = key.tick_type.value
     entries = [e for e in store.index.archives(key.contract_id, tick_type, start_us, end_us)
                if e.hour_start_us >= start_us and e.hour_start_us + US_PER_HOUR <= end_us]
-    if not entries:
+    gone = sorted(h for h in expired if h >= start_us and h + US_PER_HOUR <= end_us)
+    if not entries and not gone:
         return {}
-    stored = store.index.hour_bars(key.contract_id, tick_type, entries[0].hour_start_us, entries[-1].hour_start_us + 1)
+    first = min([e.hour_start_us for e in entries] + gone)
+    last = max([e.hour_start_us for e in entries] + gone)
+    stored = store.index.hour_bars(key.contract_id, tick_type, first, last + 1)
     hours = {}
     for entry in entries:
         blob = stored.get(entry.hour_start_us)
         if blob is None:
             blob = _backfill(store, key, entry.hour_start_us, entry.file_path)
         hours[entry.hour_start_us] = from_ipc_bytes(blob)
+    for hour in gone:
+        hours[hour] = from_ipc_bytes(stored.get(hour) or _hour_bars_of(store, key, hour))
     return hours
 
 

@@ -11,8 +11,27 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RetentionRule(BaseModel):
+    """How long the raw ticks of the streams it names are kept: ``contract_id`` and ``tick_type``
+    narrow it (left out: every contract, every tick type). Their 1-minute pre-aggregates (bars of
+    1m and up), daily statistics and coverage are kept for ever.
+
+    JSON, e.g. ``{"ticks_days": 90}`` (every stream) or
+    ``{"contract_id": 265598, "tick_type": "bid_ask", "ticks_days": 30}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    contract_id: int | None = Field(None, gt=0, le=2**31 - 1)
+    tick_type: Literal["bid_ask", "last", "all_last", "mid_point"] | None = None
+    ticks_days: int = Field(ge=1, le=36_600, description="Days after an hour ends that its raw ticks are kept.")
+
+    @property
+    def specificity(self) -> int:
+        return (self.contract_id is not None) * 2 + (self.tick_type is not None)
 
 
 class StorageSettings(BaseSettings):
@@ -66,6 +85,28 @@ class StorageSettings(BaseSettings):
         description="The recording process checks a few archive files this often (page CRCs, counts, ts order), in "
         "turn, so damage is found and quarantined without waiting for `ibstream verify`; 0 turns it off.")
     scrub_files: int = Field(10, gt=0, description="Archive files checked per scrub run.")
+    retention: tuple[RetentionRule, ...] = Field(
+        (), description="Raw-tick retention, JSON: IBSTREAM_RETENTION='[{\"ticks_days\": 90}]' keeps ticks 90 days "
+        "and 1-minute bars (and up), statistics and coverage for ever. The most specific rule of a stream wins "
+        "(contract and tick type, then contract, then tick type, then neither). Default: keep everything.")
+    retention_check_interval: timedelta = Field(
+        timedelta(hours=1), description="How often the recording process expires ticks past their retention.")
+    retention_grace: timedelta = Field(
+        timedelta(minutes=5), description="An expired hour's file is deleted this long after the index stopped "
+        "naming it, so a reader that planned it just before still reads it whole.")
+
+    @field_validator("retention")
+    @classmethod
+    def _distinct_rules(cls, value: tuple[RetentionRule, ...]) -> tuple[RetentionRule, ...]:
+        scopes = [(r.contract_id, r.tick_type) for r in value]
+        if len(set(scopes)) != len(scopes):
+            raise ValueError("retention names the same contract and tick type twice; keep one rule per scope")
+        return value
+
+    def ticks_days(self, contract_id: int, tick_type: str) -> int | None:
+        """Days the raw ticks of a stream are kept (None: for ever), by its most specific rule."""
+        rules = [r for r in self.retention if r.contract_id in (None, contract_id) and r.tick_type in (None, tick_type)]
+        return max(rules, key=lambda r: r.specificity).ticks_days if rules else None
 
     @field_validator("rotation_interval")
     @classmethod

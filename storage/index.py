@@ -118,6 +118,20 @@ CREATE TABLE IF NOT EXISTS damage (
     damaged_bytes INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS idx_damage_stream ON damage (contract_id, tick_type, start_us);
+
+-- Hours whose raw ticks left the archive by retention (storage.retention): their hour_bars,
+-- data_statistics and coverage stay. file_removed = 0 while the file may still exist (it is
+-- deleted a grace period after the row was written, so readers that planned it read it whole).
+CREATE TABLE IF NOT EXISTS expired_hours (
+    contract_id INTEGER NOT NULL,
+    tick_type TEXT NOT NULL,
+    hour_start_us INTEGER NOT NULL,
+    tick_count INTEGER NOT NULL,
+    file_path TEXT NOT NULL,              -- relative to the archive root
+    expired_at_us INTEGER NOT NULL,
+    file_removed INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (contract_id, tick_type, hour_start_us)
+);
 """
 
 SCHEMA_VERSION = 3  # PRAGMA user_version; 1: before 'unknown' coverage and the damage table; 2: times not named *_us
@@ -173,6 +187,17 @@ class ArchiveEntry:
     tick_count: int
     file_size_bytes: int
     arrow_size_bytes: int
+
+
+@dataclass(frozen=True)
+class ExpiredHour:
+    contract_id: int
+    tick_type: str
+    hour_start_us: int
+    tick_count: int
+    file_path: str
+    expired_at_us: int
+    file_removed: bool
 
 
 @dataclass(frozen=True)
@@ -551,6 +576,53 @@ class Index:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    # -- retention -----------------------------------------------------------------------------
+
+    def expire(self, entries: list[ArchiveEntry], at_us: int) -> None:
+        """In one transaction: these archived hours stop being served (their rows move from
+        ``tick_archives`` to ``expired_hours``); pre-aggregates, statistics and coverage stay."""
+        conn = self._writable()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for e in entries:
+                conn.execute("INSERT OR REPLACE INTO expired_hours VALUES (?, ?, ?, ?, ?, ?, 0)",
+                             (e.contract_id, e.tick_type, e.hour_start_us, e.tick_count, e.file_path, at_us))
+                conn.execute("DELETE FROM tick_archives WHERE contract_id = ? AND tick_type = ? AND hour_start_us = ?",
+                             (e.contract_id, e.tick_type, e.hour_start_us))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def expired(self, contract_id: int | None = None, tick_type: str | None = None, start_us: int = 0,
+                end_us: int = 2**62, *, files_left_before_us: int | None = None) -> list[ExpiredHour]:
+        """Expired hours (of a stream) overlapping [start_us, end_us), oldest first; with
+        ``files_left_before_us``, only those whose file is not yet removed and that expired before it."""
+        sql = "SELECT * FROM expired_hours WHERE hour_start_us < ? AND hour_start_us + ? > ?"
+        args: list = [end_us, 3_600_000_000, start_us]
+        if contract_id is not None:
+            sql, args = sql + " AND contract_id = ? AND tick_type = ?", args + [contract_id, tick_type]
+        if files_left_before_us is not None:
+            sql, args = sql + " AND file_removed = 0 AND expired_at_us <= ?", args + [files_left_before_us]
+        rows = self._connection().execute(sql + " ORDER BY contract_id, tick_type, hour_start_us", args).fetchall()
+        return [ExpiredHour(cid, tick, hour, count, path, at, bool(removed))
+                for cid, tick, hour, count, path, at, removed in rows]
+
+    def expired_until(self, contract_id: int, tick_type: str) -> int | None:
+        """The end of a stream's last expired hour (raw ticks before it are gone), or None."""
+        row = self._connection().execute("SELECT MAX(hour_start_us) FROM expired_hours WHERE contract_id = ? AND "
+                                         "tick_type = ?", (contract_id, tick_type)).fetchone()
+        return None if row[0] is None else row[0] + 3_600_000_000
+
+    def expired_paths(self) -> set[str]:
+        return {row[0] for row in self._connection().execute("SELECT file_path FROM expired_hours")}
+
+    def mark_removed(self, hours: list[ExpiredHour]) -> None:
+        self._writable().executemany(
+            "UPDATE expired_hours SET file_removed = 1 WHERE contract_id = ? AND tick_type = ? AND hour_start_us = ?",
+            [(h.contract_id, h.tick_type, h.hour_start_us) for h in hours])
 
     def put_statistics(self, statistics: DailyStatistics) -> None:
         """Keep a day's statistics; a day with no tick left loses its row."""

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ibstream.core.errors import CorruptFileError, StorageError
-from ibstream.core.times import US_PER_HOUR, now_us
+from ibstream.core.times import US_PER_HOUR, now_us, to_us
 from ibstream.storage.archive import FILE_NAME, Archiver
 from ibstream.storage.config import StorageSettings
 from ibstream.storage.failpoints import failpoint
 from ibstream.storage.index import Index
 from ibstream.storage.quarantine import Damage, quarantine_file
-from ibstream.storage.segments import SUFFIX, SegmentWriter, fsync_dir
+from ibstream.storage.segments import SUFFIX, SegmentWriter, StreamKey, fsync_dir
 from ibstream.storage.store import Store, lock_data_root
 
 log = logging.getLogger(__name__)
@@ -257,3 +257,51 @@ def _copy(source: Path, target: Path, report: Report, *, missing_ok: bool) -> No
     with open(target, "rb") as handle:
         os.fsync(handle.fileno())
     report.files += 1
+
+
+@dataclass
+class StreamStatus:
+    """One stream as ``ibstream status`` shows it (times in µs; None where there is none)."""
+
+    key: StreamKey
+    last_us: int | None
+    ticks: int
+    buffered_ticks: int
+    recording: bool  # its coverage has an open 'recorded' interval
+    archived_until_us: int | None
+    expired_until_us: int | None
+    ticks_days: int | None
+    gaps_today: list[tuple[int, int | None, str]]  # (start, end or None: still open, reason) since 00:00 UTC
+
+
+@dataclass
+class StoreStatus:
+    streams: list[StreamStatus]
+    buffer_bytes: int
+    archive_bytes: int
+    free_bytes: int
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if root.is_dir() else 0
+
+
+def status(settings: StorageSettings, now: int | None = None) -> StoreStatus:
+    """What is stored and how recording goes, from a read-only look at the store (the recorder may run)."""
+    require_store(settings)
+    now = now_us() if now is None else now
+    midnight = now - now % (24 * US_PER_HOUR)
+    with Store(settings, read_only=True) as store:
+        streams = []
+        for info in store.streams():
+            key = StreamKey(info.contract_id, info.tick_type)
+            coverage = store.index.coverage(key.contract_id, key.tick_type.value, midnight, now + 1)
+            streams.append(StreamStatus(
+                key, None if info.last is None else to_us(info.last), info.tick_count, info.buffered_ticks,
+                any(c.is_open and c.status == "recorded" for c in coverage),
+                store.index.archived_until_of(key.contract_id, key.tick_type.value),
+                store.index.expired_until(key.contract_id, key.tick_type.value),
+                settings.ticks_days(key.contract_id, key.tick_type.value),
+                [(max(c.start_us, midnight), c.end_us, c.reason) for c in coverage if c.status != "recorded"]))
+    return StoreStatus(streams, _tree_bytes(settings.buffer_root), _tree_bytes(settings.archive_root),
+                       shutil.disk_usage(settings.data_root).free)

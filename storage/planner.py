@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,8 +179,10 @@ class Planner:
     """Builds :class:`Plan` objects over an index, a buffer folder and (in the recording
     process) the live segment writer."""
 
-    def __init__(self, index: Index, buffer_root: Path, archive_root: Path, writer: SegmentWriter | None):
+    def __init__(self, index: Index, buffer_root: Path, archive_root: Path, writer: SegmentWriter | None,
+                 refuse_expired: Callable[[StreamKey, int, int], None] | None = None):
         self.index = index
+        self.refuse_expired = refuse_expired  # raises for a range whose raw ticks expired (storage.retention)
         self.buffer_root = buffer_root
         self.archive_root = archive_root
         self.writer = writer
@@ -191,6 +193,8 @@ class Planner:
     def plan(self, key: StreamKey, start_us: int, end_us: int, batch_rows: int, subscription=None) -> Plan:
         """The sources of [start_us, end_us); a ``subscription`` (recording process only) is offered
         every batch acknowledged after this plan's snapshot."""
+        if self.refuse_expired is not None:
+            self.refuse_expired(key, start_us, end_us)
         schema = schema_for(key.tick_type)
         sources, tail, open_path = self._buffer_snapshot(key, start_us, end_us, subscription)
         archives = self.index.archives(key.contract_id, key.tick_type.value, start_us, end_us)

@@ -21,6 +21,7 @@ from ibstream.storage.cache import ResultCache
 from ibstream.storage.config import StorageSettings
 from ibstream.storage.index import ArchiveEntry, ContractDetails, CoverageInterval, DailyStatistics, Index
 from ibstream.storage.planner import Plan, Planner
+from ibstream.storage.retention import PruneReport, prune, refuse_expired
 from ibstream.storage.schemas import COVERAGE_SCHEMA, TickType, records_table
 from ibstream.storage.segments import (
     SegmentWriter,
@@ -70,7 +71,8 @@ class Store:
             self.archiver.recover()
             for (cid, tt), until in self.index.archived_until().items():  # after recovery: adopted hours too
                 self.writer.seal(StreamKey(cid, TickType(tt)), until)
-        self.planner = Planner(self.index, self.settings.buffer_root, self.settings.archive_root, self.writer)
+        self.planner = Planner(self.index, self.settings.buffer_root, self.settings.archive_root, self.writer,
+                               self.refuse_expired)
         self.cache = ResultCache(self.settings.cache_max_bytes, self.settings.cache_ttl.total_seconds())
 
     # -- writing -------------------------------------------------------------------------------
@@ -97,10 +99,26 @@ class Store:
             seconds=self.settings.archive_check_interval.total_seconds(),
             id="archiver", max_instances=1, coalesce=True,
         )
+        if self.settings.retention:
+            self._scheduler.add_job(self.prune, "interval", seconds=self.settings.retention_check_interval.total_seconds(),
+                                    id="retention", max_instances=1, coalesce=True)
         if self.settings.scrub_interval.total_seconds() > 0:
             self._scheduler.add_job(self.scrub, "interval", seconds=self.settings.scrub_interval.total_seconds(),
                                     id="scrub", max_instances=1, coalesce=True)
         self._scheduler.start()
+
+    def prune(self, now: datetime | None = None, *, apply: bool = True) -> PruneReport:
+        """Expire raw ticks past their retention (``settings.retention``) and delete the files of hours
+        expired ``retention_grace`` ago; ``apply=False`` only reports (see :mod:`storage.retention`)."""
+        if apply and self.archiver is None:
+            raise StorageError("this store was opened read_only; retention runs in the recording process, or "
+                               "`ibstream prune --apply` with the recorder stopped")
+        return prune(self.settings, self.index, None if now is None else to_us(now, name="now"), apply=apply,
+                     on_expired=self.cache.clear)
+
+    def refuse_expired(self, key: StreamKey, start_us: int, end_us: int) -> None:
+        """Raise :class:`~ibstream.core.errors.ExpiredDataError` if raw ticks of the range expired."""
+        refuse_expired(self.index, self.settings, key, start_us, end_us)
 
     def check_archived(self, entry: ArchiveEntry) -> str | None:
         """Check one published hour; a file that fails is quarantined and reported (see :meth:`scrub`)."""
@@ -144,6 +162,7 @@ class Store:
         key = ("ticks", int(contract_id), TickType.parse(str(tick_type)).value, start_us, end_us)
         closed = self.is_closed(contract_id, tick_type, end_us)
         if closed and (cached := self.cache.get(key)) is not None:
+            self.refuse_expired(StreamKey(int(contract_id), TickType.parse(str(tick_type))), start_us, end_us)
             return cached  # no planning on a hit
         plan = self.plan(contract_id, tick_type, start_us, end_us)
         cacheable = plan.estimated_bytes() <= self.cache.max_bytes // 4  # else stream it: memory stays bounded
@@ -187,7 +206,9 @@ class Store:
         infos = []
         for key in sorted(keys):
             first, last, archived, _ = summary.get((key.contract_id, key.tick_type.value), (None, None, 0, 0))
-            plan = self.plan(key.contract_id, key.tick_type, (last + 1) if last is not None else 0, 2**62)
+            start = (last + 1) if last is not None else (self.index.expired_until(key.contract_id, key.tick_type.value)
+                                                         or 0)
+            plan = self.plan(key.contract_id, key.tick_type, start, 2**62)
             buffered = plan.read_all().column("ts").cast(pa.int64())
             if len(buffered):
                 first = buffered[0].as_py() if first is None else first

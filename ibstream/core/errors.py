@@ -37,6 +37,12 @@ class NotFoundError(IbstreamError, LookupError):
     code: ClassVar[str] = "not_found"
 
 
+class ExpiredDataError(NotFoundError):
+    """The raw ticks of the range left the store by retention; its 1-minute bars and up are kept."""
+
+    code: ClassVar[str] = "expired"
+
+
 class ServerUnavailableError(IbstreamError, ConnectionError):
     """The server cannot be reached or refused the work for now; retrying may help."""
 

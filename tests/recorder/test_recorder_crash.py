@@ -84,7 +84,7 @@ def test_sigkill_mid_stream_then_restart_loses_and_doubles_nothing(tmp_path):
         wait_until(lambda: second.acked["bid_ask"] >= 1_000, timeout=60, what="ticks after the restart")
         gateway.pause()
         wait_until(lambda: all(second.acked[t] == gateway.sent(CID, t).num_rows - sent_before_restart[t]
-                               for t in TICK_TYPES), what="the restarted recorder to catch up")
+                               for t in TICK_TYPES), timeout=60, what="the restarted recorder to catch up")
         second.terminate()
         sent = {t: gateway.sent(CID, t) for t in TICK_TYPES}
 
