@@ -86,8 +86,9 @@ def read_token_file(path: Path) -> list[TokenEntry]:
     """Token entries of a file: one ``<name> <role> sha256:<hex>`` per line; ``#`` starts a comment."""
     try:
         text = path.read_text()
-    except OSError as exc:
-        raise InvalidConfigError(f"the token file {path} cannot be read ({exc.strerror}); "
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        raise InvalidConfigError(f"the token file {path} cannot be read ({reason}); "
                                  "check IBSTREAM_TOKEN_FILE") from None
     entries = []
     for number, line in enumerate(text.splitlines(), 1):
@@ -126,7 +127,8 @@ class Authenticator:
                 "(ibstream.Client(token=...) or IBSTREAM_TOKEN)")
         value = values[0].decode(errors="replace") if isinstance(values[0], bytes) else values[0]
         if not value.startswith(SCHEME):
-            raise UnauthenticatedError(f"the {HEADER} header must be 'Bearer <token>'; got {shown(value[:7])}...")
+            raise UnauthenticatedError(f"the {HEADER} header must be 'Bearer <token>'; got a value not starting "
+                                       "with 'Bearer '")
         digest = hashlib.sha256(value[len(SCHEME):].strip().encode()).digest()
         found = None
         for entry in self.entries:  # every entry, so the time taken says nothing about which one matched

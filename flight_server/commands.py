@@ -261,6 +261,12 @@ class Ticket(BaseModel):
             raise ValueError(f"ticket range is empty: [{iso(self.start_us)}, {iso(min(self.end_us, MAX_US))})")
         if self.end_us > MAX_US and not (self.live and self.end_us == FOREVER_US):
             raise ValueError(f"end_us was {self.end_us}; past 2200-01-01 only a live ticket's open end is allowed")
+        if self.start_us < MIN_US:
+            raise ValueError(f"start_us was {self.start_us}; use a time from 1970-01-01")
+        if self.live and self.fill:
+            raise ValueError("fill applies to stored ranges; a live bar stream sends only bars that have ticks")
+        if self.live and self.resolution == DAILY:
+            raise ValueError("live bars go up to 1h; resolution '1d' is served for stored ranges only")
         _check_bar_options(self.resolution, self.fill, self.daily_session)
         return self
 

@@ -46,7 +46,7 @@ from ibstream.core.errors import (
     shown,
     tagged,
 )
-from ibstream.core.times import FOREVER_US, duration_us, from_us, iso, now_us, to_us
+from ibstream.core.times import FOREVER_US, MAX_US, MIN_US, duration_us, from_us, iso, now_us, to_us
 from ibstream.flight_server.auth import (
     Authenticator,
     AuthMiddlewareFactory,
@@ -157,6 +157,10 @@ class FlightServer(flight.FlightServerBase):
         location = location or self.settings.flight_location
         if tls and location.startswith("grpc://"):
             location = "grpc+tls://" + location.removeprefix("grpc://")
+        if not self.settings.loopback and not self.settings.allow_insecure and not (tls and self.authenticator.enabled):
+            raise InvalidConfigError(f"flight_host {self.settings.flight_host} is not a loopback address and no usable "
+                                     "token is configured (the token file is empty?) or TLS is off; add a token "
+                                     "(`ibstream token`) or set IBSTREAM_ALLOW_INSECURE=true")
         middleware = {"auth": AuthMiddlewareFactory(self.authenticator)} if self.authenticator.enabled else {}
         try:
             super().__init__(location, middleware=middleware, **tls, **kwargs)
@@ -351,6 +355,9 @@ class FlightServer(flight.FlightServerBase):
                 self._check_span(query.resolution, start_us, end_us)
             if query.resolution == DAILY:
                 self.store.sessions(contract_id)  # refuse a contract without trading hours now, not at do_get
+            if not query.live and not (MIN_US <= start_us < end_us <= MAX_US):
+                raise InvalidRequestError(f"the range [{start_us} µs, {end_us} µs) of contract {contract_id} reaches "
+                                          "outside 1970-01-01 .. 2200-01-01; ask for a date inside it")
             tickets += [Ticket(contract_id=contract_id, tick_type=t, start_us=start_us, end_us=end_us,
                                resolution=query.resolution, fill=query.fill,
                                daily_session=query.day_kind if query.resolution == DAILY else None,

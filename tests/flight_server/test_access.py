@@ -317,3 +317,15 @@ def test_hostile_authorization_headers_are_unauthenticated(tmp_path, token_file)
         client.close()
         server.shutdown()
         server.store.close()
+
+
+def test_an_empty_token_file_does_not_open_another_address(tmp_path, pki):
+    empty = tmp_path / "tokens"
+    empty.write_text("# nobody yet\n")
+    with pytest.raises(InvalidConfigError, match="no usable token is configured"):
+        start(tmp_path, flight_host="0.0.0.0", tls_cert_file=pki["server"], tls_key_file=pki["server_key"],
+              token_file=empty)
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe")
+    with pytest.raises(InvalidConfigError, match="it is not UTF-8 text"):
+        read_token_file(binary)

@@ -181,6 +181,8 @@ def test_ten_thousand_hostile_inputs_get_invalid_or_not_found_and_the_server_sta
     ({**GOOD_TICKET, "end_us": 2**62, "live": False}, "past 2200-01-01 only a live ticket's open end is allowed"),
     ({**GOOD_TICKET, "version": 1.0}, "version was 1.0; this server speaks version 1 (the integer)"),
     ({**GOOD_TICKET, "skip": 2**40}, "skip: Input should be less than or equal to 2147483648"),
+    ({**GOOD_TICKET, "end_us": 2**62, "live": True, "resolution": "1d"}, "live bars go up to 1h"),
+    ({**GOOD_TICKET, "end_us": 2**62, "live": True, "resolution": "1m", "fill": True}, "fill applies to stored ranges"),
 ])
 def test_a_forged_ticket_gets_no_more_than_its_command_could(fuzzed, ticket, message):
     _, _, client = fuzzed
