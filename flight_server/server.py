@@ -219,9 +219,11 @@ class FlightServer(flight.FlightServerBase):
         schema = _with_metadata(schema_for(parsed.tick_type), metadata)
         if parsed.skip:  # a cursor without live: the ticks after it, up to end
             plan = self.store.plan(parsed.contract_id, parsed.tick_type, parsed.start_us, parsed.end_us)
+            self._check_rows([plan], TICK)
             batches = Cursor(parsed.start_us, parsed.skip).unseen(plan.batches())
             return flight.GeneratorStream(schema, self._slot(batches, parsed, caller))
-        ticks = self.store.ticks(parsed.contract_id, parsed.tick_type, parsed.start_us, parsed.end_us)
+        ticks = self.store.ticks(parsed.contract_id, parsed.tick_type, parsed.start_us, parsed.end_us,
+                                 check=lambda plan: self._check_rows([plan], TICK))
         if isinstance(ticks, pa.Table):  # a closed range, from the cache
             return flight.RecordBatchStream(_with_metadata(ticks, metadata))
         return flight.GeneratorStream(schema, self._slot(ticks.batches(), parsed, caller))
@@ -391,7 +393,7 @@ class FlightServer(flight.FlightServerBase):
         if ticket.live:
             return
         self._check_span(ticket.resolution, ticket.start_us, ticket.end_us)
-        if _reads_raw_ticks(ticket.resolution):
+        if ticket.resolution != TICK and _reads_raw_ticks(ticket.resolution):  # ticks: checked on the plan they read
             self._check_rows([self.store.plan(ticket.contract_id, ticket.tick_type, ticket.start_us, ticket.end_us)],
                              ticket.resolution)
 

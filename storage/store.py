@@ -6,6 +6,7 @@ import fcntl
 import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -156,15 +157,19 @@ class Store:
         until = self.index.archived_until_of(int(contract_id), TickType.parse(str(tick_type)).value)
         return until is not None and end_us <= until
 
-    def ticks(self, contract_id: int, tick_type: TickType | str, start_us: int, end_us: int) -> pa.Table | Plan:
+    def ticks(self, contract_id: int, tick_type: TickType | str, start_us: int, end_us: int, *,
+              check: Callable[[Plan], object] | None = None) -> pa.Table | Plan:
         """The ticks of a range: a cached table when the range is closed (see :meth:`is_closed`),
-        else the plan to stream them from (never stale)."""
+        else the plan to stream them from (never stale). ``check`` sees the plan before anything is
+        read (the server's row limit); a cache hit was checked when it was computed."""
         key = ("ticks", int(contract_id), TickType.parse(str(tick_type)).value, start_us, end_us)
         closed = self.is_closed(contract_id, tick_type, end_us)
         if closed and (cached := self.cache.get(key)) is not None:
             self.refuse_expired(StreamKey(int(contract_id), TickType.parse(str(tick_type))), start_us, end_us)
             return cached  # no planning on a hit
         plan = self.plan(contract_id, tick_type, start_us, end_us)
+        if check is not None:
+            check(plan)
         cacheable = plan.estimated_bytes() <= self.cache.max_bytes // 4  # else stream it: memory stays bounded
         return self.cache.get_or_compute(key, plan.read_all) if closed and cacheable else plan
 
