@@ -30,6 +30,7 @@ import os
 import re
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -432,6 +433,8 @@ class SegmentWriter:
         self._lock = threading.Lock()
         self.on_damage = on_damage or (lambda damage: None)
         self.forget_listeners: list = []  # called with the paths of segments the archiver removed
+        # called after each acknowledged group commit with (write seconds, fsync seconds; 0 when fsync is off)
+        self.timing_listeners: list[Callable[[float, float], None]] = []
         self._recovered: dict[StreamKey, list[tuple[Path, int, int]]] = {
             key: self._recover(key) for key in list_streams(self.root)}
 
@@ -650,14 +653,19 @@ class SegmentWriter:
         if os.fstat(segment.fd).st_size != segment.offset:
             segment = self._replace_changed(stream, segment)
         try:
+            started = time.perf_counter()
             write_all(segment.fd, message, segment.offset, "segment.write")
+            written = time.perf_counter()
             failpoint("segment.before_fsync")
             if self.settings.fsync == "batch":
                 fsync(segment.fd, "segment.fsync")
+            synced = time.perf_counter()
         except OSError:
             self._undo(stream, segment)
             raise
         segment.offset += len(message)
+        for listener in self.timing_listeners:
+            listener(written - started, synced - written if self.settings.fsync == "batch" else 0.0)
         with stream.state_lock:
             segment.batches.append(batch)
             for subscriber in stream.subscribers:
