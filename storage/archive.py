@@ -48,7 +48,14 @@ from ibstream.core.times import US_PER_HOUR, duration_us, from_us, hour_floor, i
 from ibstream.storage.bars import PREAGGREGATE_US, partial_table, tick_price
 from ibstream.storage.config import StorageSettings
 from ibstream.storage.failpoints import failpoint, io_faults
-from ibstream.storage.index import ArchiveEntry, ContractDetails, CoverageInterval, DailyStatistics, Index
+from ibstream.storage.index import (
+    ArchiveEntry,
+    ContractDetails,
+    CoverageInterval,
+    DailyStatistics,
+    Index,
+    SupersededFile,
+)
 from ibstream.storage.quarantine import Damage, quarantine_file
 from ibstream.storage.schemas import TickType, schema_for
 from ibstream.storage.segments import (
@@ -63,7 +70,9 @@ from ibstream.storage.segments import (
 log = logging.getLogger(__name__)
 
 FILE_NAME = "data.parquet"
+DAY_FOLDER, DAY_PREFIX = "hour=all", "day-"  # compacted day files: date=.../hour=all/day-{made_us}.parquet
 TMP_SUFFIX = ".tmp"
+SUPERSEDED = "superseded"  # {data_root}/superseded/: files compaction replaced, kept for a grace period
 METADATA_KEY = b"ibstream.archive"
 _HIVE = re.compile(r"tick_type=(\w+)/contract_id=(\d+)/date=(\d{4})-(\d\d)-(\d\d)/hour=(\d\d)/" + FILE_NAME + "$")
 
@@ -74,6 +83,54 @@ def archive_relpath(key: StreamKey, hour_start_us: int) -> str:
         f"tick_type={key.tick_type.value}/contract_id={key.contract_id}/"
         f"date={hour:%Y-%m-%d}/hour={hour:%H}/{FILE_NAME}"
     )
+
+
+def day_relpath(key: StreamKey, day_start_us: int, made_us: int) -> str:
+    """Where a compacted day file goes: beside the day's hour folders, as partition ``hour=all``."""
+    return (f"tick_type={key.tick_type.value}/contract_id={key.contract_id}/date={from_us(day_start_us):%Y-%m-%d}/"
+            f"{DAY_FOLDER}/{DAY_PREFIX}{made_us}.parquet")
+
+
+def is_archive_file(path: Path) -> bool:
+    """An hourly ``data.parquet`` or a compacted ``day-*.parquet`` (not a ``.tmp``)."""
+    return path.name == FILE_NAME or (path.parent.name == DAY_FOLDER and path.name.startswith(DAY_PREFIX)
+                                      and path.suffix == ".parquet")
+
+
+def archive_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.parquet") if is_archive_file(p)) if root.is_dir() else []
+
+
+def superseded_path(archive_root: Path, relative: str) -> Path:
+    """Where a file compaction replaced waits out its grace period (readers that planned it look here)."""
+    return archive_root.parent / SUPERSEDED / relative
+
+
+def locate(archive_root: Path, relative: str) -> Path:
+    """An archive file by its index path: in the archive, or (replaced by compaction a moment ago) in superseded/."""
+    path = archive_root / relative
+    if path.exists():
+        return path
+    moved = superseded_path(archive_root, relative)
+    return moved if moved.exists() else path
+
+
+def move_to_superseded(archive_root: Path, relative: str) -> None:
+    """Take a replaced file out of the archive tree (outside engines stop seeing it; our readers still find it)."""
+    source, target = archive_root / relative, superseded_path(archive_root, relative)
+    if not source.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(source, target)
+    fsync_dir(target.parent)
+    fsync_dir(source.parent)
+    remove_empty_dirs(source.parent, archive_root)
+
+
+def remove_empty_dirs(folder: Path, root: Path) -> None:
+    while folder != root and folder.is_dir() and not any(folder.iterdir()):
+        os.rmdir(folder)
+        folder = folder.parent
 
 
 def parquet_options(settings: StorageSettings, schema: pa.Schema) -> dict:
@@ -102,12 +159,14 @@ def open_archive_file(path: Path) -> pq.ParquetFile:
     return pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
 
 
-def read_archive_file(path: Path, name: str | None = None) -> pa.Table:
-    """Every tick of an archive file, checked; :class:`DamagedDataError` names the file (as ``name``) if it fails."""
+def read_archive_file(path: Path, name: str | None = None, row_groups: list[int] | None = None) -> pa.Table:
+    """Every tick of an archive file (or of these row groups of it), checked; :class:`DamagedDataError`
+    names the file (as ``name``) if it fails."""
     name = name or str(path)
     try:
         parquet = open_archive_file(path)
-        table = parquet.read(use_threads=True)
+        table = parquet.read(use_threads=True) if row_groups is None else \
+            parquet.read_row_groups(row_groups, use_threads=True)
     except FileNotFoundError:
         raise
     except (OSError, pa.ArrowException) as exc:
@@ -117,6 +176,11 @@ def read_archive_file(path: Path, name: str | None = None) -> pa.Table:
     if tick_type is None or not table.schema.equals(schema_for(tick_type)):
         raise DamagedDataError(f"archive file {name} does not have a tick schema: {table.schema.names}")
     return table.replace_schema_metadata(schema_for(tick_type).metadata)
+
+
+def read_entry(archive_root: Path, entry: ArchiveEntry) -> pa.Table:
+    """The ticks of one archived hour (its row groups in a day file), checked."""
+    return read_archive_file(locate(archive_root, entry.file_path), entry.file_path, entry.row_groups)
 
 
 def read_segments(paths: list[Path], schema: pa.Schema) -> pa.Table:
@@ -136,6 +200,13 @@ class FileFacts:
     end_us: int | None = None
     contract: dict | None = None
     coverage: list = field(default_factory=list)  # [status, reason, start, end] clipped to the hour
+    row_group_start: int = 0
+    row_group_count: int | None = None  # a day file: the hour's row groups; None: an hourly file
+
+    @property
+    def row_groups(self) -> list[int] | None:
+        return None if self.row_group_count is None else list(
+            range(self.row_group_start, self.row_group_start + self.row_group_count))
 
 
 METADATA_FORMAT = 2  # 1: times named hour_start, start_time, end_time and the contract's updated_at
@@ -153,7 +224,8 @@ def _current_names(facts: dict) -> dict:
     return facts
 
 
-def file_facts(root: Path, path: Path) -> FileFacts:
+def file_facts(root: Path, path: Path) -> list[FileFacts]:
+    """What an archive file says of each hour it holds (an hourly file: one; a day file: each of its hours)."""
     relative = path.relative_to(root).as_posix()
     try:
         metadata = pq.read_metadata(path)
@@ -163,15 +235,18 @@ def file_facts(root: Path, path: Path) -> FileFacts:
     if METADATA_KEY in kv:
         try:
             facts = _current_names(json.loads(kv[METADATA_KEY]))
-            return FileFacts(StreamKey(int(facts["contract_id"]), TickType(facts["tick_type"])), int(facts["hour_start_us"]),
-                             int(facts["tick_count"]), int(facts["start_us"]), int(facts["end_us"]),
-                             facts.get("contract"), facts.get("coverage", []))
+            key = StreamKey(int(facts["contract_id"]), TickType(facts["tick_type"]))
+            hours = facts["hours"] if facts.get("kind") == "day" else [facts]
+            return [FileFacts(key, int(h["hour_start_us"]), int(h["tick_count"]), int(h["start_us"]), int(h["end_us"]),
+                              facts.get("contract"), h.get("coverage", []), int(h.get("row_group_start", 0)),
+                              None if h.get("row_group_count") is None else int(h["row_group_count"]))
+                    for h in hours]
         except (ValueError, KeyError, TypeError) as exc:
             raise DamagedDataError(f"archive file {relative} has unreadable ibstream metadata: {exc}") from None
     place = hive_place(relative)
     if place is None:
         raise DamagedDataError(f"archive file {relative} is not where an hour of a stream belongs")
-    return FileFacts(*place, metadata.num_rows)
+    return [FileFacts(*place, metadata.num_rows)]
 
 
 def hive_place(relative: str) -> tuple[StreamKey, int] | None:
@@ -184,13 +259,21 @@ def hive_place(relative: str) -> tuple[StreamKey, int] | None:
     return StreamKey(int(cid), TickType(tick_type)), hour_us
 
 
-def check_archive_file(root: Path, path: Path, expected: ArchiveEntry | None = None) -> tuple[ArchiveEntry, FileFacts, pa.Table]:
-    """Decode and check an archive file against what it says of itself and what the index says:
-    page CRCs, schema, tick count, ``ts`` order, ``ts`` inside its hour, first and last ``ts``.
+def check_archive_file(root: Path, path: Path, expected: ArchiveEntry | None = None, facts: FileFacts | None = None
+                       ) -> tuple[ArchiveEntry, FileFacts, pa.Table]:
+    """Decode and check one hour of an archive file (``expected``'s, or ``facts``'s; an hourly file's
+    by default) against what the file says of itself and what the index says: page CRCs, schema,
+    tick count, ``ts`` order, ``ts`` inside its hour, first and last ``ts``, size.
     Raises :class:`DamagedDataError` saying what failed."""
     relative = path.relative_to(root).as_posix()
-    facts = file_facts(root, path)
-    table = read_archive_file(path, relative)
+    if facts is None:
+        every = file_facts(root, path)
+        wanted = expected.hour_start_us if expected is not None else every[0].hour_start_us
+        facts = next((f for f in every if f.hour_start_us == wanted), None)
+        if facts is None:
+            raise DamagedDataError(f"archive file {relative} does not hold hour {iso(wanted)}, which the index says "
+                                   "it does")
+    table = read_archive_file(path, relative, facts.row_groups)
     problems = []
     if table.schema.metadata[b"ibstream.tick_type"].decode() != facts.key.tick_type.value:
         problems.append(f"holds {table.schema.metadata[b'ibstream.tick_type'].decode()} ticks, not {facts.key.tick_type}")
@@ -209,13 +292,23 @@ def check_archive_file(root: Path, path: Path, expected: ArchiveEntry | None = N
         if (expected.tick_count, expected.start_us, expected.end_us) != (table.num_rows, int(ts[0]), int(ts[-1])):
             problems.append(f"{table.num_rows} ticks {iso(int(ts[0]))}..{iso(int(ts[-1]))} where the index says "
                             f"{expected.tick_count} ticks {iso(expected.start_us)}..{iso(expected.end_us)}")
-        if expected.file_size_bytes != path.stat().st_size:
+        if expected.row_group_count is None and expected.file_size_bytes != path.stat().st_size:
             problems.append(f"{path.stat().st_size} bytes where the index says {expected.file_size_bytes}")
     if problems:
-        raise DamagedDataError(f"archive file {relative}: " + "; ".join(problems))
+        raise DamagedDataError(f"archive file {relative}" + ("" if facts.row_groups is None else
+                                                              f" hour {iso(facts.hour_start_us)}") +
+                               ": " + "; ".join(problems))
+    size = path.stat().st_size if facts.row_groups is None else row_groups_bytes(path, facts.row_groups)
     entry = ArchiveEntry(facts.key.contract_id, facts.key.tick_type.value, facts.hour_start_us, int(ts[0]), int(ts[-1]),
-                         relative, table.num_rows, path.stat().st_size, table.nbytes)
+                         relative, table.num_rows, size, table.nbytes, facts.row_group_start, facts.row_group_count)
     return entry, facts, table
+
+
+def row_groups_bytes(path: Path, row_groups: list[int]) -> int:
+    """The compressed bytes of these row groups of a Parquet file (an hour's share of a day file)."""
+    metadata = pq.read_metadata(path)
+    return sum(metadata.row_group(g).column(c).total_compressed_size for g in row_groups
+               for c in range(metadata.num_columns))
 
 
 def contains(whole: pa.Table, part: pa.Table) -> bool:
@@ -306,6 +399,7 @@ class Archiver:
                     continue
                 if entry is not None:
                     published.append(entry)
+        self.writer.coalesce_closed()  # what stays buffered: small group commits -> large compressed batches
         self._storage_state(None)
         return published
 
@@ -371,7 +465,7 @@ class Archiver:
         first_us, last_us = ts[0].as_py(), ts[-1].as_py()
         facts = FileFacts(key, hour, table.num_rows, first_us, last_us,
                           self._contract_facts(key.contract_id),
-                          _coverage_facts(self.index.coverage(key.contract_id, key.tick_type.value, hour, hour_end),
+                          coverage_facts(self.index.coverage(key.contract_id, key.tick_type.value, hour, hour_end),
                                           hour, hour_end))
         file_size = self._write_atomically(table, path, facts)
         entry = ArchiveEntry(
@@ -430,12 +524,14 @@ class Archiver:
         that hour's (the hour in publication); all zero when the day has no file left."""
         day_start = hour - hour % (24 * US_PER_HOUR)
         published = self.index.archives(key.contract_id, key.tick_type.value, day_start, day_start + 24 * US_PER_HOUR)
-        files = [self.root / e.file_path for e in published if e.hour_start_us != hour or new_file is None]
-        files += [new_file] if new_file is not None else []
+        frames = [pl.scan_parquet(locate(self.root, e.file_path)) if e.row_group_count is None
+                  else pl.from_arrow(read_entry(self.root, e)).lazy()  # type: ignore[union-attr]
+                  for e in published if e.hour_start_us != hour or new_file is None]
+        frames += [pl.scan_parquet(new_file)] if new_file is not None else []
         date = f"{datetime.fromtimestamp(hour / 1e6, UTC):%Y-%m-%d}"
-        if not files:
+        if not frames:
             return DailyStatistics(key.contract_id, key.tick_type.value, date, 0, 0, None, None, None, None)
-        return day_statistics(key, date, [pl.scan_parquet(f) for f in files])
+        return day_statistics(key, date, frames)
 
     # -- checking what is published ---------------------------------------------------------
 
@@ -453,18 +549,46 @@ class Archiver:
 
     def retire(self, entry: ArchiveEntry, reason: str) -> None:
         """Take a failed archived hour out of service: drop its index rows (readers stop using it at
-        once), quarantine its file, record the damage, recompute its day's statistics."""
+        once), quarantine its file, record the damage, recompute its day's statistics. The other
+        hours of a day file are first rewritten as hourly files where they still read whole."""
         self.index.remove_archive(entry.contract_id, entry.tick_type, entry.hour_start_us)
+        for other in self.index.entries_of(entry.file_path):
+            self._salvage(other, reason)
         path = self.root / entry.file_path
         if path.exists():
-            self._quarantine_file(path, reason)
+            moved = quarantine_file(self.settings.data_root, path, {"reason": reason})
+            self._record_hour_damage(entry, reason, moved.relative_to(self.settings.data_root).as_posix(),
+                                     moved.stat().st_size)
         else:
-            self.index.record_damage(Damage(entry.contract_id, entry.tick_type, entry.hour_start_us,
-                                            entry.hour_start_us + US_PER_HOUR - 1,
-                                            path.relative_to(self.settings.data_root).as_posix(), "", reason[:500],
-                                            now_us()))
+            self._record_hour_damage(entry, reason)
         key = StreamKey(entry.contract_id, TickType(entry.tick_type))
         self.index.put_statistics(self._statistics_with(key, entry.hour_start_us))
+
+    def _salvage(self, entry: ArchiveEntry, reason: str) -> None:
+        """An hour of a damaged day file: into an hourly file of its own if it reads whole, else retired too."""
+        key = StreamKey(entry.contract_id, TickType(entry.tick_type))
+        try:
+            _, facts, table = check_archive_file(self.root, self.root / entry.file_path, entry)
+        except DamagedDataError as exc:
+            self.index.remove_archive(entry.contract_id, entry.tick_type, entry.hour_start_us)
+            self._record_hour_damage(entry, str(exc))
+            return
+        relpath = archive_relpath(key, entry.hour_start_us)
+        size = self._write_atomically(table, self.root / relpath, FileFacts(
+            key, entry.hour_start_us, table.num_rows, entry.start_us, entry.end_us,
+            self._contract_facts(key.contract_id), facts.coverage))
+        hourly = ArchiveEntry(entry.contract_id, entry.tick_type, entry.hour_start_us, entry.start_us, entry.end_us,
+                              relpath, entry.tick_count, size, entry.arrow_size_bytes)
+        self.index.swap_compacted([entry], [hourly], {entry.hour_start_us: ipc_bytes(
+            partial_table(table, key.tick_type, PREAGGREGATE_US))}, now_us(), supersede=False)
+        log.warning("%s hour %s moved out of the damaged day file %s into %s (%d ticks, all checked): %s",
+                    key, iso(entry.hour_start_us), entry.file_path, relpath, entry.tick_count, reason)
+
+    def _record_hour_damage(self, entry: ArchiveEntry, reason: str, quarantined: str = "", size: int = 0) -> None:
+        self.index.record_damage(Damage(entry.contract_id, entry.tick_type, entry.hour_start_us,
+                                        entry.hour_start_us + US_PER_HOUR - 1,
+                                        (self.root / entry.file_path).relative_to(self.settings.data_root).as_posix(),
+                                        quarantined, reason[:500], now_us(), size))
 
     def scrub(self, count: int) -> list[str]:
         """Check the next ``count`` published hours, in turn across calls; returns what failed."""
@@ -492,34 +616,78 @@ class Archiver:
         if self.root.is_dir():
             published = self.index.all_archive_paths()
             expired = self.index.expired_paths()
+            superseded = {f.file_path for f in self.index.superseded()}
             for path in sorted(self.root.rglob("*")):
                 relative = path.relative_to(self.root).as_posix()
                 if path.name.endswith(TMP_SUFFIX):
                     path.unlink()
-                    log.warning("removed unfinished archive file %s (its segments hold the hour)", path)
-                elif path.name == FILE_NAME and relative in expired and relative not in published:
+                    log.warning("removed unfinished archive file %s (the files it was made from hold its ticks)", path)
+                elif not is_archive_file(path) or relative in published:
+                    continue
+                elif relative in superseded:  # compaction swapped the index and was cut off before moving it
+                    move_to_superseded(self.root, relative)
+                    log.info("moved archive file %s, which compaction replaced, to %s/", relative, SUPERSEDED)
+                elif relative in expired:
                     log.info("archive file %s is of an hour retention expired: left for retention to delete", relative)
-                elif path.name == FILE_NAME and relative not in published:
+                else:
                     self.adopt(path)
         for key in self.writer.streams():
             self._settle_published_segments(key)
 
-    def adopt(self, path: Path) -> ArchiveEntry | None:
-        """Index an archive file the index does not know, from its own contents; quarantine it if damaged."""
+    def adopt(self, path: Path) -> list[ArchiveEntry]:
+        """Index an archive file the index does not know, from its own contents; quarantine it if damaged.
+
+        An hour the index already answers from another file (one side of a compaction cut off) is
+        compared row for row: a file whose every hour is held that way is redundant and superseded;
+        one that disagrees is quarantined (the indexed file keeps answering)."""
         relative = path.relative_to(self.root).as_posix()
         try:
-            entry, facts, table = check_archive_file(self.root, path)
+            hours = [check_archive_file(self.root, path, facts=facts) for facts in file_facts(self.root, path)]
         except DamagedDataError as exc:
             self._quarantine_file(path, str(exc))
-            return None
+            return []
+        new, held_by = [], set()
+        for entry, facts, table in hours:
+            if self.index.expired(entry.contract_id, entry.tick_type, entry.hour_start_us, entry.hour_start_us + 1):
+                continue  # retention's to delete
+            indexed = self.index.archives(entry.contract_id, entry.tick_type, entry.hour_start_us,
+                                          entry.hour_start_us + 1)
+            if indexed:
+                try:
+                    same = read_entry(self.root, indexed[0]).equals(table)
+                except (DamagedDataError, FileNotFoundError):
+                    same = False
+                if not same:
+                    self._quarantine_file(path, f"an archive file the index did not know, holding {facts.key} hour "
+                                                f"{iso(entry.hour_start_us)} other than {indexed[0].file_path} (which "
+                                                "keeps answering)", damage=False)
+                    return []
+                held_by.add(indexed[0].file_path)
+                continue
+            segments, buffered = self._hour_segments(facts.key, facts.hour_start_us)
+            if segments and not (buffered.num_rows == table.num_rows and contains(table, buffered)):
+                self._quarantine_file(path, f"an archive file the index did not know, for hour "
+                                            f"{iso(facts.hour_start_us)} whose {len(segments)} buffered segments hold "
+                                            "other ticks; the segments keep serving and are archived again",
+                                      damage=False)
+                return []
+            new.append((entry, facts, table))
+        if not new:
+            if held_by:  # every hour is answered, row for row, by other files: redundant
+                self.index.add_superseded([SupersededFile(relative, sorted(held_by)[0], now_us())])
+                move_to_superseded(self.root, relative)
+                log.warning("archive file %s holds only hours other files answer, row for row: moved to %s/ "
+                            "(deleted after retention_grace)", relative, SUPERSEDED)
+            return []
+        day_file = new[0][1].row_groups is not None
+        adopted = [self._adopt_hour(path, entry, facts, table, statistics=not day_file) for entry, facts, table in new]
+        if day_file:  # the day's statistics once, over every hour now indexed
+            self.index.put_statistics(self._statistics_with(new[0][1].key, new[0][1].hour_start_us))
+        return adopted
+
+    def _adopt_hour(self, path: Path, entry: ArchiveEntry, facts: FileFacts, table: pa.Table, *,
+                    statistics: bool) -> ArchiveEntry:
         key = facts.key
-        segments, buffered = self._hour_segments(key, facts.hour_start_us) if self.writer else ([], None)
-        if segments and buffered is not None and not (buffered.num_rows == table.num_rows
-                                                      and contains(table, buffered)):
-            self._quarantine_file(path, f"an archive file the index did not know, for hour {iso(facts.hour_start_us)} "
-                                        f"whose {len(segments)} buffered segments hold other ticks; the segments "
-                                        "keep serving and are archived again", damage=False)
-            return None
         if facts.contract and self.index.contract(key.contract_id) is None:
             self.index.upsert_contract(ContractDetails(**facts.contract))
         hour_end = facts.hour_start_us + US_PER_HOUR
@@ -528,9 +696,10 @@ class Archiver:
             self.index.add_coverage([CoverageInterval(key.contract_id, key.tick_type.value, status, reason, start, end,
                                                       False) for status, reason, start, end in rows])
         minute_bars = ipc_bytes(partial_table(table, key.tick_type, PREAGGREGATE_US))
-        self.index.publish(entry, self._statistics_with(key, facts.hour_start_us, path), minute_bars)
-        log.warning("re-indexed archive file %s from its own contents: %s hour %s, %d ticks", relative, key,
-                    iso(facts.hour_start_us), entry.tick_count)
+        self.index.publish(entry, self._statistics_with(key, facts.hour_start_us, path) if statistics else None,
+                           minute_bars)
+        log.warning("re-indexed archive file %s from its own contents: %s hour %s, %d ticks",
+                    path.relative_to(self.root).as_posix(), key, iso(facts.hour_start_us), entry.tick_count)
         return entry
 
     def _settle_published_segments(self, key: StreamKey) -> None:
@@ -546,7 +715,7 @@ class Archiver:
     def _settle_hour(self, key: StreamKey, entry: ArchiveEntry, paths: list[Path]) -> None:
         """Segments of a published hour: delete each one the file holds row for row, quarantine the rest."""
         try:
-            archived = read_archive_file(self.root / entry.file_path)
+            archived = read_entry(self.root, entry)
         except (DamagedDataError, FileNotFoundError) as exc:
             log.error("%s hour %s is published but its file cannot be read (%s); its %d segments are kept. "
                       "Run `ibstream verify`", key, iso(entry.hour_start_us), exc, len(paths))
@@ -583,7 +752,7 @@ class Archiver:
                                             moved.stat().st_size))
 
 
-def _coverage_facts(rows: list[CoverageInterval], start: int, end: int) -> list:
+def coverage_facts(rows: list[CoverageInterval], start: int, end: int) -> list:
     """Coverage rows clipped to [start, end), as kept in an archive file's metadata."""
     clipped = []
     for row in rows:

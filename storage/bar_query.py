@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ibstream.core.times import US_PER_HOUR
-from ibstream.storage.archive import read_archive_file
+from ibstream.storage.archive import read_entry
 from ibstream.storage.bars import (
     BAR_RESOLUTIONS,
     DAILY,
@@ -41,6 +41,7 @@ from ibstream.storage.bars import (
     rollup,
     rollup_sessions,
 )
+from ibstream.storage.index import ArchiveEntry
 from ibstream.storage.schemas import TIMESTAMP
 from ibstream.storage.segments import StreamKey, from_ipc_bytes, ipc_bytes
 
@@ -153,16 +154,17 @@ def _preaggregated_hours(store: "Store", key: StreamKey, start_us: int, end_us: 
     for entry in entries:
         blob = stored.get(entry.hour_start_us)
         if blob is None:
-            blob = _backfill(store, key, entry.hour_start_us, entry.file_path)
+            blob = _backfill(store, key, entry)
         hours[entry.hour_start_us] = from_ipc_bytes(blob)
     for hour in gone:
         hours[hour] = from_ipc_bytes(stored.get(hour) or _hour_bars_of(store, key, hour))
     return hours
 
 
-def _backfill(store: "Store", key: StreamKey, hour: int, file_path: str) -> bytes:
+def _backfill(store: "Store", key: StreamKey, entry: ArchiveEntry) -> bytes:
     """Pre-aggregates of an hour archived before they existed; kept if this store may write."""
-    ticks = read_archive_file(store.settings.archive_root / file_path, file_path)
+    hour = entry.hour_start_us
+    ticks = read_entry(store.settings.archive_root, entry)
     blob = ipc_bytes(partial_table(ticks, key.tick_type, PREAGGREGATE_US))
     if not store.read_only:
         store.index.put_hour_bars(key.contract_id, key.tick_type.value, hour, blob)

@@ -92,8 +92,16 @@ class StorageSettings(BaseSettings):
     retention_check_interval: timedelta = Field(
         timedelta(hours=1), description="How often the recording process expires ticks past their retention.")
     retention_grace: timedelta = Field(
-        timedelta(minutes=5), description="An expired hour's file is deleted this long after the index stopped "
-        "naming it, so a reader that planned it just before still reads it whole.")
+        timedelta(minutes=5), description="An expired hour's file (and an hourly file compaction replaced) is "
+        "deleted this long after the index stopped naming it, so a reader that planned it just before still reads "
+        "it whole.")
+    compact_check_interval: timedelta = Field(
+        timedelta(hours=1), description="How often the recording process merges closed UTC days of hourly archive "
+        "files into one file per stream and day (row groups per hour); 0 turns it off (`ibstream compact` still "
+        "works).")
+    compact_delay: timedelta = Field(
+        timedelta(hours=1), description="A UTC day is compacted once it ended this long ago and every hour of it "
+        "is archived.")
 
     @field_validator("retention")
     @classmethod

@@ -50,6 +50,8 @@ CREATE TABLE IF NOT EXISTS tick_archives (
     arrow_size_bytes INTEGER NOT NULL,    -- in-memory (uncompressed Arrow) size
     compression_ratio REAL NOT NULL,      -- arrow_size_bytes / file_size_bytes
     created_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    row_group_start INTEGER NOT NULL DEFAULT 0, -- a compacted day file: the hour's first row group
+    row_group_count INTEGER,              -- ... and how many it has; NULL: an hourly file, all of it
     UNIQUE (contract_id, tick_type, hour_start_us)
 );
 CREATE INDEX IF NOT EXISTS idx_archives_contract_time
@@ -132,9 +134,19 @@ CREATE TABLE IF NOT EXISTS expired_hours (
     file_removed INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (contract_id, tick_type, hour_start_us)
 );
+
+-- Hourly archive files that compaction (storage.compaction) replaced by a day file: from the index
+-- swap on they answer no new plan; they are moved to {data_root}/superseded/ (where readers that
+-- planned them before the swap still find them) and deleted a grace period later.
+CREATE TABLE IF NOT EXISTS superseded_files (
+    file_path TEXT PRIMARY KEY,           -- relative to the archive root (and to superseded/)
+    replaced_by TEXT NOT NULL,            -- the day file, relative to the archive root
+    superseded_at_us INTEGER NOT NULL
+);
 """
 
-SCHEMA_VERSION = 3  # PRAGMA user_version; 1: before 'unknown' coverage and the damage table; 2: times not named *_us
+SCHEMA_VERSION = 4  # PRAGMA user_version; 1: before 'unknown' coverage and the damage table; 2: times not named *_us;
+#                     3: before compaction (no row groups in tick_archives)
 
 _RENAMED_V3 = {  # table: {column before version 3: its name since}
     "tick_archives": {"hour_start": "hour_start_us", "start_time": "start_us", "end_time": "end_us"},
@@ -168,6 +180,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
             for old, new in renames.items():
                 if old in columns:  # RENAME COLUMN carries indexes and constraints along
                     conn.execute(f"ALTER TABLE {table} RENAME COLUMN {old} TO {new}")
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(tick_archives)")}
+        if "row_group_start" not in columns:  # version 4: compacted day files
+            conn.execute("ALTER TABLE tick_archives ADD COLUMN row_group_start INTEGER NOT NULL DEFAULT 0")
+            conn.execute("ALTER TABLE tick_archives ADD COLUMN row_group_count INTEGER")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         conn.execute("COMMIT")
     except BaseException:
@@ -185,8 +201,23 @@ class ArchiveEntry:
     end_us: int
     file_path: str
     tick_count: int
-    file_size_bytes: int
+    file_size_bytes: int  # an hourly file's size; in a day file, the hour's row groups' (compressed) bytes
     arrow_size_bytes: int
+    row_group_start: int = 0
+    row_group_count: int | None = None  # None: an hourly file (every row group); else the hour's in a day file
+
+    @property
+    def row_groups(self) -> list[int] | None:
+        """The row groups of the file that hold this hour (None: all of them)."""
+        return None if self.row_group_count is None else list(range(self.row_group_start,
+                                                                    self.row_group_start + self.row_group_count))
+
+
+@dataclass(frozen=True)
+class SupersededFile:
+    file_path: str
+    replaced_by: str
+    superseded_at_us: int
 
 
 @dataclass(frozen=True)
@@ -273,6 +304,10 @@ class _Held:
             self.give_back(self.conn)
         except Exception:  # interpreter shutdown: nothing left to give back to
             pass
+
+
+_ENTRY_COLUMNS = ("contract_id, tick_type, hour_start_us, start_us, end_us, file_path, tick_count, file_size_bytes, "
+                  "arrow_size_bytes, row_group_start, row_group_count")  # ArchiveEntry's fields, in order
 
 
 class Index:
@@ -369,23 +404,26 @@ class Index:
 
     # -- archive -------------------------------------------------------------------------------
 
-    def publish(self, entry: ArchiveEntry, statistics: DailyStatistics, minute_bars: bytes) -> None:
-        """Record an archived hour, its 1-minute partial bars and its day's statistics in one transaction."""
+    def publish(self, entry: ArchiveEntry, statistics: DailyStatistics | None, minute_bars: bytes) -> None:
+        """Record an archived hour, its 1-minute partial bars and its day's statistics (None: left for the
+        caller) in one transaction."""
         conn = self._writable()
         conn.execute("BEGIN IMMEDIATE")
         try:
             self._put_hour_bars(conn, entry.contract_id, entry.tick_type, entry.hour_start_us, minute_bars)
             conn.execute(
                 "INSERT INTO tick_archives (contract_id, tick_type, hour_start_us, start_us, end_us, "
-                "file_path, tick_count, file_size_bytes, arrow_size_bytes, compression_ratio) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "file_path, tick_count, file_size_bytes, arrow_size_bytes, compression_ratio, row_group_start, "
+                "row_group_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     entry.contract_id, entry.tick_type, entry.hour_start_us, entry.start_us, entry.end_us,
                     entry.file_path, entry.tick_count, entry.file_size_bytes, entry.arrow_size_bytes,
-                    entry.arrow_size_bytes / max(entry.file_size_bytes, 1),
+                    entry.arrow_size_bytes / max(entry.file_size_bytes, 1), entry.row_group_start,
+                    entry.row_group_count,
                 ),
             )
-            self._put_statistics(conn, statistics)
+            if statistics is not None:
+                self._put_statistics(conn, statistics)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -394,8 +432,7 @@ class Index:
     def archives(self, contract_id: int, tick_type: str, start_us: int, end_us: int) -> list[ArchiveEntry]:
         """Archived hours of a stream whose hour overlaps [start_us, end_us), oldest first."""
         rows = self._connection().execute(
-            "SELECT contract_id, tick_type, hour_start_us, start_us, end_us, file_path, tick_count, "
-            "file_size_bytes, arrow_size_bytes FROM tick_archives "
+            f"SELECT {_ENTRY_COLUMNS} FROM tick_archives "
             "WHERE contract_id = ? AND tick_type = ? AND hour_start_us < ? AND hour_start_us + 3600000000 > ? "
             "ORDER BY hour_start_us",
             (contract_id, tick_type, end_us, start_us),
@@ -405,9 +442,57 @@ class Index:
     def archives_all(self) -> list[ArchiveEntry]:
         """Every archived hour, by stream and hour."""
         rows = self._connection().execute(
-            "SELECT contract_id, tick_type, hour_start_us, start_us, end_us, file_path, tick_count, "
-            "file_size_bytes, arrow_size_bytes FROM tick_archives ORDER BY contract_id, tick_type, hour_start_us")
+            f"SELECT {_ENTRY_COLUMNS} FROM tick_archives ORDER BY contract_id, tick_type, hour_start_us")
         return [ArchiveEntry(*row) for row in rows]
+
+    def entries_of(self, file_path: str) -> list[ArchiveEntry]:
+        """The archived hours a file answers for (a day file: several), oldest first."""
+        rows = self._connection().execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM tick_archives WHERE file_path = ? ORDER BY hour_start_us", (file_path,))
+        return [ArchiveEntry(*row) for row in rows]
+
+    def swap_compacted(self, old: list[ArchiveEntry], new: list[ArchiveEntry], minute_bars: dict[int, bytes],
+                       at_us: int, *, supersede: bool = True) -> None:
+        """In one transaction: the hours of ``old`` are answered by ``new`` (rows of a day file) from now
+        on, with the 1-minute bars computed from the new file; the files of ``old`` become superseded."""
+        conn = self._writable()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for before, after in zip(old, new, strict=True):
+                updated = conn.execute(
+                    "UPDATE tick_archives SET file_path = ?, file_size_bytes = ?, row_group_start = ?, "
+                    "row_group_count = ?, compression_ratio = ? WHERE contract_id = ? AND tick_type = ? "
+                    "AND hour_start_us = ? AND file_path = ?",
+                    (after.file_path, after.file_size_bytes, after.row_group_start, after.row_group_count,
+                     after.arrow_size_bytes / max(after.file_size_bytes, 1), before.contract_id, before.tick_type,
+                     before.hour_start_us, before.file_path)).rowcount
+                if updated != 1:
+                    raise StorageError(f"compaction: hour {before.hour_start_us} of {before.contract_id} "
+                                       f"{before.tick_type} changed in the index meanwhile; nothing was swapped")
+                self._put_hour_bars(conn, after.contract_id, after.tick_type, after.hour_start_us,
+                                    minute_bars[after.hour_start_us])
+            replaced_by = new[0].file_path
+            for path in sorted({e.file_path for e in old} - {replaced_by}) if supersede else ():
+                conn.execute("INSERT OR REPLACE INTO superseded_files VALUES (?, ?, ?)", (path, replaced_by, at_us))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def superseded(self, before_us: int | None = None) -> list[SupersededFile]:
+        """Files compaction replaced (superseded before ``before_us``), oldest first."""
+        sql, args = "SELECT file_path, replaced_by, superseded_at_us FROM superseded_files", ()
+        if before_us is not None:
+            sql, args = sql + " WHERE superseded_at_us <= ?", (before_us,)
+        return [SupersededFile(*row) for row in self._connection().execute(sql + " ORDER BY superseded_at_us", args)]
+
+    def add_superseded(self, files: list[SupersededFile]) -> None:
+        self._writable().executemany("INSERT OR REPLACE INTO superseded_files VALUES (?, ?, ?)",
+                                     [(f.file_path, f.replaced_by, f.superseded_at_us) for f in files])
+
+    def forget_superseded(self, paths: list[str]) -> None:
+        self._writable().executemany("DELETE FROM superseded_files WHERE file_path = ?", [(p,) for p in paths])
 
     def hour_bars(self, contract_id: int, tick_type: str, start_us: int, end_us: int) -> dict[int, bytes]:
         """The 1-minute partial bars of archived hours starting in [start_us, end_us), by hour."""

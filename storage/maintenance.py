@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ibstream.core.errors import CorruptFileError, StorageError
 from ibstream.core.times import US_PER_HOUR, now_us, to_us
-from ibstream.storage.archive import FILE_NAME, Archiver
+from ibstream.storage.archive import Archiver, archive_files, locate
 from ibstream.storage.config import StorageSettings
 from ibstream.storage.failpoints import failpoint
 from ibstream.storage.index import Index
@@ -96,12 +96,12 @@ def _reindex(settings: StorageSettings, progress: Progress) -> Report:
         _carry_over(old, new)
     writer = SegmentWriter(settings, on_damage=new.record_damage)
     archiver = Archiver(settings, new, writer)
-    files = sorted(settings.archive_root.rglob(FILE_NAME)) if settings.archive_root.is_dir() else []
+    files = archive_files(settings.archive_root)
     for path in progress(files, "re-indexing archive files", len(files)):
-        entry = archiver.adopt(path)
-        if entry is not None:
+        entries = archiver.adopt(path)
+        if entries:
             report.files += 1
-            report.ticks += entry.tick_count
+            report.ticks += sum(entry.tick_count for entry in entries)
     archiver.recover()  # segments of published hours, proven redundant or quarantined
     if old is not None:
         _report_missing(old, new, report)
@@ -147,6 +147,11 @@ def _carry_over(old: Index, new: Index) -> None:
         "VALUES (?, ?, ?, ?, ?, ?, ?)", rows.fetchall())
     for damage in old.damage():
         new.record_damage(damage)
+    # what retention expired stays expired (a file in its grace period is not re-adopted), and what
+    # compaction replaced stays replaced
+    new._connection().executemany("INSERT OR REPLACE INTO expired_hours VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                  old._connection().execute("SELECT * FROM expired_hours").fetchall())
+    new.add_superseded(old.superseded())
 
 
 def _report_missing(old: Index, new: Index, report: Report) -> None:
@@ -230,10 +235,14 @@ def backup(settings: StorageSettings, destination: Path, progress: Progress = _q
     snapshot.close()
     for leftover in _sidecars(copied):
         leftover.unlink(missing_ok=True)
-    for entry in progress(entries, "copying archive files", len(entries)):
-        source = settings.archive_root / entry.file_path
-        _copy(source, partial / source.relative_to(settings.data_root), report, missing_ok=False)
-        report.ticks += entry.tick_count
+    files: dict[str, int] = {}  # a compacted day file answers for several hours
+    for entry in entries:
+        files[entry.file_path] = files.get(entry.file_path, 0) + entry.tick_count
+    for relative, ticks in progress(files.items(), "copying archive files", len(files)):
+        source = locate(settings.archive_root, relative)  # compaction may have replaced it since the index copy
+        _copy(source, partial / settings.archive_root.relative_to(settings.data_root) / relative, report,
+              missing_ok=False)
+        report.ticks += ticks
     failpoint("backup.before_rename")
     (partial / BACKUP_MARK).unlink()
     for folder in sorted({p.parent for p in partial.rglob("*")} | {partial}, key=lambda p: -len(p.parts)):

@@ -17,12 +17,11 @@ archived, expired again on the next run.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 
 from ibstream.core.errors import ExpiredDataError
 from ibstream.core.times import MAX_US, US_PER_HOUR, duration_us, iso, now_us
-from ibstream.storage.archive import read_archive_file
+from ibstream.storage.archive import read_entry, remove_empty_dirs
 from ibstream.storage.bars import PREAGGREGATE_US, partial_table
 from ibstream.storage.config import StorageSettings
 from ibstream.storage.failpoints import failpoint
@@ -101,36 +100,37 @@ def _keep_minute_bars(settings: StorageSettings, index: Index, hours: list[Archi
     they are all that is left of the hour."""
     for entry in hours:
         if not index.hour_bars(entry.contract_id, entry.tick_type, entry.hour_start_us, entry.hour_start_us + 1):
-            ticks = read_archive_file(settings.archive_root / entry.file_path, entry.file_path)
+            ticks = read_entry(settings.archive_root, entry)
             key = StreamKey(entry.contract_id, TickType(entry.tick_type))
             index.put_hour_bars(entry.contract_id, entry.tick_type, entry.hour_start_us,
                                 ipc_bytes(partial_table(ticks, key.tick_type, PREAGGREGATE_US)))
 
 
 def remove_files(settings: StorageSettings, index: Index, now: int) -> list[tuple[ExpiredHour, int]]:
-    """Delete the files of hours expired at least ``retention_grace`` ago (step 2)."""
+    """Delete the files of hours expired at least ``retention_grace`` ago (step 2); a day file only
+    once every hour it holds has (it answers for the others until then)."""
     before = now - duration_us(settings.retention_grace)
-    doomed = index.expired(files_left_before_us=before)
+    by_file: dict[str, list[ExpiredHour]] = {}
+    for hour in index.expired(files_left_before_us=before):
+        by_file.setdefault(hour.file_path, []).append(hour)
+    still_needed = index.all_archive_paths() | {h.file_path for h in index.expired()
+                                                if not h.file_removed and h.expired_at_us > before}
     removed = []
-    for hour in doomed:
-        path = settings.archive_root / hour.file_path
+    for relative, hours in sorted(by_file.items()):
+        if relative in still_needed:
+            continue
+        path = settings.archive_root / relative
         size = path.stat().st_size if path.exists() else 0
         path.unlink(missing_ok=True)
         fsync_dir(path.parent)
-        removed.append((hour, size))
+        removed.extend((hour, size if i == 0 else 0) for i, hour in enumerate(hours))
         failpoint("prune.after_unlink")
-        _remove_empty_dirs(path.parent, settings.archive_root)
+        remove_empty_dirs(path.parent, settings.archive_root)
     if removed:
         index.mark_removed([hour for hour, _ in removed])
         log.info("retention: deleted %d expired archive files (%.1f MB)", len(removed),
                  sum(size for _, size in removed) / 2**20)
     return removed
-
-
-def _remove_empty_dirs(folder, root) -> None:
-    while folder != root and folder.is_dir() and not any(folder.iterdir()):
-        os.rmdir(folder)
-        folder = folder.parent
 
 
 def refuse_expired(index: Index, settings: StorageSettings, key: StreamKey, start_us: int, end_us: int) -> None:

@@ -6,6 +6,7 @@ import fcntl
 import functools
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +20,7 @@ from ibstream.core.times import from_us, to_us
 from ibstream.storage.archive import Archiver
 from ibstream.storage.bar_query import read_bars
 from ibstream.storage.cache import ResultCache
+from ibstream.storage.compaction import CompactReport, compact
 from ibstream.storage.config import StorageSettings
 from ibstream.storage.index import ArchiveEntry, ContractDetails, CoverageInterval, DailyStatistics, Index
 from ibstream.storage.planner import Plan, Planner
@@ -66,6 +68,7 @@ class Store:
         self.writer: SegmentWriter | None = None
         self.archiver: Archiver | None = None
         self._scheduler: BackgroundScheduler | None = None
+        self._rewriting = threading.Lock()  # retention and compaction rewrite the archive one at a time
         if not read_only:
             self.writer = SegmentWriter(self.settings, on_damage=self.index.record_damage)
             self.archiver = Archiver(self.settings, self.index, self.writer)
@@ -100,6 +103,9 @@ class Store:
             seconds=self.settings.archive_check_interval.total_seconds(),
             id="archiver", max_instances=1, coalesce=True,
         )
+        if self.settings.compact_check_interval.total_seconds() > 0:
+            self._scheduler.add_job(self.compact, "interval", seconds=self.settings.compact_check_interval.total_seconds(),
+                                    id="compaction", max_instances=1, coalesce=True)
         if self.settings.retention:
             self._scheduler.add_job(self.prune, "interval", seconds=self.settings.retention_check_interval.total_seconds(),
                                     id="retention", max_instances=1, coalesce=True)
@@ -114,8 +120,20 @@ class Store:
         if apply and self.archiver is None:
             raise StorageError("this store was opened read_only; retention runs in the recording process, or "
                                "`ibstream prune --apply` with the recorder stopped")
-        return prune(self.settings, self.index, None if now is None else to_us(now, name="now"), apply=apply,
-                     on_expired=self.cache.clear)
+        with self._rewriting:
+            return prune(self.settings, self.index, None if now is None else to_us(now, name="now"), apply=apply,
+                         on_expired=self.cache.clear)
+
+    def compact(self, now: datetime | None = None, *, apply: bool = True, progress=None) -> CompactReport:
+        """Merge closed UTC days of hourly archive files into one file per stream and day, and delete
+        the files it replaced ``retention_grace`` ago; ``apply=False`` only reports (see
+        :mod:`storage.compaction`)."""
+        if apply and self.archiver is None:
+            raise StorageError("this store was opened read_only; compaction runs in the recording process, or "
+                               "`ibstream compact --apply` with the recorder stopped")
+        with self._rewriting:
+            return compact(self.settings, self.index, self.writer, None if now is None else to_us(now, name="now"),
+                           apply=apply, on_rewritten=self.cache.clear, **({"progress": progress} if progress else {}))
 
     def refuse_expired(self, key: StreamKey, start_us: int, end_us: int) -> None:
         """Raise :class:`~ibstream.core.errors.ExpiredDataError` if raw ticks of the range expired."""

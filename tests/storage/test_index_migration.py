@@ -55,13 +55,17 @@ def test_an_index_of_version_2_is_migrated_in_place_with_every_row(settings, rec
         for table, renames in _RENAMED_V3.items():
             for old, new in renames.items():
                 conn.execute(f"ALTER TABLE {table} RENAME COLUMN {new} TO {old}")
+        for column in ("row_group_start", "row_group_count"):  # version 4: compacted day files
+            conn.execute(f"ALTER TABLE tick_archives DROP COLUMN {column}")
+        conn.execute("DROP TABLE superseded_files")
         conn.execute("PRAGMA user_version = 2")
     conn.close()
 
     assert snapshot(settings) == recorded
     with sqlite3.connect(settings.index_path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
-        assert {"hour_start_us", "start_us", "end_us"} <= columns(conn, "tick_archives")
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert {"hour_start_us", "start_us", "end_us", "row_group_start", "row_group_count"} <= columns(
+            conn, "tick_archives")
         assert {"start_us", "end_us", "detected_at_us"} <= columns(conn, "damage")
         assert "updated_at_us" in columns(conn, "contracts")
         assert not {"hour_start", "start_time", "end_time"} & columns(conn, "tick_archives")
