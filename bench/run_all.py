@@ -1,4 +1,4 @@
-"""Run every benchmark in turn (append, storage, query, flight, bars, live, load, ingest) and print their figures."""
+"""Run every benchmark in turn (append, buffer, storage, query, flight, bars, live, load, ingest) and print their figures."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_append  # noqa: E402
 import bench_bars  # noqa: E402
+import bench_buffer  # noqa: E402
 import bench_flight  # noqa: E402
 import bench_ingest  # noqa: E402
 import bench_live  # noqa: E402
@@ -18,7 +19,7 @@ import bench_query  # noqa: E402
 import bench_storage  # noqa: E402
 from common import parse_args  # noqa: E402
 
-BENCHES = (bench_append, bench_storage, bench_query, bench_flight, bench_bars, bench_live, bench_load, bench_ingest)
+BENCHES = (bench_append, bench_buffer, bench_storage, bench_query, bench_flight, bench_bars, bench_live, bench_load, bench_ingest)
 
 
 def main(quick: bool = False) -> None:

@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import sqlite3
+import threading
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +42,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from cachetools import LRUCache
 
 from ibstream.core.errors import DamagedDataError
 from ibstream.core.ticks import TickFamily
@@ -154,9 +156,24 @@ def parquet_options(settings: StorageSettings, schema: pa.Schema) -> dict:
     )
 
 
+# parsed footers by (path, inode, size, mtime), as archive files never change; bounded at ~32 MB (a footer
+# takes a few times its serialized size in memory: ~5 KB for an hourly file, ~10-40 KB for a day file)
+_FOOTERS: LRUCache = LRUCache(maxsize=32 << 20, getsizeof=lambda metadata: 4 * metadata.serialized_size)
+_FOOTERS_LOCK = threading.Lock()
+
+
 def open_archive_file(path: Path) -> pq.ParquetFile:
-    """An archive file whose pages are checked against their CRCs as they are read."""
-    return pq.ParquetFile(path, memory_map=True, page_checksum_verification=True)
+    """An archive file whose pages are checked against their CRCs as they are read. Its parsed footer
+    is kept (a day file's describes 24 hours of row groups: parsing it took longer than reading an hour)."""
+    facts = os.stat(path)
+    key = (str(path), facts.st_ino, facts.st_size, facts.st_mtime_ns)
+    with _FOOTERS_LOCK:
+        metadata = _FOOTERS.get(key)
+    parquet = pq.ParquetFile(path, memory_map=True, page_checksum_verification=True, metadata=metadata)
+    if metadata is None:
+        with _FOOTERS_LOCK:
+            _FOOTERS[key] = parquet.metadata
+    return parquet
 
 
 def read_archive_file(path: Path, name: str | None = None, row_groups: list[int] | None = None) -> pa.Table:

@@ -482,7 +482,7 @@ class Index:
 
     def superseded(self, before_us: int | None = None) -> list[SupersededFile]:
         """Files compaction replaced (superseded before ``before_us``), oldest first."""
-        sql, args = "SELECT file_path, replaced_by, superseded_at_us FROM superseded_files", ()
+        sql, args = "SELECT file_path, replaced_by, superseded_at_us FROM superseded_files", tuple[int, ...]()
         if before_us is not None:
             sql, args = sql + " WHERE superseded_at_us <= ?", (before_us,)
         return [SupersededFile(*row) for row in self._connection().execute(sql + " ORDER BY superseded_at_us", args)]

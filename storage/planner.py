@@ -10,6 +10,7 @@ every tick is counted once and none is missed while writing, rotation and archiv
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 
 from ibstream.core.errors import DamagedDataError
 from ibstream.core.times import hour_floor, iso
-from ibstream.storage.archive import open_archive_file
+from ibstream.storage.archive import open_archive_file, superseded_path
 from ibstream.storage.index import ArchiveEntry, Index
 from ibstream.storage.schemas import schema_for
 from ibstream.storage.segments import (
@@ -62,17 +63,19 @@ def coalesce(batches: list[pa.RecordBatch], schema: pa.Schema, batch_rows: int) 
 
 
 class SegmentCache:
-    """Parsed, coalesced closed segments. Closed segments never change, so entries stay valid
-    until the archiver removes the segment."""
+    """Parsed, coalesced closed segments, by path and version of the file mapped (size, inode,
+    mtime): a segment grows while open, and the writer rewrites a closed one as large batches
+    (same ticks, a new file renamed over it, possibly of the same size)."""
 
     def __init__(self, max_entries: int = 4096):
-        self._entries: OrderedDict[tuple[Path, int], pa.Table] = OrderedDict()
+        self._entries: OrderedDict[tuple[Path, tuple[int, int, int]], pa.Table] = OrderedDict()
         self._lock = threading.Lock()
         self._max = max_entries
         self._reported: set[Path] = set()  # damaged segments already logged
 
     def get(self, path: Path, source: pa.MemoryMappedFile, schema: pa.Schema, batch_rows: int) -> pa.Table:
-        key = (path, source.size())
+        mapped = os.fstat(source.fileno())
+        key = (path, (source.size(), mapped.st_ino, mapped.st_mtime_ns))
         with self._lock:
             table = self._entries.get(key)
             if table is not None:
@@ -128,8 +131,14 @@ class Plan:
         return self.segments + ([self.tail] if self.tail is not None else [])
 
     def batches(self) -> Iterator[pa.RecordBatch]:
+        run: list[ArchiveEntry] = []  # consecutive hours in one file (a day file): opened once
         for entry in self.archives:
-            yield from self._archive_batches(entry)
+            if run and entry.file_path != run[0].file_path:
+                yield from self._archive_batches(run)
+                run = []
+            run.append(entry)
+        if run:
+            yield from self._archive_batches(run)
         for table in self._buffered():
             yield from table.to_batches(max_chunksize=self.batch_rows)
 
@@ -139,28 +148,47 @@ class Plan:
     def read_all(self) -> pa.Table:
         return pa.Table.from_batches(list(self.batches()), schema=self.schema)
 
-    def _archive_batches(self, entry: ArchiveEntry) -> Iterator[pa.RecordBatch]:
-        path = self.archive_root / entry.file_path
+    def _archive_batches(self, run: list[ArchiveEntry]) -> Iterator[pa.RecordBatch]:
+        entry = run[0]
         try:
-            parquet = open_archive_file(path)
-            whole = entry.start_us >= self.start_us and entry.end_us < self.end_us
-            groups = list(range(parquet.num_row_groups)) if whole else self._overlapping_groups(parquet)
-            tables = (parquet.read_row_group(group, use_threads=True) for group in groups)
-            for table in tables:
-                table = table.replace_schema_metadata(self.schema.metadata)
-                if not whole:
-                    table = _clip(table, self.start_us, self.end_us)
-                yield from table.to_batches(max_chunksize=self.batch_rows)
+            try:
+                parquet = open_archive_file(self.archive_root / entry.file_path)
+            except FileNotFoundError:  # compaction replaced it after this plan was made: it waits in superseded/
+                parquet = open_archive_file(superseded_path(self.archive_root, entry.file_path))
+            pending: list[int] = []  # row groups wholly inside the range, read together up to READ_ROWS rows
+            for entry in run:
+                whole = entry.start_us >= self.start_us and entry.end_us < self.end_us
+                groups = entry.row_groups or list(range(parquet.num_row_groups))
+                if whole:
+                    for group in groups:
+                        if pending and _rows(parquet, pending + [group]) > READ_ROWS:
+                            yield from self._read(parquet, pending, clip=False)
+                            pending = []
+                        pending.append(group)
+                    continue
+                if pending:
+                    yield from self._read(parquet, pending, clip=False)
+                    pending = []
+                for group in self._overlapping_groups(parquet, groups):
+                    yield from self._read(parquet, [group], clip=True)
+            if pending:
+                yield from self._read(parquet, pending, clip=False)
         except (OSError, pa.ArrowException) as exc:
             raise DamagedDataError(
                 f"the archive file of {self.key} hour {iso(entry.hour_start_us)} ({entry.file_path}) cannot be read: "
                 f"{exc}. Run `ibstream verify` on the recording host: it quarantines the file and reports the "
                 "span in coverage (restore it from a backup, then `ibstream reindex`)") from None
 
-    def _overlapping_groups(self, parquet: pq.ParquetFile) -> list[int]:
+    def _read(self, parquet: pq.ParquetFile, groups: list[int], *, clip: bool) -> Iterator[pa.RecordBatch]:
+        table = parquet.read_row_groups(groups, use_threads=True).replace_schema_metadata(self.schema.metadata)
+        if clip:
+            table = _clip(table, self.start_us, self.end_us)
+        yield from table.to_batches(max_chunksize=self.batch_rows)
+
+    def _overlapping_groups(self, parquet: pq.ParquetFile, candidates: list[int]) -> list[int]:
         column = parquet.schema_arrow.get_field_index("ts")
         groups = []
-        for i in range(parquet.num_row_groups):
+        for i in candidates:
             stats = parquet.metadata.row_group(i).column(column).statistics
             if stats is None or not stats.has_min_max:
                 groups.append(i)
@@ -169,6 +197,13 @@ class Plan:
             if high >= self.start_us and low < self.end_us:
                 groups.append(i)
         return groups
+
+
+READ_ROWS = 1 << 20  # whole row groups of one file are decoded together up to this many rows (memory stays bounded)
+
+
+def _rows(parquet: pq.ParquetFile, groups: list[int]) -> int:
+    return sum(parquet.metadata.row_group(g).num_rows for g in groups)
 
 
 def _stat_us(value) -> int:

@@ -115,7 +115,7 @@ def remove_files(settings: StorageSettings, index: Index, now: int) -> list[tupl
         by_file.setdefault(hour.file_path, []).append(hour)
     still_needed = index.all_archive_paths() | {h.file_path for h in index.expired()
                                                 if not h.file_removed and h.expired_at_us > before}
-    removed = []
+    removed: list[tuple[ExpiredHour, int]] = []
     for relative, hours in sorted(by_file.items()):
         if relative in still_needed:
             continue

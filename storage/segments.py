@@ -21,6 +21,19 @@ acknowledged. On start, :class:`SegmentWriter` checks every segment: a torn tail
 newest segment is cut (never acknowledged); damaged bytes anywhere are moved to the quarantine
 with a note, the readable batches on both sides stay in service, and the damaged span is
 reported (coverage ``damaged``).
+
+Coalescing: a group commit is one IPC message, and each message carries ~550 B of flatbuffer
+metadata (a field node and two buffer descriptors per column, the CRC key-value) whatever its
+row count; at the recorder's 20 ms flushes a stream's commits hold one to a few dozen ticks, so
+the open segment costs 70-570 B/tick against ~64 B/tick of column data (bench/bench_buffer.py).
+Once a segment is closed, :meth:`SegmentWriter.coalesce_closed` (the archiver runs it after each
+pass, off the ingest path) rewrites it as batches of ``batch_rows`` rows with ZSTD IPC body
+compression (5-9 B/tick): copy written to ``<name>.arrows.tmp``, fsynced, read back and
+compared row for row, renamed over the original, folder fsynced. A crash before the rename
+leaves the original (recovery removes the copy); after it, the copy, which holds the same ticks.
+Damaged segments are left as they are for the quarantine; a disk that refuses the copy leaves
+the original in place (logged once per change). Plain Arrow readers (pyarrow, polars) read
+compressed segments as they read the others.
 """
 
 from __future__ import annotations
@@ -149,10 +162,16 @@ def _crc(message: memoryview, at: int) -> int:
     return zlib.crc32(message[at + 8:], crc)
 
 
-def encode_batch(batch: pa.RecordBatch, tick_type: TickType) -> bytes:
-    """One IPC record-batch message of ``batch`` with its CRC-32 in its custom metadata."""
+@lru_cache(maxsize=None)
+def _ipc_options(compression: str | None) -> pa.ipc.IpcWriteOptions:
+    return pa.ipc.IpcWriteOptions(compression=compression)
+
+
+def encode_batch(batch: pa.RecordBatch, tick_type: TickType, compression: str | None = None) -> bytes:
+    """One IPC record-batch message of ``batch`` with its CRC-32 in its custom metadata; ``compression``
+    (``"zstd"``, ``"lz4"``) compresses its body buffers (Arrow IPC body compression)."""
     sink = pa.BufferOutputStream()
-    writer = pa.ipc.new_stream(sink, segment_schema(tick_type))
+    writer = pa.ipc.new_stream(sink, segment_schema(tick_type), options=_ipc_options(compression))
     writer.write_batch(batch, custom_metadata=_PLACEHOLDER_METADATA)
     writer.close()
     stream = sink.getvalue()
@@ -374,6 +393,79 @@ def fsync_dir(directory: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Coalescing closed segments
+
+COALESCE_CODEC = "zstd"  # body compression of coalesced segments; the choice is measured in bench/bench_buffer.py
+
+
+@dataclass(frozen=True)
+class Coalesced:
+    """What :func:`coalesce_segment` did to one segment."""
+
+    path: Path
+    ticks: int
+    batches_before: int
+    batches_after: int
+    bytes_before: int
+    bytes_after: int
+
+
+def needs_coalescing(scan: SegmentScan, batch_rows: int) -> bool:
+    """Whether a scanned segment is worth rewriting: whole (damage is left for the quarantine) and
+    holding more batches than ``batch_rows``-row batches would need (small group commits)."""
+    return scan.whole and scan.rows() > 0 and len(scan.batches) > -(-scan.rows() // batch_rows)
+
+
+def coalesce_segment(path: Path, batch_rows: int, codec: str | None = COALESCE_CODEC,
+                     scan: SegmentScan | None = None) -> Coalesced | None:
+    """Rewrite a closed segment as few large batches (``batch_rows`` rows, ``codec`` body
+    compression), holding exactly the same ticks; None when it is not worth it (see
+    :func:`needs_coalescing`) or not whole.
+
+    Crash-safe, and the original stays in place until its copy is proven: the copy is written
+    beside it as ``<name>.arrows.tmp`` (which recovery removes: the original holds the ticks),
+    fsynced, read back and compared row for row with the original, renamed over it, and the folder
+    fsynced. A reader that mapped the original keeps reading it (its inode lives on until unmapped).
+    Disk trouble raises ``OSError`` with the copy removed and the original untouched.
+    """
+    scan = scan_segment(path) if scan is None else scan
+    if not needs_coalescing(scan, batch_rows):
+        return None
+    tick_type = key_of(path).tick_type
+    original = pa.Table.from_batches(scan.batches, schema=schema_for(tick_type))
+    pieces = original.combine_chunks().to_batches(max_chunksize=batch_rows)
+    tmp = path.with_name(path.name + TMP_SUFFIX)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        header = header_bytes(tick_type)
+        write_all(fd, header, 0, "coalesce.write")
+        offset = len(header)
+        for i, piece in enumerate(pieces):
+            message = encode_batch(piece, tick_type, codec)
+            write_all(fd, message, offset, "coalesce.write")
+            offset += len(message)
+            if i == 0:
+                failpoint("coalesce.mid_write")
+        write_all(fd, EOS, offset, "coalesce.write")
+        offset += len(EOS)
+        fsync(fd, "coalesce.fsync")
+        copy = scan_segment(tmp)
+        if not (copy.whole and copy.ended and copy.size == offset
+                and pa.Table.from_batches(copy.batches, schema=original.schema).equals(original)):
+            raise AssertionError(f"the coalesced copy of {path} does not read back as its {original.num_rows} ticks")
+        failpoint("coalesce.before_rename")
+        os.replace(tmp, path)
+        failpoint("coalesce.after_rename")
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # our own copy: the original holds every tick
+        raise
+    finally:
+        os.close(fd)
+    return Coalesced(path, original.num_rows, len(scan.batches), len(pieces), scan.size, offset)
+
+
+# ---------------------------------------------------------------------------------------------
 # Writing
 
 
@@ -435,6 +527,9 @@ class SegmentWriter:
         self.forget_listeners: list = []  # called with the paths of segments the archiver removed
         # called after each acknowledged group commit with (write seconds, fsync seconds; 0 when fsync is off)
         self.timing_listeners: list[Callable[[float, float], None]] = []
+        self._rewrite_lock = threading.Lock()  # coalescing a closed segment vs removing it (never taken by append)
+        self._coalesce_failing: str | None = None  # why the last coalescing stopped (disk), logged once per change
+        self._settled: dict[Path, tuple[int, int, int]] = {}  # closed segments found not worth coalescing, by version
         self._recovered: dict[StreamKey, list[tuple[Path, int, int]]] = {
             key: self._recover(key) for key in list_streams(self.root)}
 
@@ -445,8 +540,11 @@ class SegmentWriter:
         Returns each segment's path with its first and last ``ts``."""
         directory = stream_dir(self.root, key)
         for leftover in directory.glob(f"*{SUFFIX}{TMP_SUFFIX}"):
-            leftover.unlink()  # a segment being created holds only its schema, never a tick
-            log.warning("removed %s: a segment whose creation was cut off (it held no tick)", leftover)
+            leftover.unlink()  # a segment being created holds only its schema, never a tick; a copy being
+            if leftover.with_name(leftover.name[: -len(TMP_SUFFIX)]).exists():  # coalesced or repaired: its original does
+                log.warning("removed %s: an unfinished rewrite (its segment, in place, holds every tick)", leftover)
+            else:
+                log.warning("removed %s: a segment whose creation was cut off (it held no tick)", leftover)
         for foreign in foreign_files(directory):
             log.warning("ignoring %s: not a segment name ibstream writes (YYYYmmddTHHMMSSZ-seq%s); it is left alone",
                         foreign, SUFFIX)
@@ -578,8 +676,71 @@ class SegmentWriter:
             stream.closed = [p for p in stream.closed if p not in doomed]
         for listener in self.forget_listeners:
             listener(paths)
-        for path in paths:
-            path.unlink(missing_ok=True)
+        with self._rewrite_lock:
+            for path in paths:
+                path.unlink(missing_ok=True)
+
+    def coalesce_closed(self) -> list[Coalesced]:
+        """Rewrite every closed segment of small group commits as few large compressed batches
+        (see :func:`coalesce_segment`), off the ingest path: appends go on meanwhile, readers
+        read the old file or the new one, both holding the same ticks. The archiver calls it
+        after each run. Damaged segments are left for the quarantine; a disk that refuses the
+        copy stops the pass (logged once per change), leaving each segment as written.
+        """
+        done: list[Coalesced] = []
+        self._settled = {p: v for p, v in self._settled.items() if p.exists()}
+        for key in self.streams():
+            stream = self._stream(key)
+            with stream.state_lock:
+                closed = list(stream.closed)
+            for path in closed:
+                try:
+                    result = self._coalesce_one(stream, path)
+                except OSError as exc:
+                    if self._coalesce_failing is None:
+                        log.warning("could not coalesce segment %s (%s); it stays as written (every tick readable), "
+                                    "coalescing stops until a later run succeeds", path, exc)
+                    self._coalesce_failing = str(exc)
+                    return done
+                except Exception:  # a bug: the segment stays as written and keeps serving
+                    log.exception("coalescing segment %s failed; it stays as written", path)
+                    continue
+                if result is not None:
+                    done.append(result)
+        if self._coalesce_failing is not None:
+            log.info("coalescing segments works again (it had stopped: %s)", self._coalesce_failing)
+            self._coalesce_failing = None
+        return done
+
+    def _coalesce_one(self, stream: _StreamState, path: Path) -> Coalesced | None:
+        with self._rewrite_lock:
+            with stream.state_lock:
+                if path not in stream.closed:
+                    return None  # archived meanwhile
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                return None
+            version = (stat.st_size, stat.st_ino, stat.st_mtime_ns)
+            if self._settled.get(path) == version:
+                return None
+            try:
+                result = coalesce_segment(path, self.settings.batch_rows)
+            except OSError:
+                raise  # the disk: tried again on the next run
+            except Exception:
+                self._settled[path] = version  # a bug: logged once, not on every run
+                raise
+            if result is None:
+                after = path.stat()
+                self._settled[path] = (after.st_size, after.st_ino, after.st_mtime_ns)
+                return None
+        after = path.stat()
+        self._settled[path] = (after.st_size, after.st_ino, after.st_mtime_ns)
+        log.info("coalesced segment %s: %d ticks, %d batches -> %d, %d -> %d bytes (%.1f -> %.1f B/tick)",
+                 path, result.ticks, result.batches_before, result.batches_after, result.bytes_before,
+                 result.bytes_after, result.bytes_before / result.ticks, result.bytes_after / result.ticks)
+        return result
 
     def streams(self) -> list[StreamKey]:
         with self._lock:

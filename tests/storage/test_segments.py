@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pyarrow as pa
 import pytest
 
 from ibstream.core.errors import SealedHourError, TickOrderError
 from ibstream.settings import Settings
 from ibstream.storage import Store
 from ibstream.storage.schemas import TickType
-from ibstream.storage.segments import StreamKey, list_segments, stream_dir
+from ibstream.storage.segments import StreamKey, coalesce_segment, list_segments, scan_segment, stream_dir
 from ibstream.storage.synthetic import MNQ
 from tests.helpers import ticks, utc
 
@@ -59,3 +60,17 @@ def test_ticks_for_an_archived_hour_are_refused(store):
 def test_rotation_interval_must_divide_an_hour(interval):
     with pytest.raises(ValueError, match="must be whole seconds and divide one hour exactly"):
         Settings(rotation_interval=interval)
+
+
+def test_only_segments_of_small_commits_are_coalesced(settings):
+    table = ticks(utc(2025, 1, 10, 14), 3_000)
+    with Store(settings) as store:
+        for offset in range(0, 1_500, 5):
+            store.append(CID, "bid_ask", table.slice(offset, 5))
+        store.append(CID, "bid_ask", table.slice(1_500))  # one large batch
+    (path,) = list_segments(stream_dir(settings.buffer_root, KEY))
+    done = coalesce_segment(path, batch_rows=1_000)
+    assert done is not None and (done.batches_before, done.batches_after) == (301, 3)
+    assert coalesce_segment(path, batch_rows=1_000) is None, "already coalesced"
+    assert pa.ipc.open_stream(path.read_bytes()).read_all().equals(table), "plain pyarrow reads it"
+    assert scan_segment(path).whole
