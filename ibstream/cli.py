@@ -23,14 +23,37 @@ Examples:
   ibstream token --name alice --token-file /etc/ibstream/tokens   # a read token for a Flight client
   ibstream status --data-root data   # streams, last ticks, today's gaps, archival, retention, disk
   IBSTREAM_RETENTION='[{"ticks_days": 90}]' ibstream prune   # what retention would expire (--apply: do it)
+  ibstream compact --data-root data  # closed days that would merge into one file per stream (--apply: do it)
+  ibstream export jan --start 2025-01-01 --end 2025-02-01    # January's ticks to Parquet files + manifest.json
 
 Try the whole chain without IB: `ibstream simulate` in one terminal, `ibstream record` in another.
+Each verb's --help says what it does, with examples (e.g. `ibstream export --help`).
 """
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not argparse's usage block
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class _VerbHelp(argparse.RawDescriptionHelpFormatter):
+    """A verb's help: prose lines wrapped to the terminal as paragraphs, indented lines (the examples)
+    kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        lines: list[str] = []
+        prose: list[str] = []
+        for line in [*text.splitlines(), ""]:
+            if line.strip() and not line.startswith(" "):
+                prose.append(line.strip())
+                continue
+            if prose:
+                lines.append(textwrap.fill(" ".join(prose), width, initial_indent=indent, subsequent_indent=indent))
+                prose = []
+            lines.append(indent + line if line.strip() else "")
+        return "\n".join(lines).rstrip("\n")
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -43,6 +66,8 @@ def _log_level(value: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from ibstream.core.ticks import TickType
+
     parser = _Parser(
         prog="ibstream", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -53,7 +78,10 @@ def _parser() -> argparse.ArgumentParser:
 
     def verb(name: str, *options: str, **kwargs) -> argparse.ArgumentParser:
         """A verb with the shared vocabulary: each option means the same in every verb that takes it."""
-        sub = commands.add_parser(name, **kwargs)
+        kwargs.setdefault("description", kwargs.get("help"))
+        epilog = "Examples:\n" + "\n".join(f"  {line}\n      {what}" for line, what in EXAMPLES[name]) \
+            if name in EXAMPLES else None
+        sub = commands.add_parser(name, epilog=epilog, formatter_class=_VerbHelp, **kwargs)
         sub.add_argument("--log-level", default=argparse.SUPPRESS, type=_log_level, help="logging level (default INFO)")
         for option in options:
             flag, help_text = OPTIONS[option]
@@ -63,11 +91,14 @@ def _parser() -> argparse.ArgumentParser:
                     sub.add_argument("--port", type=int, dest=option, help=argparse.SUPPRESS)
         return sub
 
-    demo = verb("demo", "data_root", "flight_port", help="run the whole chain on a synthetic feed (no IB account)")
+    demo = verb("demo", "data_root", "flight_port", help="run the whole chain on a synthetic feed (no IB account)",
+                description="Starts the gateway simulator, records its synthetic MNQ and AAPL feed through ibapi into a "
+                "store, serves it over Flight and checks what a client reads against what was sent, tick by tick, "
+                "for --seconds. Exit status 0 when every tick matched.")
     demo.add_argument("--seconds", type=float, default=8.0, help="how long the live feed runs (default 8)")
 
     record = verb(
-        "record", "data_root", "flight_port", "ib_port",
+        "record", "data_root", "flight_port", "ib_port", "monitoring_port",
         help="record tick-by-tick data from TWS / IB Gateway, archive hourly, serve over Flight",
         description="Connects to IBSTREAM_IB_HOST:IBSTREAM_IB_PORT, records IBSTREAM_CONTRACTS, reconnects with "
         "backoff, and stops cleanly on Ctrl-C / SIGTERM after flushing every received tick.")
@@ -87,7 +118,10 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--start", help="replay from this ISO time (with --replay; default: 24 h ago)")
     simulate.add_argument("--end", help="replay until this ISO time (with --replay; default: now)")
 
-    verb("serve", "data_root", "flight_port", help="serve an existing store over Flight (read-only)")
+    verb("serve", "data_root", "flight_port", "monitoring_port", help="serve an existing store over Flight (read-only)",
+         description="Serves the store in --data-root over Arrow Flight at IBSTREAM_FLIGHT_HOST:--flight-port without "
+         "writing to it, so it runs beside a recorder of the same store (live streams follow its new ticks) or on "
+         "a backup or read-only copy. Ctrl-C stops it.")
 
     token = verb(
         "token", help="make a bearer token for a Flight client (printed once; the server keeps its hash)",
@@ -133,7 +167,112 @@ def _parser() -> argparse.ArgumentParser:
                  "the files are deleted IBSTREAM_RETENTION_GRACE later (on a later run, or by the recorder's "
                  "hourly job). --apply needs the writer lock: stop the recorder, or let it do this on schedule.")
     prune.add_argument("--apply", action="store_true", help="expire them (default: only list what would go)")
+    compact = verb("compact", "data_root", help="merge closed days of hourly files into one file per stream and day "
+                   "(a dry run unless --apply)",
+                   description="Lists, per stream, the closed UTC days (ended IBSTREAM_COMPACT_DELAY ago, every hour "
+                   "archived) whose hours live in several files. With --apply each day is written to one Parquet "
+                   "file (date=.../hour=all/day-*.parquet, one row-group run per hour, so queries still read only "
+                   "the hours they need), checked row for row against its hourly files, then swapped into the "
+                   "index in one transaction; the hourly files move to superseded/ and are deleted "
+                   "IBSTREAM_RETENTION_GRACE later (on a later run, or by the recorder's hourly job). Readers see "
+                   "every tick exactly once throughout; a kill at any step is finished or undone on the next start. "
+                   "--apply needs the writer lock: stop the recorder, or let it do this on schedule.")
+    compact.add_argument("--apply", action="store_true", help="compact them (default: only list what would be)")
+
+    export = verb(
+        "export", "data_root", help="write a range of ticks to Parquet, CSV or Arrow IPC files, with a manifest",
+        description="Writes the ticks of each stream (contract id x tick type) with START <= ts < END to one file per "
+        "stream in DESTINATION (a new or empty folder), batch by batch, then manifest.json: the range, and per file "
+        "its stream, rows, first and last ts, bytes, SHA-256, schema and the stream's coverage of the range "
+        "('missing': spans not recorded, or damaged), so a training job knows where data is missing. A folder "
+        "without manifest.json is an export that did not finish. Reads the store without writing, so it runs "
+        "beside the recorder. CSV keeps values exact: times ISO-8601 UTC with microseconds, sizes as decimal text. "
+        "A range whose raw ticks expired by retention is refused, naming the stream.")
+    export.add_argument("destination", type=Path, help="a new (or empty) folder for the files and manifest.json")
+    export.add_argument("--contract-id", type=_contract_id, action="append", dest="contract_ids", metavar="ID",
+                        help="a contract to export, e.g. 711280073; repeat for more (default: every stored contract)")
+    export.add_argument("--tick-type", choices=[t.value for t in TickType], action="append", dest="tick_types",
+                        help="a tick type to export; repeat for more (default: each one stored for the contract)")
+    export.add_argument("--start", type=_time, required=True,
+                        help="first time, ISO-8601 with its zone (2025-01-10T14:30:00Z) or a date (00:00 UTC)")
+    export.add_argument("--end", type=_time, help="end of the range, not included (same forms; default: now)")
+    export.add_argument("--format", choices=("parquet", "csv", "arrow"), default="parquet",
+                        help="parquet (default, zstd), csv, or arrow (an Arrow IPC file)")
+    export.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show a progress bar on stderr (default: when stderr is a terminal)")
     return parser
+
+
+def _contract_id(value: str) -> int:
+    from ibstream.core.times import MAX_CONTRACT_ID
+
+    if not value.isdigit() or not 0 < int(value) <= MAX_CONTRACT_ID:
+        raise argparse.ArgumentTypeError(f"contract id was {value[:40]!r}; give IB's conId, a whole number from 1 to "
+                                         f"{MAX_CONTRACT_ID}, e.g. 711280073")
+    return int(value)
+
+
+def _time(value: str) -> int:
+    """An ISO-8601 time with its zone, or a date (its 00:00 UTC), as microseconds since the epoch."""
+    from datetime import UTC, date, datetime
+
+    from ibstream.core.times import in_range_us, to_us
+
+    example = "e.g. 2025-01-10T14:30:00Z, 2025-01-10T09:30:00-05:00 or the date 2025-01-10 (00:00 UTC)"
+    try:
+        parsed = datetime.combine(date.fromisoformat(value), datetime.min.time(), UTC)
+    except ValueError:
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"time was {value[:40]!r}, not an ISO-8601 time; {example}") from None
+        if parsed.tzinfo is None:
+            raise argparse.ArgumentTypeError(f"time {value[:40]!r} has no zone; add one (Z for UTC), {example}")
+    try:
+        return in_range_us(to_us(parsed), name="time")
+    except (ValueError, OverflowError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+EXAMPLES: dict[str, list[tuple[str, str]]] = {  # each verb's --help ends with these: (command line, what it does)
+    "demo": [("ibstream demo", "gateway simulator -> ibapi recorder -> store -> Flight -> client, checked"),
+             ("ibstream demo --seconds 30 --data-root /tmp/demo", "a longer run, keeping the store to look at")],
+    "record": [("ibstream record", "record IBSTREAM_CONTRACTS from the gateway on :4002; serve them on :8815"),
+               ("IBSTREAM_CONTRACTS='[{\"con_id\": 265598, \"tick_types\": [\"bid_ask\", \"last\"]}]' "
+                "ibstream record --ib-port 7497 --data-root /srv/ticks", "AAPL quotes and trades from paper TWS"),
+               ("ibstream record --synthetic --seconds 60 --data-root /tmp/ticks",
+                "a minute of the built-in synthetic feed, no gateway needed")],
+    "simulate": [("ibstream simulate", "a pretend IB Gateway on 127.0.0.1:4002 with MNQ and AAPL markets"),
+                 ("ibstream simulate --ib-port 4010 --speed 10", "on another port, ten times the realistic rate"),
+                 ("ibstream simulate --replay data --start 2025-01-10T14:30:00Z --end 2025-01-10T21:00:00Z",
+                  "replay a stored day to ibapi clients")],
+    "serve": [("ibstream serve --data-root data", "serve data/ on 127.0.0.1:8815, beside its recorder"),
+              ("ibstream serve --data-root /mnt/backup/ticks-2026-12-01 --flight-port 9000",
+               "serve a backup on another port")],
+    "verify": [("ibstream verify --data-root data", "exit 0 when every file is sound, else 1 with what was "
+                "quarantined")],
+    "reindex": [("ibstream reindex --data-root data", "rebuild data/index.sqlite from the files (recorder stopped)")],
+    "backup": [("ibstream backup /mnt/backup/ticks-2026-12-01 --data-root data",
+                "a consistent copy while recording goes on; serve it with --data-root to restore")],
+    "token": [("ibstream token --name alice --token-file /etc/ibstream/tokens",
+               "a read token for alice, its hash appended to the server's token file"),
+              ("ibstream token --name ops --role admin", "an admin token, printing the IBSTREAM_TOKENS entry")],
+    "status": [("ibstream status --data-root data", "streams, last ticks, today's gaps, archival, retention, disk")],
+    "prune": [("IBSTREAM_RETENTION='[{\"ticks_days\": 90}]' ibstream prune --data-root data",
+               "list the hours whose raw ticks are older than 90 days"),
+              ("IBSTREAM_RETENTION='[{\"ticks_days\": 90}]' ibstream prune --data-root data --apply",
+               "expire them (recorder stopped; it also does this hourly)")],
+    "compact": [("ibstream compact --data-root data", "list the closed days that would be merged"),
+                ("ibstream compact --data-root data --apply",
+                 "merge them (recorder stopped; it also does this hourly)")],
+    "export": [("ibstream export jan --start 2025-01-01 --end 2025-02-01",
+                "every stream's ticks of January 2025 (UTC) to Parquet files in jan/, with jan/manifest.json"),
+               ("ibstream export mnq-quotes --contract-id 711280073 --tick-type bid_ask "
+                "--start 2025-01-10T14:30:00Z --end 2025-01-10T21:00:00Z --format csv",
+                "one day's MNQ quotes as CSV"),
+               ("ibstream export aapl --contract-id 265598 --start 2025-01-06 --format arrow --data-root /srv/ticks",
+                "AAPL's quotes and trades from 6 January to now as Arrow IPC files")],
+}
 
 
 OPTIONS = {  # one meaning per option, in every verb
@@ -141,6 +280,8 @@ OPTIONS = {  # one meaning per option, in every verb
     "flight_port": ("--flight-port", "Flight server port (default IBSTREAM_FLIGHT_PORT or 8815; 0: any free port; "
                                      "demo: any free port)"),
     "ib_port": ("--ib-port", "IB API port of TWS / Gateway, or of the simulator (default IBSTREAM_IB_PORT or 4002)"),
+    "monitoring_port": ("--monitoring-port", "HTTP port of /metrics (Prometheus) and /health (default "
+                                             "IBSTREAM_MONITORING_PORT or off; 0: any free port)"),
 }
 LEGACY_PORT = {"demo": "flight_port", "serve": "flight_port", "record": "ib_port", "simulate": "ib_port"}
 
@@ -243,6 +384,10 @@ def _run(args: argparse.Namespace) -> int:
         return _status(_settings(args))
     if args.command == "prune":
         return _prune(args, _settings(args))
+    if args.command == "compact":
+        return _compact(args, _settings(args))
+    if args.command == "export":
+        return _export(args, _settings(args))
     settings = _settings(args)
     from ibstream.flight_server.server import FlightServer
     from ibstream.storage.maintenance import require_store
@@ -250,14 +395,29 @@ def _run(args: argparse.Namespace) -> int:
 
     require_store(settings)  # a mistyped --data-root must not serve (and create) an empty store
 
+    from ibstream.monitoring import monitoring_for
+
     with Store(settings, read_only=True) as store:
-        server = FlightServer(store, settings.flight_location, settings=settings)
+        monitoring = monitoring_for(settings, store)  # /metrics, /health; a port in use: one line, exit 2
+        try:
+            server = FlightServer(store, settings.flight_location, settings=settings)
+        except BaseException:
+            if monitoring is not None:
+                monitoring.stop()
+            raise
+        if monitoring is not None:
+            monitoring.monitor.watch_server(server)
         logging.info("serving %s at %s", settings.data_root, settings.flight_location.rsplit(":", 1)[0] +
                      f":{server.port}")
         try:
+            if monitoring is not None:
+                monitoring.start()
             server.serve()
         except KeyboardInterrupt:
             server.shutdown()
+        finally:
+            if monitoring is not None:
+                monitoring.stop()
     return 0
 
 
@@ -321,6 +481,29 @@ def _prune(args: argparse.Namespace, settings) -> int:
     return 0
 
 
+def _compact(args: argparse.Namespace, settings) -> int:
+    from ibstream.core.times import iso
+    from ibstream.storage.maintenance import require_store
+    from ibstream.storage.store import Store
+
+    require_store(settings)
+    with Store(settings, read_only=not args.apply) as store:
+        report = store.compact(apply=args.apply, progress=_progress("day") if args.apply else None)
+    for day in report.days:
+        print(f"  {day.key.contract_id}/{day.key.tick_type.value} {iso(day.day_start_us)[:10]}: {day.files} files, "
+              f"{day.ticks:,} ticks")
+    for problem in report.failed:
+        print(f"  not compacted: {problem}")
+    if args.apply:
+        print(f"compacted {report.files_written} days ({report.files_before:,} hourly files, {report.ticks:,} ticks) "
+              f"into {report.files_written} files; deleted {report.files_removed} files replaced earlier "
+              f"({_megabytes(report.bytes_removed)})")
+    else:
+        print(f"would compact {len(report.days)} days ({report.files_before:,} files, {report.ticks:,} ticks) into "
+              f"{len(report.days)} files; run with --apply to compact them")
+    return 1 if report.failed else 0
+
+
 def _token(args: argparse.Namespace) -> int:
     import json
     import os
@@ -348,15 +531,27 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _maintain(args: argparse.Namespace, settings) -> int:
+def _progress(unit: str, show: bool | None = None):
+    """The progress callback the storage tools take, ``(items, description, total) -> items``: a tqdm
+    bar on stderr, shown when stderr is a terminal (``show`` None) or as ``show`` says. It counts
+    items ('file'), or the rows of each item (``unit='row'``: export's record batches)."""
     from tqdm import tqdm
 
+    def progress(items, description, total):
+        with tqdm(desc=description, total=total, unit=unit, unit_scale=unit == "row", leave=False,
+                  disable=None if show is None else not show) as bar:
+            for item in items:
+                yield item
+                bar.update(len(item) if unit == "row" else 1)
+
+    return progress
+
+
+def _maintain(args: argparse.Namespace, settings) -> int:
     from ibstream.core.times import iso
     from ibstream.storage import maintenance
 
-    def progress(items, description, total):
-        return tqdm(items, desc=description, total=total, unit="file", disable=None, leave=False)
-
+    progress = _progress("file")
     if args.command == "verify":
         report = maintenance.verify(settings, progress)
         print(f"verified {report.files:,} archive files ({report.ticks:,} ticks) and every buffer segment in "
@@ -376,6 +571,45 @@ def _maintain(args: argparse.Namespace, settings) -> int:
     if report.damage:
         print(f"  quarantined files are in {settings.data_root / 'quarantine'}, each with a .note.json")
     return 0 if report.ok or args.command == "reindex" else 1
+
+
+def _export(args: argparse.Namespace, settings) -> int:
+    from ibstream.core.errors import InvalidRequestError, NotFoundError
+    from ibstream.core.times import iso, now_us
+    from ibstream.storage.export import export
+    from ibstream.storage.maintenance import require_store
+    from ibstream.storage.store import Store
+
+    require_store(settings)
+    end = now_us() if args.end is None else args.end
+    if args.start >= end:
+        raise InvalidRequestError(f"--start {iso(args.start)} is not before --end {iso(end)}; give a start before the "
+                                  "end (the range is [start, end))")
+    with Store(settings, read_only=True) as store:
+        stored: dict[int, list[str]] = {}
+        for info in store.streams():
+            stored.setdefault(info.contract_id, []).append(info.tick_type.value)
+        listing = "; ".join(f"{cid}: {' '.join(types)}" for cid, types in sorted(stored.items())) or "none"
+        streams = []
+        for contract_id in args.contract_ids or sorted(stored):
+            if contract_id not in stored:
+                raise NotFoundError(f"contract {contract_id} has no ticks in {settings.data_root} (stored: {listing}); "
+                                    "check --contract-id and --data-root")
+            for tick_type in args.tick_types or stored[contract_id]:
+                if tick_type not in stored[contract_id]:
+                    raise NotFoundError(f"no {tick_type} ticks of contract {contract_id} are stored (stored: "
+                                        f"{listing}); leave out --tick-type to export each stored one")
+                streams.append((contract_id, tick_type))
+        if not streams:
+            raise NotFoundError(f"{settings.data_root} holds no ticks to export")
+        report = export(store, args.destination, list(dict.fromkeys(streams)), args.start, end, args.format,
+                        _progress("row", args.progress))
+    for f in report.files:
+        span = "no ticks" if f.first_us is None or f.last_us is None else f"{iso(f.first_us)} .. {iso(f.last_us)}"
+        print(f"{f.path}: {f.contract_id}/{f.tick_type}, {f.rows:,} rows ({span}), {_megabytes(f.bytes)}")
+    files = f"{len(report.files)} file{'s' if len(report.files) != 1 else ''}"
+    print(f"{report.manifest}: {files}, {report.rows:,} rows of [{iso(args.start)}, {iso(end)})")
+    return 0
 
 
 def _record(args: argparse.Namespace, settings) -> int:

@@ -95,6 +95,9 @@ class StorageSettings(BaseSettings):
         timedelta(minutes=5), description="An expired hour's file (and an hourly file compaction replaced) is "
         "deleted this long after the index stopped naming it, so a reader that planned it just before still reads "
         "it whole.")
+    warm_recent: timedelta = Field(
+        timedelta(hours=2), description="At start, a server reads this much of each stream's newest ticks (and the "
+        "current regular session) once in the background, so the first queries find them decoded; 0 turns it off.")
     compact_check_interval: timedelta = Field(
         timedelta(hours=1), description="How often the recording process merges closed UTC days of hourly archive "
         "files into one file per stream and day (row groups per hour); 0 turns it off (`ibstream compact` still "

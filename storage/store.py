@@ -7,6 +7,7 @@ import functools
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,7 +17,7 @@ import pyarrow as pa
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from ibstream.core.errors import StorageError
-from ibstream.core.times import from_us, to_us
+from ibstream.core.times import US_PER_HOUR, duration_us, from_us, to_us
 from ibstream.storage.archive import Archiver
 from ibstream.storage.bar_query import read_bars
 from ibstream.storage.cache import ResultCache
@@ -68,6 +69,7 @@ class Store:
         self.writer: SegmentWriter | None = None
         self.archiver: Archiver | None = None
         self._scheduler: BackgroundScheduler | None = None
+        self.warmed = threading.Event()  # set once :meth:`warm` has run
         self._rewriting = threading.Lock()  # retention and compaction rewrite the archive one at a time
         if not read_only:
             self.writer = SegmentWriter(self.settings, on_damage=self.index.record_damage)
@@ -204,6 +206,36 @@ class Store:
             return compute()
         days = tuple((s.open_us, s.close_us) for s in sessions or ())
         return self.cache.get_or_compute(("bars", key, start_us, end_us, resolution, fill, days), compute)
+
+    def warm(self) -> None:
+        """What the first queries after a start need, done ahead on a background thread (the server
+        starts it): the trading sessions of every contract, then per stream the last ``warm_recent``
+        of ticks (at least the current regular session) read through once, so that the archive files'
+        footers are parsed, the closed segments decoded and their pages in memory. Logs what it did."""
+        started = time.perf_counter()
+        self.warm_sessions()
+        span = duration_us(self.settings.warm_recent)
+        rows = streams = 0
+        if span > 0:
+            try:
+                for info in self.streams():
+                    if info.last is None:
+                        continue
+                    end = to_us(info.last) + 1
+                    start = end - span
+                    try:
+                        start = min(start, self.sessions(info.contract_id).current("regular", end).open_us)
+                    except Exception:  # no details or no session: the recent span alone
+                        pass
+                    start = max(start, end - 24 * US_PER_HOUR)
+                    for batch in self.plan(info.contract_id, info.tick_type, start, end).batches():
+                        rows += batch.num_rows
+                    streams += 1
+            except Exception as exc:  # damaged files, expired ranges...: the queries that meet them say so
+                log.warning("warming the recent ticks stopped: %s", exc)
+        self.warmed.set()
+        log.info("warmed up in %.1f s: trading sessions of %d contracts, the recent ticks of %d streams (%s ticks)",
+                 time.perf_counter() - started, len(self.contracts()), streams, f"{rows:,}")
 
     def warm_sessions(self) -> None:
         """Build the sessions of every contract with details (loads their exchange calendars, which

@@ -117,3 +117,77 @@ def test_a_port_in_use_and_a_second_recorder_are_one_line(tmp_path):
     finally:
         first.terminate()
         first.wait(timeout=30)
+
+
+def verbs() -> list[str]:
+    commands = next(a for a in _parser()._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    return sorted(commands.choices)
+
+
+def test_every_verb_has_help_that_teaches_with_examples():
+    assert {"demo", "record", "simulate", "serve", "verify", "reindex", "backup", "token", "status", "prune",
+            "export"} <= set(verbs())
+    for verb in verbs():
+        run = ibstream(verb, "--help")
+        assert run.returncode == 0 and run.stderr == "", (verb, run.stderr)
+        usage, _, rest = run.stdout.partition("\n\n")
+        assert usage.startswith(f"usage: ibstream {verb}") and len(rest.split("\n\n", 1)[0]) > 60, verb  # described
+        examples = rest.split("Examples:\n", 1)[1]
+        assert f"ibstream {verb}" in examples.splitlines()[0], verb
+        assert examples.splitlines()[1].startswith("      "), verb  # each example says what it does
+
+
+def test_export_as_a_subprocess_beside_a_writer_and_its_one_line_mistakes(tmp_path):
+    import json
+    from datetime import timedelta
+
+    import pyarrow.csv as pacsv
+
+    from ibstream.settings import Settings
+    from ibstream.storage import Store, schema_for
+    from ibstream.storage.synthetic import MNQ
+    from tests.helpers import append_in_batches, market, ticks, utc
+
+    settings = Settings(data_root=tmp_path / "data", rotation_interval=timedelta(minutes=5),
+                        archive_delay=timedelta(0), fsync="none")
+    start, end = utc(2025, 1, 10, 13, 40), utc(2025, 1, 10, 15, 20)
+    data = ["--data-root", str(settings.data_root)]
+    with Store(settings) as store:  # held open for writing, as a recorder holds it
+        append_in_batches(store, ticks(utc(2025, 1, 10, 13, 30), 20_000, rate_scale=0.25))
+        append_in_batches(store, market(MNQ, "last", utc(2025, 1, 10, 13, 30), utc(2025, 1, 10, 16), 0.5, seed=3))
+        store.archive(now=utc(2025, 1, 10, 14, 30))  # hour 13 archived, 14 and 15 buffered
+        run = ibstream("export", str(tmp_path / "csv"), *data, "--contract-id", str(MNQ.contract_id),
+                       "--tick-type", "bid_ask", "--start", "2025-01-10T13:40:00Z", "--end", "2025-01-10T16:20:00+01:00",
+                       "--format", "csv")
+        assert run.returncode == 0, run.stderr
+        want = store.read(MNQ.contract_id, "bid_ask", start, end)
+        assert run.stdout.splitlines() == [
+            f"{tmp_path / 'csv' / f'{MNQ.contract_id}_bid_ask.csv'}: {MNQ.contract_id}/bid_ask, {want.num_rows:,} rows "
+            f"({want['ts'][0].as_py().isoformat().replace('+00:00', 'Z')} .. "
+            f"{want['ts'][-1].as_py().isoformat().replace('+00:00', 'Z')}), "
+            f"{(tmp_path / 'csv' / f'{MNQ.contract_id}_bid_ask.csv').stat().st_size / 2**20:,.1f} MB",
+            f"{tmp_path / 'csv' / 'manifest.json'}: 1 file, {want.num_rows:,} rows of "
+            "[2025-01-10T13:40:00Z, 2025-01-10T15:20:00Z)"]
+        back = pacsv.read_csv(tmp_path / "csv" / f"{MNQ.contract_id}_bid_ask.csv",
+                              convert_options=pacsv.ConvertOptions(column_types=schema_for("bid_ask")))
+        assert back.cast(schema_for("bid_ask")).equals(want)
+
+        every = ibstream("export", str(tmp_path / "all"), *data, "--start", "2025-01-10", "--end", "2025-01-11")
+        assert every.returncode == 0, every.stderr
+        manifest = json.loads((tmp_path / "all" / "manifest.json").read_text())
+        assert [(f["path"], f["rows"]) for f in manifest["files"]] == [
+            (f"{MNQ.contract_id}_{tt}.parquet", store.read(MNQ.contract_id, tt, utc(2025, 1, 10), utc(2025, 1, 11))
+             .num_rows) for tt in ("bid_ask", "last")]
+
+    assert_one_line(ibstream("export", str(tmp_path / "all"), *data, "--start", "2025-01-10"),
+                    f"ibstream export: export destination {tmp_path / 'all'} is not empty (it holds ",
+                    "name a new or empty folder")
+    assert_one_line(ibstream("export", str(tmp_path / "x"), *data, "--start", "10/01/2025"),
+                    "ibstream export: argument --start: time was '10/01/2025', not an ISO-8601 time; e.g. ")
+    assert_one_line(ibstream("export", str(tmp_path / "x"), *data, "--start", "2025-01-10", "--end", "2025-01-09"),
+                    "--start 2025-01-10T00:00:00Z is not before --end 2025-01-09T00:00:00Z")
+    assert_one_line(ibstream("export", str(tmp_path / "x"), *data, "--start", "2025-01-10", "--contract-id", "265598"),
+                    f"contract 265598 has no ticks in {settings.data_root} (stored: {MNQ.contract_id}: bid_ask last)")
+    assert_one_line(ibstream("export", str(tmp_path / "x"), *data, "--start", "2025-01-10", "--tick-type",
+                             "mid_point"), f"no mid_point ticks of contract {MNQ.contract_id} are stored")
+    assert not (tmp_path / "x").exists()
