@@ -290,7 +290,8 @@ def check_archive_file(root: Path, path: Path, expected: ArchiveEntry | None = N
         if facts is None:
             raise DamagedDataError(f"archive file {relative} does not hold hour {iso(wanted)}, which the index says "
                                    "it does")
-    table = read_archive_file(path, relative, facts.row_groups)
+    table = read_archive_file(path, relative if facts.row_groups is None else
+                              f"{relative} (hour {iso(facts.hour_start_us)})", facts.row_groups)
     problems = []
     if table.schema.metadata[b"ibstream.tick_type"].decode() != facts.key.tick_type.value:
         problems.append(f"holds {table.schema.metadata[b'ibstream.tick_type'].decode()} ticks, not {facts.key.tick_type}")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -138,6 +139,11 @@ def compact(settings: StorageSettings, index: Index, writer: SegmentWriter | Non
     for day in progress(report.days, "compacting days", len(report.days)):
         try:
             compact_day(settings, index, day, now)
+        except (OSError, sqlite3.OperationalError) as exc:  # a full disk, say: nothing changed; the next run retries
+            report.failed.append(f"{day.key} day {iso(day.day_start_us)[:10]}: {type(exc).__name__}: {exc}")
+            log.error("compaction stopped at %s day %s: %s: %s; the hourly files keep answering, the next run "
+                      "tries again", day.key, iso(day.day_start_us)[:10], type(exc).__name__, exc)
+            break
         except DamagedDataError as exc:
             report.failed.append(str(exc))
             log.error("compaction of %s day %s stopped: %s; its hourly files keep answering. Run `ibstream verify` "
@@ -165,12 +171,12 @@ def compact_day(settings: StorageSettings, index: Index, day: DayPlan, now: int)
     layout: list[tuple[ArchiveEntry, int, int]] = []  # (entry, first row group, row groups)
     hours_meta = []
     try:
-        io_faults.raise_if_armed("archive.write")
         with pq.ParquetWriter(tmp, schema, **options) as out:
             groups = 0
             for entry in day.entries:
                 table = _source(root, entry)
                 count = -(-table.num_rows // row_group_size)
+                io_faults.raise_if_armed("compact.write")  # a disk that fills while the day file grows
                 out.write_table(table, row_group_size=row_group_size)
                 layout.append((entry, groups, count))
                 hours_meta.append({

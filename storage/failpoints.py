@@ -5,14 +5,16 @@ exits at once (``os._exit``, like SIGKILL: no flush, no cleanup) when it reaches
 Every point is listed in proto_docs/storage-layout.md (failpoints); the buffer's are
 ``segment.before_fsync`` and, for coalescing a closed segment, ``coalesce.mid_write`` (its copy
 half written), ``coalesce.before_rename`` (copy fsynced and verified) and
-``coalesce.after_rename`` (renamed over the original, folder not yet fsynced).
+``coalesce.after_rename`` (renamed over the original, folder not yet fsynced); compaction's are
+``compact.after_write_tmp``, ``compact.after_rename``, ``compact.after_index``,
+``compact.after_move`` and ``compact.after_unlink`` (see storage/compaction.py).
 
 I/O faults (a portable stand-in for a full or failing disk, beside the real tmpfs tests):
 :data:`io_faults` makes the named write points raise ``OSError`` (``ENOSPC`` by default),
 optionally after writing part of the data (a torn write), in this process; a child process
 arms them with ``IBSTREAM_IO_FAULT=<point>[:<errno name>[:<bytes written first>]]``, e.g.
 ``segment.write:ENOSPC:100``. Points: ``segment.write``, ``segment.fsync``, ``segment.create``,
-``coalesce.write``, ``coalesce.fsync``, ``archive.write``, ``index.write``. Unarmed, a point costs
+``coalesce.write``, ``coalesce.fsync``, ``archive.write``, ``compact.write``, ``index.write``. Unarmed, a point costs
 one dict lookup.
 """
 
