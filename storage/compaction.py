@@ -109,11 +109,8 @@ def due(settings: StorageSettings, index: Index, writer: SegmentWriter | None, n
     """Days that ended ``compact_delay`` before ``now``, are archived whole (no segment of them is
     buffered) and whose hours live in more than one file; by stream and day."""
     horizon = now - duration_us(settings.compact_delay)
-    days: dict[tuple[StreamKey, int], list[ArchiveEntry]] = {}
-    for entry in index.archives_all():
-        day = entry.hour_start_us - entry.hour_start_us % US_PER_DAY
-        if day + US_PER_DAY <= horizon:
-            days.setdefault((StreamKey(entry.contract_id, TickType(entry.tick_type)), day), []).append(entry)
+    days = {(StreamKey(cid, TickType(tt)), day): index.archives(cid, tt, day, day + US_PER_DAY)
+            for cid, tt, day in index.split_days(horizon)}
     buffered: set[tuple[StreamKey, int]] = set()
     if writer is not None:
         for key in writer.streams():
@@ -121,9 +118,8 @@ def due(settings: StorageSettings, index: Index, writer: SegmentWriter | None, n
             for path in snapshot.closed + ([snapshot.open_path] if snapshot.open_path else []):
                 start = segment_start_us(path)
                 buffered.add((key, start - start % US_PER_DAY))
-    plans = [DayPlan(key, day, tuple(entries)) for (key, day), entries in sorted(days.items())
-             if (key, day) not in buffered and len({e.file_path for e in entries}) > 1]
-    return plans
+    return [DayPlan(key, day, tuple(entries)) for (key, day), entries in sorted(days.items())
+            if (key, day) not in buffered]
 
 
 def compact(settings: StorageSettings, index: Index, writer: SegmentWriter | None = None, now: int | None = None, *,

@@ -480,6 +480,15 @@ class Index:
                 conn.execute("ROLLBACK")
             raise
 
+    def split_days(self, before_us: int) -> list[tuple[int, str, int]]:
+        """(contract_id, tick_type, day start µs) of UTC days ending by ``before_us`` whose archived
+        hours live in more than one file: what compaction would merge."""
+        rows = self._connection().execute(
+            "SELECT contract_id, tick_type, hour_start_us - hour_start_us % 86400000000 AS day FROM tick_archives "
+            "WHERE hour_start_us < ? - 82800000000 GROUP BY contract_id, tick_type, day "
+            "HAVING COUNT(DISTINCT file_path) > 1 ORDER BY contract_id, tick_type, day", (before_us,))
+        return [(cid, tt, day) for cid, tt, day in rows if day + 86_400_000_000 <= before_us]
+
     def superseded(self, before_us: int | None = None) -> list[SupersededFile]:
         """Files compaction replaced (superseded before ``before_us``), oldest first."""
         sql, args = "SELECT file_path, replaced_by, superseded_at_us FROM superseded_files", tuple[int, ...]()

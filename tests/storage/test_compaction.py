@@ -282,3 +282,14 @@ def test_compact_as_an_operator_runs_it(recorded):
         assert store.read(CID, "bid_ask", *EVERYTHING).equals(quotes)
     assert ibstream("compact", "--data-root", root).stdout.splitlines() == [
         "would compact 0 days (0 files, 0 ticks) into 0 files; run with --apply to compact them"]
+
+
+def test_a_day_with_buffered_hours_waits(tmp_path):
+    settings = compact_settings(tmp_path / "data")
+    quotes = ticks(FIRST, 40_000, rate_scale=0.1)
+    with Store(settings) as store:
+        append_in_batches(store, quotes)
+        store.archive(now=utc(2025, 1, 11, 5))  # day 11's hours from 05:00 stay in segments
+        report = store.compact(COMPACT_AT)
+        assert [(d.day_start_us, d.files) for d in report.days] == [(to_us(utc(2025, 1, 10)), 4)]
+        assert store.read(CID, "bid_ask", *EVERYTHING).equals(quotes)
