@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
@@ -96,24 +96,23 @@ class Store:
         return self.archiver.run_once(None if now is None else to_us(now, name="now"))
 
     def start_background(self) -> None:
-        """Run the archiver every ``archive_check_interval`` on a background thread."""
+        """Run the store's jobs on background threads (apscheduler), at a lower CPU priority than
+        ingest: the archiver every ``archive_check_interval``, compaction every
+        ``compact_check_interval``, retention every ``retention_check_interval`` (when rules are
+        set) and the scrub every ``scrub_interval``; each logs what it did."""
         if self.archiver is None or self._scheduler is not None:
             return
         self._scheduler = BackgroundScheduler(daemon=True)
-        self._scheduler.add_job(
-            self.archiver.run_once, "interval",
-            seconds=self.settings.archive_check_interval.total_seconds(),
-            id="archiver", max_instances=1, coalesce=True,
-        )
-        if self.settings.compact_check_interval.total_seconds() > 0:
-            self._scheduler.add_job(self.compact, "interval", seconds=self.settings.compact_check_interval.total_seconds(),
-                                    id="compaction", max_instances=1, coalesce=True)
-        if self.settings.retention:
-            self._scheduler.add_job(self.prune, "interval", seconds=self.settings.retention_check_interval.total_seconds(),
-                                    id="retention", max_instances=1, coalesce=True)
-        if self.settings.scrub_interval.total_seconds() > 0:
-            self._scheduler.add_job(self.scrub, "interval", seconds=self.settings.scrub_interval.total_seconds(),
-                                    id="scrub", max_instances=1, coalesce=True)
+        jobs: list[tuple[str, Callable[..., object], timedelta]] = [
+            ("archiver", self.archiver.run_once, self.settings.archive_check_interval),
+            ("compaction", self.compact, self.settings.compact_check_interval),
+            ("retention", self.prune, self.settings.retention_check_interval if self.settings.retention
+             else timedelta(0)),
+            ("scrub", self.scrub, self.settings.scrub_interval)]
+        for name, job, every in jobs:
+            if every.total_seconds() > 0:
+                self._scheduler.add_job(niced(job), "interval", seconds=every.total_seconds(), id=name,
+                                        max_instances=1, coalesce=True)
         self._scheduler.start()
 
     def prune(self, now: datetime | None = None, *, apply: bool = True) -> PruneReport:
@@ -323,6 +322,28 @@ class Store:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+BACKGROUND_NICENESS = 10  # added to a job thread's nice value: ingest and queries come first
+
+
+def niced(job: Callable[..., object]) -> Callable[[], object]:
+    """``job``, run at a lower CPU priority: on Linux a thread has its own nice value (elsewhere this
+    does nothing). Set once per pool thread."""
+    def run() -> object:
+        if not getattr(_job_thread, "niced", False):
+            _job_thread.niced = True
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(
+                    19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + BACKGROUND_NICENESS))
+            except (AttributeError, OSError):
+                pass
+        return job()
+
+    return functools.wraps(job)(run)
+
+
+_job_thread = threading.local()
 
 
 def lock_data_root(data_root: Path):
