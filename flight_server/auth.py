@@ -104,6 +104,12 @@ def read_token_file(path: Path) -> list[TokenEntry]:
     return entries
 
 
+def token_entries(settings) -> list[TokenEntry]:
+    """The tokens a server started with ``settings`` knows: ``tokens`` and the ``token_file``'s."""
+    entries = [check_entry(t.name, t.role, t.sha256, "IBSTREAM_TOKENS") for t in settings.tokens]
+    return entries + (read_token_file(settings.token_file) if settings.token_file is not None else [])
+
+
 class Authenticator:
     """Turns an ``authorization`` header into a :class:`Caller`, or refuses it."""
 

@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import date, timedelta
 from pathlib import Path
@@ -53,8 +54,7 @@ from ibstream.flight_server.auth import (
     Caller,
     TokenEntry,
     caller_of,
-    check_entry,
-    read_token_file,
+    token_entries,
 )
 from ibstream.flight_server.commands import (
     CoverageBody,
@@ -88,13 +88,93 @@ MAX_BATCH_BYTES = 2 * 1024 * 1024  # bar batches: well under gRPC's default 4 Mi
 SHUTDOWN_SECONDS = 10.0  # how long shutdown waits for calls in progress
 
 
+class _Query:
+    """One call being served: counted when it starts; its duration goes to the stats' listeners once,
+    when it is answered (or, for a stream the server reads as it sends, when the stream ends)."""
+
+    def __init__(self, stats: "ServerStats", kind: str):
+        self.stats = stats
+        self.kind = kind
+        self.started = time.perf_counter()
+        self.deferred = False  # the stream reports its own end
+        self._done = False
+
+    def done(self, ok: bool, *, timed: bool = True) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.stats._finished(self.kind, time.perf_counter() - self.started if timed else None, ok)
+
+
+class ServerStats:
+    """What the server has been asked and how it went, for monitoring (:mod:`ibstream.monitoring` reads it).
+
+    ``queries`` and ``errors`` count calls by kind: ``ticks``, ``bars``, ``live`` (do_get by ticket),
+    ``flight_info``, ``schema``, ``list_flights``, and each action (``statistics``, ``sessions``,
+    ``coverage``, ``scrub``); ``invalid`` for a ticket or action that names none of them. ``listeners``
+    are called with (kind, seconds) as each call is answered; a tick stream is timed to its end, a
+    live stream not at all.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.queries: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.live_subscribers = 0
+        self.slow_readers_dropped = 0
+        self.listeners: list[Callable[[str, float], None]] = []
+
+    def start(self, kind: str) -> _Query:
+        with self._lock:
+            self.queries[kind] = self.queries.get(kind, 0) + 1
+        return _Query(self, kind)
+
+    def _finished(self, kind: str, seconds: float | None, ok: bool) -> None:
+        if not ok:
+            with self._lock:
+                self.errors[kind] = self.errors.get(kind, 0) + 1
+        if seconds is not None:
+            for listener in self.listeners:
+                listener(kind, seconds)
+
+    def _live(self, delta: int) -> None:
+        with self._lock:
+            self.live_subscribers += delta
+
+    def _slow_reader(self) -> None:
+        with self._lock:
+            self.slow_readers_dropped += 1
+
+
+_KINDS = {"get_flight_info": "flight_info", "get_schema": "schema", "list_flights": "list_flights"}
+_calls = threading.local()  # the _Query of the call a handler thread is serving
+
+
+def _kind(handler_name: str, args: tuple) -> str:
+    if handler_name == "do_get":
+        try:
+            parsed = Ticket.parse(args[0].ticket)
+        except Exception:
+            return "invalid"
+        return "live" if parsed.live else "ticks" if parsed.resolution == TICK else "bars"
+    if handler_name == "do_action":
+        action = getattr(args[0], "type", None)
+        return action if action in ACTIONS else "invalid"
+    return _KINDS.get(handler_name, handler_name)
+
+
 def _flight_errors(handler: Callable) -> Callable:
     """Turn our errors into Flight's types; keep the server serving whatever happens."""
 
     @functools.wraps(handler)
     def wrapper(self, context, *args):
+        query = self.stats.start(_kind(handler.__name__, args))
+        _calls.query = query
+        ok = False
         try:
-            return handler(self, context, *args)
+            result = handler(self, context, *args)
+            ok = True
+            return result
         except InvalidRequestError as exc:
             log.info("%s refused: %s", handler.__name__, exc)
             raise pa.ArrowInvalid(tagged(exc)) from None
@@ -118,6 +198,10 @@ def _flight_errors(handler: Callable) -> Callable:
             log.exception("%s failed", handler.__name__)
             raise flight.FlightInternalError(
                 tagged(IbstreamError(f"{handler.__name__} failed: {type(exc).__name__}: {exc}"))) from None
+        finally:
+            _calls.query = None
+            if not ok or not query.deferred:
+                query.done(ok)
 
     return wrapper
 
@@ -152,6 +236,7 @@ class FlightServer(flight.FlightServerBase):
         self._per_caller: dict[str, int] = {}  # streams held per token (with tokens only)
         self._per_caller_lock = threading.Lock()
         self._stopping = threading.Event()
+        self.stats = ServerStats()
         self.authenticator = Authenticator(_token_entries(self.settings))
         tls = _tls_options(self.settings)
         location = location or self.settings.flight_location
@@ -172,7 +257,7 @@ class FlightServer(flight.FlightServerBase):
             log.warning("serving %s without %s (IBSTREAM_ALLOW_INSECURE): anyone who reaches this address can read "
                         "every tick", location, " and ".join(
                             part for part, on in (("TLS", bool(tls)), ("tokens", self.authenticator.enabled)) if not on))
-        threading.Thread(target=store.warm_sessions, name="warm-sessions", daemon=True).start()
+        store.warm_in_background()
 
     # -- RPCs ----------------------------------------------------------------------------------
 
@@ -272,15 +357,25 @@ class FlightServer(flight.FlightServerBase):
             raise ServerBusyError(
                 f"server busy: {self.settings.max_streams} streams are being served (IBSTREAM_MAX_STREAMS); "
                 "retry shortly")
+        query: _Query | None = getattr(_calls, "query", None)
+        if query is not None:
+            query.deferred = True
+        if ticket.live:
+            self.stats._live(+1)
         if not self.authenticator.enabled:
-            return _SlotStream(_streamed(batches, ticket), self._streams.release)
+            return _SlotStream(_streamed(batches, ticket, self.stats, query), self._ended(self._streams.release,
+                                                                                       ticket, query))
         cap = self.settings.max_streams_per_token
         with self._per_caller_lock:
             held = self._per_caller.get(caller.name, 0)
             if held < cap:
                 self._per_caller[caller.name] = held + 1
-        if held >= cap:
+        if held >= cap:  # refused: the call's handler counts it as an error
             self._streams.release()
+            if ticket.live:
+                self.stats._live(-1)
+            if query is not None:
+                query.deferred = False
             raise ServerBusyError(f"server busy for token {caller.name!r}: it holds {cap} streams "
                                   "(IBSTREAM_MAX_STREAMS_PER_TOKEN); close one or retry shortly")
 
@@ -289,7 +384,19 @@ class FlightServer(flight.FlightServerBase):
                 self._per_caller[caller.name] -= 1
             self._streams.release()
 
-        return _SlotStream(_streamed(batches, ticket), release)
+        return _SlotStream(_streamed(batches, ticket, self.stats, query), self._ended(release, ticket, query))
+
+    def _ended(self, release: Callable[[], None], ticket: Ticket, query: "_Query | None") -> Callable[[bool], None]:
+        """What a stream does when it ends (``ok``: it ran to its end): give back its slot, count it."""
+
+        def ended(ok: bool) -> None:
+            release()
+            if ticket.live:
+                self.stats._live(-1)
+            if query is not None:  # a failure mid-stream was counted where it happened
+                query.done(True, timed=not ticket.live and ok)
+
+        return ended
 
     def list_actions(self, context):
         return list(ACTIONS.items())
@@ -439,8 +546,7 @@ class FlightServer(flight.FlightServerBase):
 
 
 def _token_entries(settings: Settings) -> list[TokenEntry]:
-    entries = [check_entry(t.name, t.role, t.sha256, "IBSTREAM_TOKENS") for t in settings.tokens]
-    return entries + (read_token_file(settings.token_file) if settings.token_file is not None else [])
+    return token_entries(settings)
 
 
 def _tls_options(settings: Settings) -> dict:
@@ -496,9 +602,9 @@ class _SlotStream:
     once, when the stream ends or fails, or when it is dropped (a cancelled call, even one whose
     stream never started: a plain generator's ``finally`` would not run then)."""
 
-    def __init__(self, batches, release: Callable[[], None]):
+    def __init__(self, batches, release: Callable[[bool], None]):
         self._batches = batches
-        self._release = release
+        self._release = release  # called with whether the stream ran to its end
         self._held = True
 
     def __iter__(self):
@@ -507,32 +613,44 @@ class _SlotStream:
     def __next__(self):
         try:
             return next(self._batches)
+        except StopIteration:
+            self._free(True)
+            raise
         except BaseException:
-            self._free()
+            self._free(False)
             raise
 
-    def _free(self) -> None:
+    def _free(self, ended: bool) -> None:
         if self._held:
             self._held = False
-            self._release()
+            self._release(ended)
 
     def __del__(self) -> None:
-        self._free()
+        self._free(False)
 
 
-def _streamed(batches, ticket: Ticket):
+def _streamed(batches, ticket: Ticket, stats: ServerStats, query: _Query | None):
     """Batches of a do_get; a failure mid-stream (say, a corrupt file) reaches the caller as INTERNAL,
-    a dropped live reader or a stopping server as UNAVAILABLE."""
+    a dropped live reader or a stopping server as UNAVAILABLE (counted in ``stats``)."""
+
+    def failed() -> None:
+        if query is not None:
+            query.done(False, timed=False)
+
     try:
         yield from batches
     except ServerUnavailableError as exc:
+        if isinstance(exc, SubscriberTooSlowError):
+            stats._slow_reader()
         level = logging.WARNING if isinstance(exc, SubscriberTooSlowError) else logging.INFO
         log.log(level, "do_get of %s/%s ended: %s", ticket.contract_id, ticket.tick_type.value, exc)
         raise flight.FlightUnavailableError(tagged(exc)) from None
     except CorruptFileError as exc:  # stored bytes that fail their checks: say which, no traceback
+        failed()
         log.error("do_get of %s/%s failed: %s", ticket.contract_id, ticket.tick_type.value, exc)
         raise flight.FlightInternalError(tagged(exc)) from None
     except Exception as exc:
+        failed()
         log.exception("do_get of %s/%s failed mid-stream", ticket.contract_id, ticket.tick_type.value)
         raise flight.FlightInternalError(tagged(IbstreamError(
             f"reading {ticket.contract_id}/{ticket.tick_type.value} failed: {type(exc).__name__}: {exc}"))) from None

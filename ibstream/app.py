@@ -8,6 +8,7 @@ import threading
 from typing import Any
 
 from ibstream.flight_server.server import FlightServer
+from ibstream.monitoring import monitoring_for
 from ibstream.recorder.feed import TickFeed
 from ibstream.recorder.recorder import Recorder
 from ibstream.settings import Settings
@@ -63,7 +64,19 @@ class RecordingService:
         self.store = Store(settings)
         self.recorder = Recorder(self.store, flush_interval=settings.flush_interval.total_seconds(), settings=settings)
         self.feed = feed
-        self.server = FlightServer(self.store, settings.flight_location, settings=settings)
+        try:  # GET /metrics and /health when settings.monitoring_port is set (bound now: a port in use fails here)
+            self.monitoring = monitoring_for(settings, self.store, recorder=self.recorder, feed=feed)
+        except BaseException:
+            self.store.close()  # nothing runs on it yet
+            raise
+        try:
+            self.server = FlightServer(self.store, settings.flight_location, settings=settings)
+        except BaseException:
+            if self.monitoring is not None:
+                self.monitoring.stop()
+            raise
+        if self.monitoring is not None:
+            self.monitoring.monitor.watch_server(self.server)
         self._serve = threading.Thread(target=self.server.serve, name="flight-server", daemon=True)
         self.signals: StopSignals | None = None  # run_for's, once a signal stopped it: kept until the final flush
 
@@ -73,6 +86,8 @@ class RecordingService:
 
     def __enter__(self) -> "RecordingService":
         self._serve.start()
+        if self.monitoring is not None:
+            self.monitoring.start()
         self.store.start_background()
         self.recorder.start()
         self.feed.start(self.recorder)
@@ -93,6 +108,8 @@ class RecordingService:
                      f"{recorder.held():,}")
             self.server.shutdown()
             self._serve.join()
+            if self.monitoring is not None:
+                self.monitoring.stop()
             self.store.close()
         finally:
             self.signals.restore()

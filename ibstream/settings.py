@@ -148,6 +148,17 @@ class Settings(StorageSettings):
         1024**3, ge=0,
         description="The recorder warns once when free space on the data root falls below this (and says when it "
         "recovers); checked about every 10 s. 0 disables the check.")
+    monitoring_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Port of the HTTP monitoring endpoints (GET /metrics for Prometheus, GET /health); unset: off; "
+        "0 picks a free one. Same access rules as Flight: tokens (any role) when configured, TLS with tls_cert_file.")
+    monitoring_host: str = Field(
+        "127.0.0.1", description="Interface the monitoring endpoints bind to. Another than loopback needs TLS and "
+        "tokens (or allow_insecure).")
+    health_silence_threshold: timedelta = Field(
+        timedelta(minutes=5),
+        description="GET /health fails (503) when a stream inside its trading session has had no tick for longer "
+        "than this, or the IB connection has been down for longer than this.")
     stop_flush_timeout: timedelta = Field(
         timedelta(seconds=10),
         description="On stop, how long the final flush keeps retrying while storage is unavailable before it gives "
@@ -160,6 +171,14 @@ class Settings(StorageSettings):
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
             raise ValueError(f"contracts lists {', '.join(twice)} more than once; merge their tick_types")
+        return value
+
+    @field_validator("health_silence_threshold")
+    @classmethod
+    def _positive_threshold(cls, value: timedelta) -> timedelta:
+        if value <= timedelta(0):
+            raise ValueError(f"the health silence threshold must be longer than zero, e.g. PT5M (5 minutes); got "
+                             f"{value}")
         return value
 
     @classmethod
@@ -181,6 +200,17 @@ class Settings(StorageSettings):
                                                               self.authenticated)) if not given)
             raise ValueError(f"flight_host {self.flight_host} is not a loopback address: serving it needs {missing}, "
                              "or IBSTREAM_ALLOW_INSECURE=true to serve it unprotected")
+        if self.monitoring_port is not None:
+            if not self.monitoring_loopback and not self.allow_insecure and not (self.tls and self.authenticated):
+                missing = " and ".join(part for part, given in (
+                    ("TLS (IBSTREAM_TLS_CERT_FILE, IBSTREAM_TLS_KEY_FILE)", self.tls),
+                    ("tokens (IBSTREAM_TOKEN_FILE or IBSTREAM_TOKENS)", self.authenticated)) if not given)
+                raise ValueError(f"monitoring_host {self.monitoring_host} is not a loopback address: serving /metrics "
+                                 f"and /health there needs {missing}, or IBSTREAM_ALLOW_INSECURE=true to serve them "
+                                 "unprotected")
+            if self.monitoring_port and self.monitoring_port == self.flight_port:
+                raise ValueError(f"monitoring_port {self.monitoring_port} is the Flight server's port too; pick "
+                                 "another (0: any free port)")
         return self
 
     @property
@@ -194,14 +224,23 @@ class Settings(StorageSettings):
     @property
     def loopback(self) -> bool:
         """Whether the Flight server binds a loopback address only (reachable from this machine alone)."""
-        host = self.flight_host.strip("[]")
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        return _is_loopback(self.flight_host)
+
+    @property
+    def monitoring_loopback(self) -> bool:
+        """Whether the monitoring endpoints bind a loopback address only."""
+        return _is_loopback(self.monitoring_host)
 
     @property
     def flight_location(self) -> str:
         return f"{'grpc+tls' if self.tls else 'grpc'}://{self.flight_host}:{self.flight_port}"
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

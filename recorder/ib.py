@@ -219,6 +219,7 @@ class IBFeed:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._session: _Connection | None = None
+        self._down_since: float | None = time.monotonic()  # monotonic; None while connected
 
     # -- TickFeed ----------------------------------------------------------------------------------
 
@@ -243,6 +244,33 @@ class IBFeed:
             return {(s.spec.describe(), s.tick_type.value): s.state for s in self._streams}
 
     @property
+    def connected(self) -> bool:
+        """Connected to the gateway and past the handshake (``nextValidId``)."""
+        return self._down_since is None
+
+    def disconnected_for(self) -> float:
+        """Seconds since the connection was last lost (or since the feed was made); 0 while connected."""
+        since = self._down_since
+        return 0.0 if since is None else max(time.monotonic() - since, 0.0)
+
+    def last_message_age(self) -> float | None:
+        """Seconds since the gateway last sent anything on the current connection (None before one)."""
+        session = self._session
+        if session is None or not self.connected:
+            return None
+        return max(time.monotonic() - session.last_message, 0.0)
+
+    @property
+    def farm_ok(self) -> bool:
+        """False between IB's 2103 (market data farm broken) and the 2104 that follows."""
+        return not self._farm_broken
+
+    def streams(self) -> list[tuple[int, TickType]]:
+        """The configured streams whose contract id is known (configured or resolved)."""
+        with self._lock:
+            return [(s.contract_id, s.tick_type) for s in self._streams if s.contract_id]
+
+    @property
     def malformed(self) -> int:
         session = self._session
         return session.malformed if session is not None else 0
@@ -259,6 +287,7 @@ class IBFeed:
             try:
                 if self._connect(session):
                     self.connections += 1
+                    self._down_since = None
                     log.info("connected to %s:%d as client %d (server version %d)", self.settings.ib_host,
                              self.settings.ib_port, self.client_id, session.serverVersion())
                     reason = self._watch(session)
@@ -267,6 +296,8 @@ class IBFeed:
             except Exception:  # never let the supervisor die: the recorder would stop for good
                 log.exception("the IB session failed unexpectedly; reconnecting")
                 reason = "unexpected error"
+            if self._down_since is None:
+                self._down_since = time.monotonic()
             self._disconnect(session, reason)
             if self._stop.is_set():
                 break

@@ -50,6 +50,7 @@ from ibstream.storage.store import Store
 log = logging.getLogger(__name__)
 
 AckListener = Callable[[StreamKey, pa.RecordBatch], None]
+FlushListener = Callable[[float, int], None]  # (seconds the flush took, ticks it acknowledged)
 CONFIRM_EVERY_US = US_PER_SECOND
 DISK_CHECK_EVERY = 10.0  # seconds between free-space checks
 NO_TS = -(2**63)
@@ -156,10 +157,13 @@ class Recorder:
         self.summary_interval = settings.storage_summary_interval.total_seconds()
         self.disk_warn_free_bytes = settings.disk_warn_free_bytes
         self.stop_timeout = settings.stop_flush_timeout.total_seconds()
+        self.received: dict[StreamKey, int] = {}  # ticks the feed delivered (acknowledged, held or dropped)
+        self.last_received_us: dict[StreamKey, int] = {}  # wall-clock time the feed last delivered a tick
         self.acknowledged: dict[StreamKey, int] = {}
         self.dropped: dict[StreamKey, int] = {}
         self.recording: dict[StreamKey, bool] = {}
         self.ack_listeners: list[AckListener] = []
+        self.flush_listeners: list[FlushListener] = []  # after each flush that had ticks to store
         self._builders: dict[StreamKey, _Builder] = {}
         self._feed_recording: dict[StreamKey, bool] = {}  # as the feed last said (coverage may lag)
         self._changes: list[_StateChange | ContractDetails] = []
@@ -240,6 +244,8 @@ class Recorder:
                 builder = self._builders[key] = _Builder()
             ts = max(received, builder.last_ts)
             builder.last_ts = ts
+            self.received[key] = self.received.get(key, 0) + 1
+            self.last_received_us[key] = received
             if len(builder.rows) + builder.in_flight >= self.max_held_ticks:
                 self.dropped[key] = self.dropped.get(key, 0) + 1
                 if builder.gap is None:
@@ -300,6 +306,7 @@ class Recorder:
         Always tries the store (the flusher thread calls it less often while storage is down).
         """
         with self._flush_lock:
+            started = time.perf_counter()
             with self._lock:
                 snapshot = self.clock()
                 pending = {}
@@ -331,6 +338,10 @@ class Recorder:
             if failure is not None or stored_all:
                 self._storage_outcome(failure)
             self._record_coverage(changes, snapshot, held)
+            if pending:
+                took = time.perf_counter() - started
+                for listener in self.flush_listeners:
+                    listener(took, acked)
             return acked
 
     def _append(self, key: StreamKey, rows: list[tuple]) -> tuple[int, OSError | None, bool]:

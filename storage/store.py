@@ -70,6 +70,8 @@ class Store:
         self.archiver: Archiver | None = None
         self._scheduler: BackgroundScheduler | None = None
         self.warmed = threading.Event()  # set once :meth:`warm` has run
+        self._warming: threading.Thread | None = None
+        self._closing = threading.Event()
         self._rewriting = threading.Lock()  # retention and compaction rewrite the archive one at a time
         if not read_only:
             self.writer = SegmentWriter(self.settings, on_damage=self.index.record_damage)
@@ -206,6 +208,12 @@ class Store:
         days = tuple((s.open_us, s.close_us) for s in sessions or ())
         return self.cache.get_or_compute(("bars", key, start_us, end_us, resolution, fill, days), compute)
 
+    def warm_in_background(self) -> None:
+        """Start :meth:`warm` on a thread (once); :meth:`close` stops and waits for it."""
+        if self._warming is None and not self._closing.is_set():
+            self._warming = threading.Thread(target=self.warm, name="warm-up", daemon=True)
+            self._warming.start()
+
     def warm(self) -> None:
         """What the first queries after a start need, done ahead on a background thread (the server
         starts it): the trading sessions of every contract, then per stream the last ``warm_recent``
@@ -218,7 +226,7 @@ class Store:
         if span > 0:
             try:
                 for info in self.streams():
-                    if info.last is None:
+                    if info.last is None or self._closing.is_set():
                         continue
                     end = to_us(info.last) + 1
                     start = end - span
@@ -229,6 +237,8 @@ class Store:
                     start = max(start, end - 24 * US_PER_HOUR)
                     for batch in self.plan(info.contract_id, info.tick_type, start, end).batches():
                         rows += batch.num_rows
+                        if self._closing.is_set():
+                            break
                     streams += 1
             except Exception as exc:  # damaged files, expired ranges...: the queries that meet them say so
                 log.warning("warming the recent ticks stopped: %s", exc)
@@ -307,6 +317,10 @@ class Store:
         return records_table(rows, COVERAGE_SCHEMA, {"start": "start_us", "end": "end_us", "open": "is_open"})
 
     def close(self) -> None:
+        self._closing.set()
+        if self._warming is not None:
+            self._warming.join()  # it reads the index and files closed below
+            self._warming = None
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=True)
             self._scheduler = None
