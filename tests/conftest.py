@@ -9,8 +9,16 @@ import pytest
 
 from ibstream.clients import Client
 from ibstream.settings import Settings
+from ibstream.simulator.gateway import GatewaySimulator
 from ibstream.storage import Store
 from tests.helpers import Served
+
+
+@pytest.fixture
+def gateway():
+    """The IB Gateway simulator on a free loopback port (markets 40x real speed)."""
+    with GatewaySimulator(speed=40, send_interval=0.005) as sim:
+        yield sim
 
 
 @pytest.fixture

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime
@@ -71,3 +74,10 @@ def wait_until(condition, timeout: float = 15.0, what: str = "condition") -> Non
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+def ibstream(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """The CLI as an operator runs it: a subprocess with only the ``IBSTREAM_*`` settings given here."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("IBSTREAM_")} | env
+    return subprocess.run([sys.executable, "-m", "ibstream.cli", "--log-level", "WARNING", *args], cwd=ROOT,
+                          env=environment, capture_output=True, text=True, timeout=120)

@@ -67,12 +67,6 @@ def total(samples: dict, name: str) -> float:
 
 
 @pytest.fixture
-def gateway():
-    with GatewaySimulator(speed=40, send_interval=0.005) as sim:
-        yield sim
-
-
-@pytest.fixture
 def recording(tmp_path, gateway):
     running = Recording(ib_settings(tmp_path, gateway, monitoring_port=0), gateway)
     yield running

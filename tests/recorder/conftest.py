@@ -1,17 +1,10 @@
-"""Fixtures of the recorder tests: a gateway simulator on loopback and a recording over it."""
+"""Fixtures of the recorder tests: a recording over the gateway simulator (``gateway``, tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from ibstream.simulator.gateway import GatewaySimulator
 from tests.recorder.harness import Recording, ib_settings
-
-
-@pytest.fixture
-def gateway():
-    with GatewaySimulator(speed=40, send_interval=0.005) as sim:
-        yield sim
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from ibstream.storage.config import RetentionRule
 from ibstream.storage.failpoints import ENV, EXIT_CODE, io_faults
 from ibstream.storage.maintenance import reindex
 from ibstream.storage.synthetic import MNQ
-from tests.helpers import ROOT, append_in_batches, between, ticks, utc
+from tests.helpers import ROOT, append_in_batches, between, ibstream, ticks, utc
 
 CID = MNQ.contract_id
 FIRST, END = utc(2025, 1, 10, 20), utc(2025, 1, 11, 9)  # 20:00 .. ~08:30: 4 hours of day 10, 9 of day 11
@@ -254,12 +254,6 @@ def test_a_disk_that_fills_during_compaction_changes_nothing_and_the_next_run_fi
             "the hourly files keep answering, the next run tries again")
         assert store.compact(COMPACT_AT).files_written == 2
         assert store.read(CID, "bid_ask", *EVERYTHING).equals(quotes)
-
-
-def ibstream(*args: str) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("IBSTREAM_")}
-    return subprocess.run([sys.executable, "-m", "ibstream.cli", "--log-level", "WARNING", *args], cwd=ROOT,
-                          env=environment, capture_output=True, text=True, timeout=120)
 
 
 def test_compact_as_an_operator_runs_it(recorded):

@@ -23,7 +23,7 @@ from ibstream.storage import Store
 from ibstream.storage.config import RetentionRule
 from ibstream.storage.failpoints import ENV, EXIT_CODE
 from ibstream.storage.synthetic import MNQ
-from tests.helpers import ROOT, Served, append_in_batches, between, ticks, utc
+from tests.helpers import ROOT, Served, append_in_batches, between, ibstream, ticks, utc
 
 CID = MNQ.contract_id
 T13, T15, T17 = utc(2025, 1, 10, 13), utc(2025, 1, 10, 15), utc(2025, 1, 10, 17)
@@ -149,12 +149,6 @@ def test_killed_at_each_step_a_reader_then_a_recovering_store_see_every_retained
     with Store(settings) as store:
         assert store.read(CID, "bid_ask", T15, T17).equals(between(quotes, T15, T17))
         assert [h.file_removed for h in store.index.expired()] == [True, True]
-
-
-def ibstream(*args: str, **env: str) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("IBSTREAM_")} | env
-    return subprocess.run([sys.executable, "-m", "ibstream.cli", "--log-level", "WARNING", *args], cwd=ROOT,
-                          env=environment, capture_output=True, text=True, timeout=120)
 
 
 def test_status_and_prune_as_an_operator_runs_them(recorded):
