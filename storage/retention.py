@@ -61,10 +61,11 @@ def due(settings: StorageSettings, index: Index, now: int) -> list[ArchiveEntry]
     if not settings.retention:
         return []
     hours = []
-    for entry in index.archives_all():
-        horizon = horizon_us(settings, StreamKey(entry.contract_id, TickType(entry.tick_type)), now)
-        if horizon is not None and entry.hour_start_us + US_PER_HOUR <= horizon:
-            hours.append(entry)
+    for contract_id, tick_type in sorted(index.archived_until()):  # per stream: one indexed query up to its horizon
+        horizon = horizon_us(settings, StreamKey(contract_id, TickType(tick_type)), now)
+        if horizon is not None:
+            hours += [e for e in index.archives(contract_id, tick_type, 0, horizon)
+                      if e.hour_start_us + US_PER_HOUR <= horizon]
     return hours
 
 
