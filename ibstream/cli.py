@@ -111,12 +111,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run the IB gateway simulator: ibapi clients (e.g. `ibstream record`) connect to it",
         description="A TCP server speaking the IB API wire protocol with synthetic MNQ (conId 711280073) and AAPL "
         "(conId 265598) markets, or a replay of a stored archive. It listens on --ib-port.")
-    simulate.add_argument("--speed", type=float, default=1.0, help="market speed vs realistic rates (default 1)")
+    simulate.add_argument("--speed", type=_speed, default=1.0, help="market speed vs realistic rates (default 1)")
     simulate.add_argument("--seed", type=int, default=0, help="seed of the synthetic market (default 0)")
     simulate.add_argument("--replay", type=Path, metavar="DATA_ROOT",
                           help="replay ticks from this store instead of the synthetic market")
-    simulate.add_argument("--start", help="replay from this ISO time (with --replay; default: 24 h ago)")
-    simulate.add_argument("--end", help="replay until this ISO time (with --replay; default: now)")
+    simulate.add_argument("--start", type=_time, help="replay from this ISO time (with --replay; default: 24 h ago)")
+    simulate.add_argument("--end", type=_time, help="replay until this ISO time (with --replay; default: now)")
 
     verb("serve", "data_root", "flight_port", "monitoring_port", help="serve an existing store over Flight (read-only)",
          description="Serves the store in --data-root over Arrow Flight at IBSTREAM_FLIGHT_HOST:--flight-port without "
@@ -210,6 +210,17 @@ def _contract_id(value: str) -> int:
         raise argparse.ArgumentTypeError(f"contract id was {value[:40]!r}; give IB's conId, a whole number from 1 to "
                                          f"{MAX_CONTRACT_ID}, e.g. 711280073")
     return int(value)
+
+
+def _speed(value: str) -> float:
+    """A market speed factor: a finite number above zero."""
+    try:
+        speed = float(value)
+    except ValueError:
+        speed = float("nan")
+    if not 0 < speed < float("inf"):
+        raise argparse.ArgumentTypeError(f"speed was {value[:40]!r}; give a number above 0, e.g. 1 (realistic) or 10")
+    return speed
 
 
 def _time(value: str) -> int:
@@ -632,13 +643,14 @@ def _simulate(args: argparse.Namespace, settings) -> int:
     import threading
     from datetime import datetime, timedelta, timezone
 
+    from ibstream.core.times import from_us
     from ibstream.simulator.gateway import GatewaySimulator
     from ibstream.simulator.market import archive_tape
 
     tapes = None
     if args.replay is not None:
-        end = datetime.fromisoformat(args.end) if args.end else datetime.now(timezone.utc)
-        start = datetime.fromisoformat(args.start) if args.start else end - timedelta(hours=24)
+        end = from_us(args.end) if args.end is not None else datetime.now(timezone.utc)
+        start = from_us(args.start) if args.start is not None else end - timedelta(hours=24)
         tapes = lambda contract, tick_type, n: archive_tape(  # noqa: E731
             args.replay, contract.con_id, tick_type, start, end, speed=args.speed)
     port = settings.ib_port

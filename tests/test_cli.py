@@ -92,6 +92,10 @@ def test_each_cli_mistake_is_one_line_and_exit_status_2(tmp_path):
     blocker.write_text("")
     assert_one_line(ibstream("record", "--synthetic", "--seconds", "1", "--data-root", str(blocker / "data")),
                     "ibstream record: Not a directory:", "check the path (--data-root / IBSTREAM_DATA_ROOT)")
+    assert_one_line(ibstream("simulate", "--replay", str(tmp_path), "--start", "garbage"),
+                    "ibstream simulate: argument --start: time was 'garbage', not an ISO-8601 time")
+    assert_one_line(ibstream("simulate", "--speed", "0"),
+                    "ibstream simulate: argument --speed: speed was '0'; give a number above 0")
 
 
 def test_a_port_in_use_and_a_second_recorder_are_one_line(tmp_path):
