@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from ibstream.core.units import byte_text
+
 EPILOG = """
 Settings come from IBSTREAM_* environment variables (see ibstream/settings.py), e.g.
   IBSTREAM_DATA_ROOT=/srv/ticks IBSTREAM_FLIGHT_PORT=8815 ibstream serve
@@ -440,9 +442,6 @@ def _age(micros: int) -> str:
     return f"{seconds:.0f} s"
 
 
-def _megabytes(n: int) -> str:
-    return f"{n / 2**30:,.1f} GB" if n >= 2**30 else f"{n / 2**20:,.1f} MB"
-
 
 def _status(settings) -> int:
     from ibstream.core.times import iso, now_us
@@ -451,8 +450,8 @@ def _status(settings) -> int:
     now = now_us()
     store = status(settings, now)
     print(f"{settings.data_root}: {len(store.streams)} streams, {sum(s.ticks for s in store.streams):,} ticks; "
-          f"buffer {_megabytes(store.buffer_bytes)}, archive {_megabytes(store.archive_bytes)}, "
-          f"{_megabytes(store.free_bytes)} free")
+          f"buffer {byte_text(store.buffer_bytes)}, archive {byte_text(store.archive_bytes)}, "
+          f"{byte_text(store.free_bytes)} free")
     for s in store.streams:
         last = "no ticks" if s.last_us is None else f"last tick {iso(s.last_us)} ({_age(now - s.last_us)} ago)"
         archived = ("nothing archived" if s.archived_until_us is None else
@@ -485,8 +484,8 @@ def _prune(args: argparse.Namespace, settings) -> int:
     for name, hours in sorted(by_stream.items()):
         print(f"  {name}: {len(hours)} hours {iso(hours[0].hour_start_us)[:16]}Z .. "
               f"{iso(hours[-1].hour_start_us + US_PER_HOUR)[:16]}Z, {sum(h.tick_count for h in hours):,} ticks, "
-              f"{_megabytes(sum(h.file_size_bytes for h in hours))}")
-    print(f"{verb} {len(report.hours)} hours ({report.ticks:,} ticks, {_megabytes(report.bytes)}); "
+              f"{byte_text(sum(h.file_size_bytes for h in hours))}")
+    print(f"{verb} {len(report.hours)} hours ({report.ticks:,} ticks, {byte_text(report.bytes)}); "
           + (f"deleted {report.files_removed} files of hours expired earlier" if args.apply else
              "run with --apply to expire them"))
     return 0
@@ -508,7 +507,7 @@ def _compact(args: argparse.Namespace, settings) -> int:
     if args.apply:
         print(f"compacted {report.files_written} days ({report.files_before:,} hourly files, {report.ticks:,} ticks) "
               f"into {report.files_written} files; deleted {report.files_removed} files replaced earlier "
-              f"({_megabytes(report.bytes_removed)})")
+              f"({byte_text(report.bytes_removed)})")
     else:
         print(f"would compact {len(report.days)} days ({report.files_before:,} files, {report.ticks:,} ticks) into "
               f"{len(report.days)} files; run with --apply to compact them")
@@ -617,7 +616,7 @@ def _export(args: argparse.Namespace, settings) -> int:
                         _progress("row", args.progress))
     for f in report.files:
         span = "no ticks" if f.first_us is None or f.last_us is None else f"{iso(f.first_us)} .. {iso(f.last_us)}"
-        print(f"{f.path}: {f.contract_id}/{f.tick_type}, {f.rows:,} rows ({span}), {_megabytes(f.bytes)}")
+        print(f"{f.path}: {f.contract_id}/{f.tick_type}, {f.rows:,} rows ({span}), {byte_text(f.bytes)}")
     files = f"{len(report.files)} file{'s' if len(report.files) != 1 else ''}"
     print(f"{report.manifest}: {files}, {report.rows:,} rows of [{iso(args.start)}, {iso(end)})")
     return 0

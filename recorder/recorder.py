@@ -40,6 +40,7 @@ import pyarrow as pa
 
 from ibstream.core.errors import StorageError
 from ibstream.core.times import US_PER_SECOND, now_us
+from ibstream.core.units import byte_text
 from ibstream.recorder.feed import Size
 from ibstream.settings import Settings
 from ibstream.storage.index import ContractDetails
@@ -134,9 +135,6 @@ def _describe(exc: OSError) -> tuple[str, str]:
 def _count(n: int) -> str:
     return f"{n:,}"
 
-
-def _size(n: int) -> str:
-    return f"{n / 2**30:,.1f} GB" if n >= 2**30 else f"{n / 2**20:,.1f} MB"
 
 
 class Recorder:
@@ -493,9 +491,9 @@ class Recorder:
         low = free < self.disk_warn_free_bytes
         if low and not self._low_space:
             log.warning("free space on %s is low: %s left (warning below %s); recording stops being durable when "
-                        "it runs out", root, _size(free), _size(self.disk_warn_free_bytes))
+                        "it runs out", root, byte_text(free), byte_text(self.disk_warn_free_bytes))
         elif self._low_space and not low:
-            log.info("free space on %s is back above %s: %s free", root, _size(self.disk_warn_free_bytes), _size(free))
+            log.info("free space on %s is back above %s: %s free", root, byte_text(self.disk_warn_free_bytes), byte_text(free))
         self._low_space = low
 
     # -- the flusher thread --------------------------------------------------------------------
