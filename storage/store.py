@@ -6,6 +6,7 @@ import fcntl
 import functools
 import logging
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -113,7 +114,7 @@ class Store:
             ("scrub", self.scrub, self.settings.scrub_interval)]
         for name, job, every in jobs:
             if every.total_seconds() > 0:
-                self._scheduler.add_job(niced(job), "interval", seconds=every.total_seconds(), id=name,
+                self._scheduler.add_job(niced(_reported(name, job)), "interval", seconds=every.total_seconds(), id=name,
                                         max_instances=1, coalesce=True)
         self._scheduler.start()
 
@@ -358,6 +359,28 @@ def niced(job: Callable[..., object]) -> Callable[[], object]:
 
 
 _job_thread = threading.local()
+
+
+def _reported(name: str, job: Callable[..., object]) -> Callable[[], object]:
+    """``job`` as a scheduled run: a storage failure (a full disk, say) is one log line when it starts
+    and one when it ends, not a traceback every run; the next run tries again."""
+    failing: list[str] = []
+
+    def run() -> object:
+        try:
+            result = job()
+        except (OSError, sqlite3.OperationalError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+            if not failing:
+                log.error("%s stopped: %s; nothing was changed, it runs again on schedule", name, problem)
+            failing[:] = [problem]
+            return None
+        if failing:
+            log.warning("%s works again (it had stopped: %s)", name, failing[0])
+            failing.clear()
+        return result
+
+    return run
 
 
 def lock_data_root(data_root: Path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,6 +15,23 @@ from ibstream.settings import Settings
 from ibstream.simulator.gateway import GatewaySimulator
 from ibstream.storage import Store
 from tests.helpers import Served
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """An 8 MB tmpfs, if this process may mount one (root; CI may not allow it: then the test skips)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("a real full filesystem needs root to mount an 8 MB tmpfs")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 @pytest.fixture

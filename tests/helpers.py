@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -81,3 +82,14 @@ def ibstream(*args: str, **env: str) -> subprocess.CompletedProcess:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("IBSTREAM_")} | env
     return subprocess.run([sys.executable, "-m", "ibstream.cli", "--log-level", "WARNING", *args], cwd=ROOT,
                           env=environment, capture_output=True, text=True, timeout=120)
+
+
+def fill(path: Path) -> None:
+    """Write zeros to ``path`` until its filesystem is full."""
+    with open(path, "wb", buffering=0) as handle:
+        for size in (1 << 16, 1 << 10, 1):
+            try:
+                while True:
+                    handle.write(b"\0" * size)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC, exc

@@ -13,7 +13,6 @@ import errno
 import logging
 import os
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -37,7 +36,7 @@ from ibstream.storage.index import ContractDetails
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import StreamKey
 from ibstream.storage.synthetic import MNQ
-from tests.helpers import ticks, wait_until
+from tests.helpers import fill, ticks, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CID = MNQ.contract_id
@@ -417,34 +416,6 @@ def test_low_free_space_warns_once_and_says_when_it_recovers(settings, caplog):
 
 
 # -- (d) a real full filesystem ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """An 8 MB tmpfs, if this process may mount one."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("a real full filesystem needs root to mount an 8 MB tmpfs")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(path: Path) -> None:
-    """Write zeros to ``path`` until its filesystem is full."""
-    with open(path, "wb", buffering=0) as handle:
-        for size in (1 << 16, 1 << 10, 1):
-            try:
-                while True:
-                    handle.write(b"\0" * size)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
 
 
 def test_real_full_filesystem_loses_and_duplicates_nothing_acknowledged(small_disk, caplog):

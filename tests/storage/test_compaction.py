@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -27,7 +28,7 @@ from ibstream.storage.config import RetentionRule
 from ibstream.storage.failpoints import ENV, EXIT_CODE, io_faults
 from ibstream.storage.maintenance import reindex
 from ibstream.storage.synthetic import MNQ
-from tests.helpers import ROOT, append_in_batches, between, ibstream, ticks, utc
+from tests.helpers import ROOT, append_in_batches, between, fill, ibstream, ticks, utc
 
 CID = MNQ.contract_id
 FIRST, END = utc(2025, 1, 10, 20), utc(2025, 1, 11, 9)  # 20:00 .. ~08:30: 4 hours of day 10, 9 of day 11
@@ -287,3 +288,45 @@ def test_a_day_with_buffered_hours_waits(tmp_path):
         report = store.compact(COMPACT_AT)
         assert [(d.day_start_us, d.files) for d in report.days] == [(to_us(utc(2025, 1, 10)), 4)]
         assert store.read(CID, "bid_ask", *EVERYTHING).equals(quotes)
+
+
+def test_a_real_full_filesystem_stops_compaction_and_retention_without_loss(small_disk, caplog):
+    settings = compact_settings(small_disk / "data", retention=(RetentionRule(ticks_days=1),),
+                                retention_grace=timedelta(0))
+    quotes = ticks(FIRST, 40_000, rate_scale=0.1)
+    with Store(settings) as store:
+        append_in_batches(store, quotes)
+        store.archive(now=utc(2025, 1, 12))
+        hourly = day_files(settings)
+        fill(small_disk / "filler")
+        report = store.compact(COMPACT_AT)
+        assert report.files_written == 0 and "No space left on device" in report.failed[0]
+        assert day_files(settings) == hourly and not list(settings.archive_root.rglob("*.tmp"))
+        with pytest.raises(sqlite3.OperationalError):  # the index cannot take the expiry: nothing expired
+            store.prune(utc(2025, 1, 12, 4))
+        assert store.read(CID, "bid_ask", *EVERYTHING).equals(quotes)
+        (small_disk / "filler").unlink()
+        assert store.compact(COMPACT_AT).files_written == 2
+        store.prune(utc(2025, 1, 12, 4))
+        assert store.read(CID, "bid_ask", utc(2025, 1, 11, 4), END).equals(between(quotes, utc(2025, 1, 11, 4), END))
+
+
+def test_a_scheduled_job_that_meets_a_full_disk_logs_one_line_per_change(recorded, caplog):
+    from ibstream.storage.store import _reported
+
+    settings, quotes = recorded
+    kept = compact_settings(settings.data_root, retention=(RetentionRule(ticks_days=1),))
+    with Store(kept) as store:
+        job = _reported("retention", lambda: store.prune(utc(2025, 1, 12, 4)))
+        io_faults.arm("index.write", errno.ENOSPC)
+        try:
+            assert job() is None and job() is None  # two runs: one line, nothing expired
+            assert store.read(CID, "bid_ask", *EVERYTHING).equals(quotes)
+        finally:
+            io_faults.disarm()
+        assert job().hours  # and then it expires what is due
+    lines = [r.getMessage() for r in caplog.records if r.name == "ibstream.storage.store"]
+    assert lines == ["retention stopped: OperationalError: database or disk is full (injected at index.write); "
+                     "nothing was changed, it runs again on schedule",
+                     "retention works again (it had stopped: OperationalError: database or disk is full (injected at "
+                     "index.write))"]
