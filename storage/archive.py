@@ -34,6 +34,7 @@ import os
 import re
 import sqlite3
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -219,6 +220,7 @@ class FileFacts:
     coverage: list = field(default_factory=list)  # [status, reason, start, end] clipped to the hour
     row_group_start: int = 0
     row_group_count: int | None = None  # a day file: the hour's row groups; None: an hourly file
+    source: dict | None = None  # where an imported hour's ticks came from (storage.ib_stream_import); None: recorded
 
     @property
     def row_groups(self) -> list[int] | None:
@@ -256,7 +258,8 @@ def file_facts(root: Path, path: Path) -> list[FileFacts]:
             hours = facts["hours"] if facts.get("kind") == "day" else [facts]
             return [FileFacts(key, int(h["hour_start_us"]), int(h["tick_count"]), int(h["start_us"]), int(h["end_us"]),
                               facts.get("contract"), h.get("coverage", []), int(h.get("row_group_start", 0)),
-                              None if h.get("row_group_count") is None else int(h["row_group_count"]))
+                              None if h.get("row_group_count") is None else int(h["row_group_count"]),
+                              h.get("source"))
                     for h in hours]
         except (ValueError, KeyError, TypeError) as exc:
             raise DamagedDataError(f"archive file {relative} has unreadable ibstream metadata: {exc}") from None
@@ -476,15 +479,30 @@ class Archiver:
         if table.num_rows == 0:
             self.writer.forget_segments(key, segments)
             return None
-        table = _sorted_by_ts(table)
+        entry = self.publish_hour(key, hour, _sorted_by_ts(table))
+        self.writer.forget_segments(key, segments)
+        log.info(
+            "archived %s hour %s: %d ticks, %d segments -> %s (%.1f bytes/tick)",
+            key, iso(hour), entry.tick_count, len(segments), entry.file_path, entry.file_size_bytes / entry.tick_count,
+        )
+        return entry
+
+    def publish_hour(self, key: StreamKey, hour: int, table: pa.Table, coverage: Sequence[CoverageInterval] = (),
+                     source: dict | None = None) -> ArchiveEntry:
+        """Steps 1-3 of archival for one hour of ticks (sorted by ``ts``, each inside the hour, none
+        published for it yet): write the file atomically with its ``ibstream.archive`` metadata (plus
+        ``source``, when given: where the ticks came from), then one index transaction with its
+        ``tick_archives`` row, the day's statistics, its 1-minute bars and the new ``coverage`` rows.
+        The archiver's path for its segments, and :mod:`storage.ib_stream_import`'s for imported hours."""
+        hour_end = hour + US_PER_HOUR
         relpath = archive_relpath(key, hour)
         path = self.root / relpath
         ts = table.column("ts").cast(pa.int64())
         first_us, last_us = ts[0].as_py(), ts[-1].as_py()
-        facts = FileFacts(key, hour, table.num_rows, first_us, last_us,
-                          self._contract_facts(key.contract_id),
-                          coverage_facts(self.index.coverage(key.contract_id, key.tick_type.value, hour, hour_end),
-                                          hour, hour_end))
+        rows = sorted(self.index.coverage(key.contract_id, key.tick_type.value, hour, hour_end) + list(coverage),
+                      key=lambda row: row.start_us)
+        facts = FileFacts(key, hour, table.num_rows, first_us, last_us, self._contract_facts(key.contract_id),
+                          coverage_facts(rows, hour, hour_end), source=source)
         file_size = self._write_atomically(table, path, facts)
         entry = ArchiveEntry(
             contract_id=key.contract_id,
@@ -499,13 +517,8 @@ class Archiver:
         )
         statistics = self._statistics_with(key, hour, path)
         minute_bars = ipc_bytes(partial_table(table, key.tick_type, PREAGGREGATE_US))
-        self.index.publish(entry, statistics, minute_bars)
+        self.index.publish(entry, statistics, minute_bars, coverage)
         failpoint("archive.after_publish")
-        self.writer.forget_segments(key, segments)
-        log.info(
-            "archived %s hour %s: %d ticks, %d segments -> %s (%.1f bytes/tick)",
-            key, iso(hour), entry.tick_count, len(segments), relpath, file_size / entry.tick_count,
-        )
         return entry
 
     def _contract_facts(self, contract_id: int) -> dict | None:
@@ -518,7 +531,8 @@ class Archiver:
         metadata = {METADATA_KEY: json.dumps({
             "format": METADATA_FORMAT, "contract_id": facts.key.contract_id, "tick_type": facts.key.tick_type.value,
             "hour_start_us": facts.hour_start_us, "start_us": facts.start_us, "end_us": facts.end_us,
-            "tick_count": facts.tick_count, "contract": facts.contract, "coverage": facts.coverage})}
+            "tick_count": facts.tick_count, "contract": facts.contract, "coverage": facts.coverage,
+            **({"source": facts.source} if facts.source is not None else {})})}
         try:
             io_faults.raise_if_armed("archive.write")
             options = parquet_options(self.settings, table.schema)

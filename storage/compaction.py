@@ -45,6 +45,8 @@ from ibstream.storage.archive import (
     TMP_SUFFIX,
     coverage_facts,
     day_relpath,
+    file_facts,
+    locate,
     move_to_superseded,
     parquet_options,
     read_archive_file,
@@ -171,6 +173,8 @@ def compact_day(settings: StorageSettings, index: Index, day: DayPlan, now: int)
             groups = 0
             for entry in day.entries:
                 table = _source(root, entry)
+                origin = next((f.source for f in file_facts(root, locate(root, entry.file_path))
+                               if f.hour_start_us == entry.hour_start_us), None)
                 count = -(-table.num_rows // row_group_size)
                 io_faults.raise_if_armed("compact.write")  # a disk that fills while the day file grows
                 out.write_table(table, row_group_size=row_group_size)
@@ -180,7 +184,8 @@ def compact_day(settings: StorageSettings, index: Index, day: DayPlan, now: int)
                     "tick_count": entry.tick_count, "row_group_start": groups, "row_group_count": count,
                     "coverage": coverage_facts(index.coverage(key.contract_id, key.tick_type.value, entry.hour_start_us,
                                                               entry.hour_start_us + US_PER_HOUR),
-                                               entry.hour_start_us, entry.hour_start_us + US_PER_HOUR)})
+                                               entry.hour_start_us, entry.hour_start_us + US_PER_HOUR),
+                    **({"source": origin} if origin is not None else {})})  # an imported hour says where from
                 groups += count
             details = index.contract(key.contract_id)
             out.add_key_value_metadata({METADATA_KEY: json.dumps({

@@ -7,7 +7,8 @@ Every point is listed in proto_docs/storage-layout.md (failpoints); the buffer's
 half written), ``coalesce.before_rename`` (copy fsynced and verified) and
 ``coalesce.after_rename`` (renamed over the original, folder not yet fsynced); compaction's are
 ``compact.after_write_tmp``, ``compact.after_rename``, ``compact.after_index``,
-``compact.after_move`` and ``compact.after_unlink`` (see storage/compaction.py).
+``compact.after_move`` and ``compact.after_unlink`` (see storage/compaction.py); the IB-Stream
+import's is ``import.after_stream`` (a stream's hours published, the next not begun).
 
 I/O faults (a portable stand-in for a full or failing disk, beside the real tmpfs tests):
 :data:`io_faults` makes the named write points raise ``OSError`` (``ENOSPC`` by default),

@@ -12,7 +12,7 @@ import os
 import sqlite3
 import threading
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -404,9 +404,10 @@ class Index:
 
     # -- archive -------------------------------------------------------------------------------
 
-    def publish(self, entry: ArchiveEntry, statistics: DailyStatistics | None, minute_bars: bytes) -> None:
-        """Record an archived hour, its 1-minute partial bars and its day's statistics (None: left for the
-        caller) in one transaction."""
+    def publish(self, entry: ArchiveEntry, statistics: DailyStatistics | None, minute_bars: bytes,
+                coverage: Sequence[CoverageInterval] = ()) -> None:
+        """Record an archived hour, its 1-minute partial bars, its day's statistics (None: left for the
+        caller) and new closed ``coverage`` rows (an imported hour's) in one transaction."""
         conn = self._writable()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -424,6 +425,10 @@ class Index:
             )
             if statistics is not None:
                 self._put_statistics(conn, statistics)
+            conn.executemany(
+                "INSERT INTO coverage (contract_id, tick_type, status, reason, start_us, end_us, is_open) "
+                "VALUES (?, ?, ?, ?, ?, ?, 0)",
+                [(r.contract_id, r.tick_type, r.status, r.reason, r.start_us, r.end_us) for r in coverage])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
