@@ -1,4 +1,4 @@
-"""Run every benchmark in turn (append, buffer, storage, query, flight, bars, live, load, ingest) and print their figures."""
+"""Run every benchmark in turn (append, buffer, storage, query, flight, http, bars, live, load, ingest, import) and print their figures."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import bench_append  # noqa: E402
 import bench_bars  # noqa: E402
 import bench_buffer  # noqa: E402
 import bench_flight  # noqa: E402
+import bench_http  # noqa: E402
+import bench_import  # noqa: E402
 import bench_ingest  # noqa: E402
 import bench_live  # noqa: E402
 import bench_load  # noqa: E402
@@ -19,7 +21,8 @@ import bench_query  # noqa: E402
 import bench_storage  # noqa: E402
 from common import parse_args  # noqa: E402
 
-BENCHES = (bench_append, bench_buffer, bench_storage, bench_query, bench_flight, bench_bars, bench_live, bench_load, bench_ingest)
+BENCHES = (bench_append, bench_buffer, bench_storage, bench_query, bench_flight, bench_http, bench_bars, bench_live, bench_load, bench_ingest,
+           bench_import)
 
 
 def main(quick: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""The recording process: store + recorder + background archiver + Flight server in one."""
+"""The recording process: store + recorder + background archiver + Flight server (and the HTTP gateway) in one."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import threading
 from typing import Any
 
 from ibstream.flight_server.server import FlightServer
+from ibstream.http_gateway import http_gateway_for
 from ibstream.monitoring import monitoring_for
 from ibstream.recorder.feed import TickFeed
 from ibstream.recorder.recorder import Recorder
@@ -75,6 +76,14 @@ class RecordingService:
             if self.monitoring is not None:
                 self.monitoring.stop()
             raise
+        try:  # REST + SSE over the same queries when settings.http_port is set (bound now, like monitoring)
+            self.http = http_gateway_for(settings, self.server.queries)
+        except BaseException:
+            self.server.shutdown()
+            if self.monitoring is not None:
+                self.monitoring.stop()
+            self.store.close()
+            raise
         if self.monitoring is not None:
             self.monitoring.monitor.watch_server(self.server)
         self._serve = threading.Thread(target=self.server.serve, name="flight-server", daemon=True)
@@ -88,10 +97,13 @@ class RecordingService:
         self._serve.start()
         if self.monitoring is not None:
             self.monitoring.start()
+        if self.http is not None:
+            self.http.start()
         self.store.start_background()
         self.recorder.start()
         self.feed.start(self.recorder)
-        log.info("recording; Flight server at %s, data in %s", self.location, self.settings.data_root)
+        log.info("recording; Flight server at %s%s, data in %s", self.location,
+                 f", HTTP gateway at {self.http.url}" if self.http is not None else "", self.settings.data_root)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -106,8 +118,10 @@ class RecordingService:
             log.info("stopped: %s ticks acknowledged, %s dropped, %s held ticks not stored",
                      f"{sum(recorder.acknowledged.values()):,}", f"{sum(recorder.dropped.values()):,}",
                      f"{recorder.held():,}")
-            self.server.shutdown()
+            self.server.shutdown()  # live streams end, over Flight and HTTP alike
             self._serve.join()
+            if self.http is not None:
+                self.http.stop()
             if self.monitoring is not None:
                 self.monitoring.stop()
             self.store.close()

@@ -27,6 +27,7 @@ Examples:
   IBSTREAM_RETENTION='[{"ticks_days": 90}]' ibstream prune   # what retention would expire (--apply: do it)
   ibstream compact --data-root data  # closed days that would merge into one file per stream (--apply: do it)
   ibstream export jan --start 2025-01-01 --end 2025-02-01    # January's ticks to Parquet files + manifest.json
+  ibstream import /srv/ib-stream/storage --data-root data   # an IB-Stream storage root into this store
 
 Try the whole chain without IB: `ibstream simulate` in one terminal, `ibstream record` in another.
 Each verb's --help says what it does, with examples (e.g. `ibstream export --help`).
@@ -100,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=8.0, help="how long the live feed runs (default 8)")
 
     record = verb(
-        "record", "data_root", "flight_port", "ib_port", "monitoring_port",
+        "record", "data_root", "flight_port", "ib_port", "monitoring_port", "http_port",
         help="record tick-by-tick data from TWS / IB Gateway, archive hourly, serve over Flight",
         description="Connects to IBSTREAM_IB_HOST:IBSTREAM_IB_PORT, records IBSTREAM_CONTRACTS, reconnects with "
         "backoff, and stops cleanly on Ctrl-C / SIGTERM after flushing every received tick.")
@@ -120,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--start", type=_time, help="replay from this ISO time (with --replay; default: 24 h ago)")
     simulate.add_argument("--end", type=_time, help="replay until this ISO time (with --replay; default: now)")
 
-    verb("serve", "data_root", "flight_port", "monitoring_port", help="serve an existing store over Flight (read-only)",
+    verb("serve", "data_root", "flight_port", "monitoring_port", "http_port", help="serve an existing store over Flight (read-only)",
          description="Serves the store in --data-root over Arrow Flight at IBSTREAM_FLIGHT_HOST:--flight-port without "
          "writing to it, so it runs beside a recorder of the same store (live streams follow its new ticks) or on "
          "a backup or read-only copy. Ctrl-C stops it.")
@@ -202,6 +203,28 @@ def _parser() -> argparse.ArgumentParser:
                         help="parquet (default, zstd), csv, or arrow (an Arrow IPC file)")
     export.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="show a progress bar on stderr (default: when stderr is a terminal)")
+
+    ingest = verb(
+        "import", "data_root", help="import an IB-Stream storage root (v3 JSON + protobuf) into this store",
+        description="Reads the v3 files of IB-Stream (github lakowske/ib-stream): PATH/v3/json/YYYY/MM/DD/HH/"
+        "{contract_id}_{tick_type}_{hour}.jsonl, cross-checked record by record against the same ticks in "
+        "PATH/v3/protobuf/ (disagreements are reported; the JSON copy is kept; a tick is counted once). Each "
+        "stream's UTC hour of receive time becomes an archive file, published like any archived hour (atomic; "
+        "a kill leaves an hour imported whole or not at all). IB-Stream's receive time becomes ts, its IB time "
+        "ib_time; sizes become exact decimals (any not exact in 8 decimals is rounded and reported). v3 keeps no "
+        "trade exchange, special conditions or past-limit: they are stored as '', '', false, and coverage marks "
+        "the imported spans 'recorded' with reason imported_ib_stream_v3. Mid-point records without a price "
+        "(IB-Stream loses it) are counted, never imported. Hours this store already holds (recorded by ibstream "
+        "beside IB-Stream), expired or not yet over are skipped and counted, as are ticks inside this store's "
+        "own recorded coverage. Running it again imports nothing twice; an interrupted run continues. v2 files "
+        "are counted, not imported. Needs the writer lock: stop the recorder first (--dry-run runs beside it).")
+    ingest.add_argument("path", type=Path, metavar="PATH", help="the IB-Stream storage root (the folder holding v3/)")
+    ingest.add_argument("--contract-id", type=_contract_id, action="append", dest="contract_ids", metavar="ID",
+                        help="import only this contract, e.g. 711280073; repeat for more (default: every one)")
+    ingest.add_argument("--dry-run", action="store_true",
+                        help="read and cross-check everything, print what would be imported, write nothing")
+    ingest.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show a progress bar on stderr (default: when stderr is a terminal)")
     return parser
 
 
@@ -261,7 +284,9 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {  # each verb's --help ends with t
                   "replay a stored day to ibapi clients")],
     "serve": [("ibstream serve --data-root data", "serve data/ on 127.0.0.1:8815, beside its recorder"),
               ("ibstream serve --data-root /mnt/backup/ticks-2026-12-01 --flight-port 9000",
-               "serve a backup on another port")],
+               "serve a backup on another port"),
+              ("ibstream serve --data-root data --http-port 8001",
+               "also over HTTP: IB-Studies' base URL http://127.0.0.1:8001, REST docs at /docs")],
     "verify": [("ibstream verify --data-root data", "exit 0 when every file is sound, else 1 with what was "
                 "quarantined")],
     "reindex": [("ibstream reindex --data-root data", "rebuild data/index.sqlite from the files (recorder stopped)")],
@@ -285,6 +310,12 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {  # each verb's --help ends with t
                 "one day's MNQ quotes as CSV"),
                ("ibstream export aapl --contract-id 265598 --start 2025-01-06 --format arrow --data-root /srv/ticks",
                 "AAPL's quotes and trades from 6 January to now as Arrow IPC files")],
+    "import": [("ibstream import /srv/ib-stream/storage --data-root data",
+                "every v3 tick of IB-Stream's storage root into data/ (recorder stopped), with a summary"),
+               ("ibstream import /srv/ib-stream/storage --dry-run",
+                "what would be imported, skipped and why, and how the JSON and protobuf copies agree; writes nothing"),
+               ("ibstream import /srv/ib-stream/storage --contract-id 711280073",
+                "only MNQ's streams; run it again after a kill or later on: it imports only what is new")],
 }
 
 
@@ -293,6 +324,8 @@ OPTIONS = {  # one meaning per option, in every verb
     "flight_port": ("--flight-port", "Flight server port (default IBSTREAM_FLIGHT_PORT or 8815; 0: any free port; "
                                      "demo: any free port)"),
     "ib_port": ("--ib-port", "IB API port of TWS / Gateway, or of the simulator (default IBSTREAM_IB_PORT or 4002)"),
+    "http_port": ("--http-port", "port of the HTTP gateway: REST + Server-Sent Events, IB-Stream's v2 URLs (default "
+                                 "IBSTREAM_HTTP_PORT or off; 0: any free port)"),
     "monitoring_port": ("--monitoring-port", "HTTP port of /metrics (Prometheus) and /health (default "
                                              "IBSTREAM_MONITORING_PORT or off; 0: any free port)"),
 }
@@ -401,6 +434,8 @@ def _run(args: argparse.Namespace) -> int:
         return _compact(args, _settings(args))
     if args.command == "export":
         return _export(args, _settings(args))
+    if args.command == "import":
+        return _import(args, _settings(args))
     settings = _settings(args)
     from ibstream.flight_server.server import FlightServer
     from ibstream.storage.maintenance import require_store
@@ -408,6 +443,7 @@ def _run(args: argparse.Namespace) -> int:
 
     require_store(settings)  # a mistyped --data-root must not serve (and create) an empty store
 
+    from ibstream.http_gateway import http_gateway_for
     from ibstream.monitoring import monitoring_for
 
     with Store(settings, read_only=True) as store:
@@ -418,17 +454,28 @@ def _run(args: argparse.Namespace) -> int:
             if monitoring is not None:
                 monitoring.stop()
             raise
+        try:
+            http = http_gateway_for(settings, server.queries)  # REST + SSE over the same queries and limits
+        except BaseException:
+            server.shutdown()
+            if monitoring is not None:
+                monitoring.stop()
+            raise
         if monitoring is not None:
             monitoring.monitor.watch_server(server)
-        logging.info("serving %s at %s", settings.data_root, settings.flight_location.rsplit(":", 1)[0] +
-                     f":{server.port}")
+        logging.info("serving %s at %s%s", settings.data_root, settings.flight_location.rsplit(":", 1)[0] +
+                     f":{server.port}", f", HTTP gateway at {http.url}" if http is not None else "")
         try:
             if monitoring is not None:
                 monitoring.start()
+            if http is not None:
+                http.start()
             server.serve()
         except KeyboardInterrupt:
             server.shutdown()
         finally:
+            if http is not None:
+                http.stop()
             if monitoring is not None:
                 monitoring.stop()
     return 0
@@ -619,6 +666,35 @@ def _export(args: argparse.Namespace, settings) -> int:
         print(f"{f.path}: {f.contract_id}/{f.tick_type}, {f.rows:,} rows ({span}), {byte_text(f.bytes)}")
     files = f"{len(report.files)} file{'s' if len(report.files) != 1 else ''}"
     print(f"{report.manifest}: {files}, {report.rows:,} rows of [{iso(args.start)}, {iso(end)})")
+    return 0
+
+
+def _import(args: argparse.Namespace, settings) -> int:
+    import tempfile
+
+    from ibstream.core.errors import StorageError
+    from ibstream.storage.ib_stream_import import import_ib_stream, scan_root
+    from ibstream.storage.store import Store
+
+    scan_root(args.path)  # a PATH that is no IB-Stream root: one line, before a store is made
+    empty = None
+    if args.dry_run and not settings.index_path.exists():  # nothing stored yet: compare with an empty store
+        empty = tempfile.TemporaryDirectory(prefix="ibstream-import-")
+        settings = settings.model_copy(update={"data_root": Path(empty.name)})
+    try:
+        store = Store(settings, read_only=args.dry_run and empty is None)
+    except StorageError as exc:
+        if "already open for writing" not in str(exc):
+            raise
+        raise StorageError(f"{str(exc).split(';')[0]}: stop the recorder, import, then start it again (`ibstream "
+                           "import --dry-run` runs beside it)") from None
+    with store:
+        report = import_ib_stream(store, args.path, contract_ids=args.contract_ids, dry_run=args.dry_run,
+                                  progress=_progress("hour", args.progress))
+    if empty is not None:
+        empty.cleanup()
+    for line in report.lines():
+        print(line)
     return 0
 
 

@@ -419,46 +419,53 @@ def create_app(monitor: Monitor, authenticator: Authenticator) -> FastAPI:
     return app
 
 
-class MonitoringServer:
-    """Serves a :class:`Monitor` on ``settings.monitoring_host:monitoring_port`` (0: a free port);
-    binds when made (a port in use is refused here), serves on a thread from :meth:`start`."""
+class HttpServer:
+    """A FastAPI app served by uvicorn on a background thread, with the Flight server's access rules
+    (what :class:`MonitoringServer` and the HTTP gateway, :mod:`ibstream.http_gateway`, both are).
 
-    def __init__(self, monitor: Monitor, settings: Settings):
-        self.monitor = monitor
+    Binds ``host:port`` (0: a free port) when made, so a port in use is refused here; serves from
+    :meth:`start`. Another address than loopback needs TLS and tokens unless ``allow_insecure``; with
+    ``tls_cert_file``/``tls_key_file`` it serves HTTPS (and asks for client certificates signed by
+    ``tls_client_ca_file`` when that is set). ``what`` names the server in messages (``the
+    monitoring server``), ``host_setting`` and ``port_flag`` the setting and CLI flag to change."""
+
+    def __init__(self, app: FastAPI, settings: Settings, authenticator: Authenticator, *, host: str, port: int,
+                 loopback: bool, what: str, host_setting: str, port_flag: str, thread_name: str, serves: str = ""):
         self.settings = settings
-        self.authenticator = Authenticator(token_entries(settings))
-        host, port = settings.monitoring_host, settings.monitoring_port or 0
+        self.serves = serves  # what the log line at start lists, e.g. "/metrics, /health"
+        self.authenticator = authenticator
+        self.what = what
         tls = settings.tls_cert_file is not None and settings.tls_key_file is not None
-        if not settings.monitoring_loopback and not settings.allow_insecure and not (tls and self.authenticator.enabled):
-            raise InvalidConfigError(f"monitoring_host {host} is not a loopback address and no usable token is "
+        if not loopback and not settings.allow_insecure and not (tls and self.authenticator.enabled):
+            raise InvalidConfigError(f"{host_setting} {host} is not a loopback address and no usable token is "
                                      "configured (the token file is empty?) or TLS is off; add a token (`ibstream "
                                      "token`) or set IBSTREAM_ALLOW_INSECURE=true")
         options: dict[str, Any] = {}
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:
-            _check_tls(settings)
+            _check_tls(settings, what)
             options = {"ssl_certfile": os.fspath(settings.tls_cert_file), "ssl_keyfile": os.fspath(settings.tls_key_file)}
             if settings.tls_client_ca_file is not None:
                 options |= {"ssl_ca_certs": os.fspath(settings.tls_client_ca_file), "ssl_cert_reqs": ssl.CERT_REQUIRED}
         self.scheme = "https" if tls else "http"
         logging.getLogger("uvicorn.error").setLevel(max(logging.WARNING, logging.getLogger("uvicorn.error").level))
-        config = uvicorn.Config(create_app(monitor, self.authenticator), log_config=None, access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=2, **options)
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=2,
+                                **options)
         try:
             config.load()
         except (OSError, ssl.SSLError) as exc:
-            raise InvalidConfigError(f"the monitoring server cannot use the TLS files IBSTREAM_TLS_CERT_FILE / "
+            raise InvalidConfigError(f"{what} cannot use the TLS files IBSTREAM_TLS_CERT_FILE / "
                                      f"IBSTREAM_TLS_KEY_FILE ({exc}); give a PEM certificate chain and its key") from None
         try:
             family = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0][0]
             self._socket = socket.create_server((host.strip("[]"), port), family=family)
         except OSError as exc:
             raise ServerUnavailableError(
-                f"the monitoring server cannot listen on {host}:{port} ({exc.strerror or exc}); is another server "
-                "using the port? Pick another with --monitoring-port (0: any free port)") from None
+                f"{what} cannot listen on {host}:{port} ({exc.strerror or exc}); is another server "
+                f"using the port? Pick another with {port_flag} (0: any free port)") from None
         self.host = host
         self.port: int = self._socket.getsockname()[1]
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._run, name="monitoring-http", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
         self._failure: BaseException | None = None
 
     @property
@@ -472,16 +479,16 @@ class MonitoringServer:
         except BaseException as exc:  # SystemExit from uvicorn's startup included
             self._failure = exc
 
-    def start(self) -> "MonitoringServer":
+    def start(self) -> "HttpServer":
         self._thread.start()
         deadline = time.monotonic() + START_SECONDS
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
-                raise ServerUnavailableError(f"the monitoring server at {self.url} did not start "
+                raise ServerUnavailableError(f"{self.what} at {self.url} did not start "
                                              f"({self._failure or 'timed out'})")
             time.sleep(0.01)
-        log.info("monitoring at %s (/metrics, /health)", self.url)
+        log.info("%s at %s%s", self.what.removeprefix("the "), self.url, f" ({self.serves})" if self.serves else "")
         return self
 
     def stop(self) -> None:
@@ -490,22 +497,45 @@ class MonitoringServer:
             self._thread.join(10)
         else:
             self._socket.close()
-        self.monitor.close()
 
-    def __enter__(self) -> "MonitoringServer":
+    def __enter__(self) -> "HttpServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
 
-def _check_tls(settings: Settings) -> None:
+class MonitoringServer(HttpServer):
+    """Serves a :class:`Monitor` on ``settings.monitoring_host:monitoring_port`` (0: a free port);
+    binds when made (a port in use is refused here), serves on a thread from :meth:`start`."""
+
+    def __init__(self, monitor: Monitor, settings: Settings):
+        self.monitor = monitor
+        authenticator = Authenticator(token_entries(settings))
+        super().__init__(create_app(monitor, authenticator), settings, authenticator, host=settings.monitoring_host,
+                         port=settings.monitoring_port or 0, loopback=settings.monitoring_loopback,
+                         what="the monitoring server", host_setting="monitoring_host", port_flag="--monitoring-port",
+                         thread_name="monitoring-http", serves="/metrics, /health")
+
+    def start(self) -> "MonitoringServer":
+        super().start()
+        return self
+
+    def stop(self) -> None:
+        super().stop()
+        self.monitor.close()
+
+    def __enter__(self) -> "MonitoringServer":
+        return self.start()
+
+
+def _check_tls(settings: Settings, what: str = "the monitoring server") -> None:
     assert settings.tls_cert_file is not None and settings.tls_key_file is not None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         context.load_cert_chain(os.fspath(settings.tls_cert_file), os.fspath(settings.tls_key_file))
     except (OSError, ssl.SSLError) as exc:
-        raise InvalidConfigError(f"the monitoring server cannot use IBSTREAM_TLS_CERT_FILE {settings.tls_cert_file} "
+        raise InvalidConfigError(f"{what} cannot use IBSTREAM_TLS_CERT_FILE {settings.tls_cert_file} "
                                  f"and IBSTREAM_TLS_KEY_FILE {settings.tls_key_file} ({exc}); give a PEM certificate "
                                  "chain and its key") from None
 

@@ -155,6 +155,14 @@ class Settings(StorageSettings):
     monitoring_host: str = Field(
         "127.0.0.1", description="Interface the monitoring endpoints bind to. Another than loopback needs TLS and "
         "tokens (or allow_insecure).")
+    http_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Port of the HTTP gateway (REST + Server-Sent Events over the same store and limits as Flight, "
+        "IB-Stream's v2 URLs; proto_docs/http-gateway.md); unset: off; 0 picks a free one. Same access rules as "
+        "Flight: tokens (their roles) when configured, TLS with tls_cert_file.")
+    http_host: str = Field(
+        "127.0.0.1", description="Interface the HTTP gateway binds to. Another than loopback needs TLS and tokens "
+        "(or allow_insecure).")
     health_silence_threshold: timedelta = Field(
         timedelta(minutes=5),
         description="GET /health fails (503) when a stream inside its trading session has had no tick for longer "
@@ -211,6 +219,16 @@ class Settings(StorageSettings):
             if self.monitoring_port and self.monitoring_port == self.flight_port:
                 raise ValueError(f"monitoring_port {self.monitoring_port} is the Flight server's port too; pick "
                                  "another (0: any free port)")
+        if self.http_port is not None:
+            if not self.http_loopback and not self.allow_insecure and not (self.tls and self.authenticated):
+                missing = " and ".join(part for part, given in (
+                    ("TLS (IBSTREAM_TLS_CERT_FILE, IBSTREAM_TLS_KEY_FILE)", self.tls),
+                    ("tokens (IBSTREAM_TOKEN_FILE or IBSTREAM_TOKENS)", self.authenticated)) if not given)
+                raise ValueError(f"http_host {self.http_host} is not a loopback address: serving the HTTP gateway "
+                                 f"there needs {missing}, or IBSTREAM_ALLOW_INSECURE=true to serve it unprotected")
+            if self.http_port and self.http_port in (self.flight_port, self.monitoring_port):
+                other = "the Flight server's" if self.http_port == self.flight_port else "monitoring_port's"
+                raise ValueError(f"http_port {self.http_port} is {other} port too; pick another (0: any free port)")
         return self
 
     @property
@@ -230,6 +248,11 @@ class Settings(StorageSettings):
     def monitoring_loopback(self) -> bool:
         """Whether the monitoring endpoints bind a loopback address only."""
         return _is_loopback(self.monitoring_host)
+
+    @property
+    def http_loopback(self) -> bool:
+        """Whether the HTTP gateway binds a loopback address only."""
+        return _is_loopback(self.http_host)
 
     @property
     def flight_location(self) -> str:

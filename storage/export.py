@@ -240,7 +240,7 @@ def iso_text(ts: pa.Array) -> pa.Array:
     return pa.Array.from_buffers(pa.string(), len(ts), [None, pa.py_buffer(offsets), pa.py_buffer(text)])
 
 
-def _csv_batch(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+def csv_batch(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
     columns = [iso_text(column) if pa.types.is_timestamp(column.type) else column for column in batch.columns]
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
@@ -250,7 +250,7 @@ def _write_csv(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch])
     with pacsv.CSVWriter(str(path), text) as writer:  # the header is written even for no rows
         for batch in batches:
             if batch.num_rows:
-                writer.write_batch(_csv_batch(batch, text))
+                writer.write_batch(csv_batch(batch, text))
 
 
 _WRITERS: dict[str, Callable[[Path, pa.Schema, Iterable[pa.RecordBatch]], None]] = {
