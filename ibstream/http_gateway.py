@@ -802,13 +802,14 @@ def create_app(queries: QueryService, closing: threading.Event | None = None) ->
         return _action(request, "coverage", {k: v for k, v in body.items() if v is not None}, format, who,
                        {"start_time", "end_time", "format"})
 
-    def _action(request: Request, name: str, body: dict, format: str | None, who: Caller,
-                allowed: set[str]) -> StreamingResponse:
-        query = counted(name)
+    def _table(request: Request, kind: str, format: str | None, allowed: set[str],
+               compute: Callable[[], pa.Table]) -> StreamingResponse:
+        """A small answer (an action's, the stream list) in the format asked for, counted as ``kind``."""
+        query = counted(kind)
         try:
             _allowed(request, allowed)
             output = _format(request, format)
-            table = queries.action(name, json.dumps(body).encode(), who)
+            table = compute()
         except IbstreamError:
             query.done(False)
             raise
@@ -816,19 +817,13 @@ def create_app(queries: QueryService, closing: threading.Event | None = None) ->
         writer = WRITERS[output](table.schema, False)
         return StreamingResponse(_table_bytes(table, writer), media_type=writer.media_type)
 
+    def _action(request: Request, name: str, body: dict, format: str | None, who: Caller,
+                allowed: set[str]) -> StreamingResponse:
+        return _table(request, name, format, allowed, lambda: queries.action(name, json.dumps(body).encode(), who))
+
     @app.get("/v2/streams", summary="What is stored: one row per contract and tick type")
     def streams(request: Request, format: str | None = None, who: Caller = Depends(caller)) -> StreamingResponse:
-        query = counted("list_flights")
-        try:
-            _allowed(request, {"format"})
-            output = _format(request, format)
-            table = _streams_table(store)
-        except IbstreamError:
-            query.done(False)
-            raise
-        query.done(True)
-        writer = WRITERS[output](table.schema, False)
-        return StreamingResponse(_table_bytes(table, writer), media_type=writer.media_type)
+        return _table(request, "list_flights", format, {"format"}, lambda: _streams_table(store))
 
     @app.get("/health", summary="Whether the gateway serves, and what")
     def health(who: Caller = Depends(caller)) -> dict:
