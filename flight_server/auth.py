@@ -132,7 +132,7 @@ class Authenticator:
                 f"this server needs a token: send the header '{HEADER}: Bearer <token>' "
                 "(ibstream.Client(token=...) or IBSTREAM_TOKEN)")
         value = values[0].decode(errors="replace") if isinstance(values[0], bytes) else values[0]
-        if not value.startswith(SCHEME):
+        if value[:len(SCHEME)].lower() != SCHEME.lower():  # the auth scheme is case-insensitive (RFC 9110 §11.1)
             raise UnauthenticatedError(f"the {HEADER} header must be 'Bearer <token>'; got a value not starting "
                                        "with 'Bearer '")
         digest = hashlib.sha256(value[len(SCHEME):].strip().encode()).digest()

@@ -298,7 +298,7 @@ def test_hostile_authorization_headers_are_unauthenticated(tmp_path, token_file)
             if kind == 0:
                 values = ["Bearer " + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 64)))]
             elif kind == 1:
-                values = [rng.choice(["Basic dXNlcjpwYXNz", "bearer " + READER, "Bearer", "Bearer  ", "", "Token x"])]
+                values = [rng.choice(["Basic dXNlcjpwYXNz", "bearer " + READER + "x", "Bearer", "Bearer  ", "", "Token x"])]
             elif kind == 2:
                 values = ["Bearer " + "x" * rng.choice([1_000, 6_000])]
             elif kind == 3:
@@ -313,6 +313,8 @@ def test_hostile_authorization_headers_are_unauthenticated(tmp_path, token_file)
         assert sent == 1_000
         good = flight.FlightCallOptions(headers=[(b"authorization", f"Bearer {READER}".encode())])
         assert [f.total_records for f in client.list_flights(options=good)] == [1_000]
+        lower = flight.FlightCallOptions(headers=[(b"authorization", f"bearer {READER}".encode())])
+        assert [f.total_records for f in client.list_flights(options=lower)] == [1_000]  # the scheme's case is free
     finally:
         client.close()
         server.shutdown()
