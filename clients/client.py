@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from datetime import date, datetime, timedelta
 from pathlib import Path
@@ -26,6 +28,20 @@ class _Bearer(flight.ClientMiddleware):
 
     def sending_headers(self):
         return {"authorization": self._header}
+
+
+def _plaintext_remote(location: str) -> bool:
+    """Whether ``location`` is plain gRPC (``grpc://`` or ``grpc+tcp://``) to a host that is not loopback."""
+    scheme, _, rest = location.partition("://")
+    if scheme not in ("grpc", "grpc+tcp"):
+        return False
+    host = rest.rsplit(":", 1)[0].strip("[]") if ":" in rest else rest
+    if host in ("localhost", ""):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a name: it may resolve anywhere
 
 
 class _BearerFactory(flight.ClientMiddlewareFactory):
@@ -102,6 +118,9 @@ class Client:
                        "private_key": _pem(tls_client_key, "tls_client_key")}
         if token:
             kwargs["middleware"] = [*kwargs.get("middleware", []), _BearerFactory(token)]
+            if _plaintext_remote(location):
+                warnings.warn(f"sending a token to {location} without TLS: anyone on the path can read it; use "
+                              "grpc+tls:// (the server's TLS_CERT_FILE) or a loopback address", stacklevel=2)
         self._flight = flight.connect(location, **kwargs)
 
     def ticks(self, contract_id: Contracts, tick_types: TickTypes, start: datetime | None = None,

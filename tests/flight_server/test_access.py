@@ -331,3 +331,18 @@ def test_an_empty_token_file_does_not_open_another_address(tmp_path, pki):
     binary.write_bytes(b"\xff\xfe")
     with pytest.raises(InvalidConfigError, match="it is not UTF-8 text"):
         read_token_file(binary)
+
+
+def test_a_token_over_plaintext_to_another_host_is_warned_about():
+    import warnings
+
+    from ibstream.clients import Client
+
+    with pytest.warns(UserWarning, match=r"sending a token to grpc://192\.0\.2\.1:8815 without TLS"):
+        Client("grpc://192.0.2.1:8815", token="secret").close()  # gRPC connects lazily: nothing is sent here
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for location in ("grpc://127.0.0.1:8815", "grpc://localhost:8815", "grpc://[::1]:8815",
+                         "grpc+tls://192.0.2.1:8815"):
+            Client(location, token="secret").close()
+        Client("grpc://192.0.2.1:8815").close()  # no token, nothing to leak
