@@ -8,7 +8,7 @@ e.g. ``PT5M``, ``PT30S``, ``P31D``). The defaults run out of the box.
 from __future__ import annotations
 
 import ipaddress
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -61,6 +61,38 @@ class TokenSpec(BaseModel):
     name: str = Field(min_length=1, pattern=r"^\S+$")
     role: Literal["read", "admin"]
     sha256: str = Field(pattern=r"^sha256:[0-9a-f]{64}$", description="`ibstream token` prints it; never the token.")
+
+
+class ShardSpec(BaseModel):
+    """Read servers a coordinator sends part of the queries to: ``locations`` serve the ``contract_ids``
+    (left out: every contract) over ``[start, end)`` (left out: unbounded). JSON, e.g.
+    ``{"locations": ["grpc://10.0.0.2:8815", "grpc://10.0.0.3:8815"], "contract_ids": [265598]}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    locations: tuple[str, ...] = Field(min_length=1, description="Flight locations, tried in this order.")
+    contract_ids: tuple[int, ...] | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+
+    @field_validator("locations")
+    @classmethod
+    def _flight_uris(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for location in value:
+            if not location.startswith(("grpc://", "grpc+tcp://", "grpc+tls://")) or "://" == location[-3:]:
+                raise ValueError(f"shard location {location[:100]!r} is not a Flight URI; use grpc://host:port or "
+                                 "grpc+tls://host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _range(self) -> "ShardSpec":
+        for name, when in (("start", self.start), ("end", self.end)):
+            if when is not None and when.tzinfo is None:
+                raise ValueError(f"shard {name} {when.isoformat()} has no time zone; add one, e.g. Z for UTC")
+        if self.start is not None and self.end is not None and self.end <= self.start:
+            raise ValueError(f"shard range is empty: start {self.start.isoformat()} is not before end "
+                             f"{self.end.isoformat()}")
+        return self
 
 
 class Settings(StorageSettings):
@@ -167,6 +199,10 @@ class Settings(StorageSettings):
         timedelta(minutes=5),
         description="GET /health fails (503) when a stream inside its trading session has had no tick for longer "
         "than this, or the IB connection has been down for longer than this.")
+    shards: tuple[ShardSpec, ...] = Field(
+        (), description="Make this server a coordinator: get_flight_info sends the published part of each tick "
+        "query to these read servers (endpoint locations, replicas in order), as JSON: IBSTREAM_SHARDS='[{\"locations\": "
+        "[\"grpc://10.0.0.2:8815\"]}]'. What is not published yet, bars and live streams stay here.")
     stop_flush_timeout: timedelta = Field(
         timedelta(seconds=10),
         description="On stop, how long the final flush keeps retrying while storage is unavailable before it gives "

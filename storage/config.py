@@ -106,6 +106,26 @@ class StorageSettings(BaseSettings):
         timedelta(hours=1), description="A UTC day is compacted once it ended this long ago and every hour of it "
         "is archived.")
 
+    archive_url: str | None = Field(
+        None, description="Object store the recorder publishes sealed hours and its index to, e.g. "
+        "'s3://bucket/ibstream?endpoint_override=127.0.0.1:9000&scheme=http&region=us-east-1' (keys from "
+        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the URL's user:password), 'gs://bucket/prefix' or "
+        "'file:///mnt/share/ibstream'; read servers (`ibstream serve --replica`) serve it. Unset: local only.")
+    replica: bool = Field(
+        False, description="Serve the archive published at archive_url instead of a recorder's data root: data_root "
+        "is then this server's own cache (index copy and downloaded files); nothing is recorded here.")
+    publish_interval: timedelta = Field(
+        timedelta(minutes=1), description="How often the recording process publishes newly archived hours and its "
+        "index to archive_url.")
+    replica_refresh_interval: timedelta = Field(
+        timedelta(seconds=30), description="How often a read server looks for a newer published index.")
+    read_cache_max_bytes: int = Field(
+        10 * 1024**3, gt=0, description="A read server keeps downloaded archive files in data_root/objects/ up to "
+        "this many bytes (least recently used go first).")
+    object_retries: int = Field(
+        6, ge=1, le=50, description="Attempts per object-store request (503 SlowDown, timeouts, resets) before it "
+        "fails; backoff doubles from 25 ms.")
+
     @field_validator("retention")
     @classmethod
     def _distinct_rules(cls, value: tuple[RetentionRule, ...]) -> tuple[RetentionRule, ...]:

@@ -25,6 +25,7 @@ from ibstream.storage.cache import ResultCache
 from ibstream.storage.compaction import CompactReport, compact
 from ibstream.storage.config import StorageSettings
 from ibstream.storage.index import ArchiveEntry, ContractDetails, CoverageInterval, DailyStatistics, Index
+from ibstream.storage.object_store import Publisher, Replica
 from ibstream.storage.planner import Plan, Planner
 from ibstream.storage.retention import PruneReport, prune, refuse_expired
 from ibstream.storage.schemas import COVERAGE_SCHEMA, TickType, records_table
@@ -69,6 +70,8 @@ class Store:
         self.index = Index(self.settings.index_path, read_only=read_only)
         self.writer: SegmentWriter | None = None
         self.archiver: Archiver | None = None
+        self.publisher: Publisher | None = None  # with archive_url: publishes sealed hours and the index
+        self.replica: Replica | None = None  # a read server's copy of the published index and files
         self._scheduler: BackgroundScheduler | None = None
         self.warmed = threading.Event()  # set once :meth:`warm` has run
         self._warming: threading.Thread | None = None
@@ -194,6 +197,32 @@ class Store:
             check(plan)
         cacheable = plan.estimated_bytes() <= self.cache.max_bytes // 4  # else stream it: memory stays bounded
         return self.cache.get_or_compute(key, plan.read_all) if closed and cacheable else plan
+
+    # -- scaling out (storage/object_store.py) ---------------------------------------------------
+
+    @property
+    def published_seq(self) -> int | None:
+        """The sequence number of the index that read servers serve (the last one this recorder published,
+        or the one this read server has); None when nothing is published."""
+        if self.publisher is not None:
+            return self.publisher.seq
+        return self.replica.seq if self.replica is not None else None
+
+    def shardable_until(self, contract_id: int, tick_type: TickType | str) -> int | None:
+        """Up to when (µs, exclusive) other servers can serve a stream exactly: what the last published
+        index holds when this store publishes to ``archive_url``, else (read servers on the same folder)
+        what is archived. None: nothing."""
+        tt = TickType.parse(str(tick_type)).value
+        if self.publisher is not None:
+            return self.publisher.horizon(int(contract_id), tt)
+        return self.index.archived_until_of(int(contract_id), tt)
+
+    def require_index(self, seq: int | None) -> None:
+        """Make sure this server has at least index ``seq`` (a coordinator's ticket names the one it planned
+        with): a read server behind fetches the newer index now, and refuses with
+        :class:`~ibstream.core.errors.ServerUnavailableError` (try another location) if it cannot."""
+        if seq is not None and self.replica is not None:
+            self.replica.require(seq)
 
     def bars(self, contract_id: int, tick_type: TickType | str, start_us: int, end_us: int, resolution: str, *,
              fill: bool = False, sessions: list[Session] | None = None) -> pa.Table:
