@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ibstream.core.times import US_PER_HOUR
-from ibstream.storage.archive import read_entry
+from ibstream.storage.archive import read_archive_file
 from ibstream.storage.bars import (
     BAR_RESOLUTIONS,
     DAILY,
@@ -164,7 +164,7 @@ def _preaggregated_hours(store: "Store", key: StreamKey, start_us: int, end_us: 
 def _backfill(store: "Store", key: StreamKey, entry: ArchiveEntry) -> bytes:
     """Pre-aggregates of an hour archived before they existed; kept if this store may write."""
     hour = entry.hour_start_us
-    ticks = read_entry(store.settings.archive_root, entry)
+    ticks = read_archive_file(store.planner.path_of(entry.file_path), entry.file_path, entry.row_groups)
     blob = ipc_bytes(partial_table(ticks, key.tick_type, PREAGGREGATE_US))
     if not store.read_only:
         store.index.put_hour_bars(key.contract_id, key.tick_type.value, hour, blob)

@@ -11,7 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -125,6 +125,13 @@ class StorageSettings(BaseSettings):
     object_retries: int = Field(
         6, ge=1, le=50, description="Attempts per object-store request (503 SlowDown, timeouts, resets) before it "
         "fails; backoff doubles from 25 ms.")
+
+    @model_validator(mode="after")
+    def _replica_source(self) -> "StorageSettings":
+        if self.replica and not self.archive_url:
+            raise ValueError("replica is set but archive_url is not: a read server serves the archive a recorder "
+                             "publishes there; set IBSTREAM_ARCHIVE_URL (e.g. s3://bucket/ibstream)")
+        return self
 
     @field_validator("retention")
     @classmethod

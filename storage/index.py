@@ -143,7 +143,35 @@ CREATE TABLE IF NOT EXISTS superseded_files (
     replaced_by TEXT NOT NULL,            -- the day file, relative to the archive root
     superseded_at_us INTEGER NOT NULL
 );
-"""
+
+-- Publication to an object store (storage.object_store): the archive files uploaded (under a name
+-- that holds their SHA-256, so an object never changes), objects no index names any more (deleted a
+-- grace period later), each published index and what read servers can serve from it.
+CREATE TABLE IF NOT EXISTS published_files (
+    file_path TEXT PRIMARY KEY,           -- relative to the archive root
+    object_key TEXT NOT NULL,             -- relative to archive_url: archive/.../data-<sha256 prefix>.parquet
+    size_bytes INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    mtime_ns INTEGER NOT NULL,            -- of the local file uploaded: a file rewritten since is uploaded again
+    published_us INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS unreferenced_objects (
+    object_key TEXT PRIMARY KEY,
+    since_us INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS publications (
+    seq INTEGER PRIMARY KEY,              -- index/index-{seq}.sqlite.zst; index/LATEST names the newest
+    published_us INTEGER NOT NULL,
+    changes INTEGER NOT NULL,             -- index_changes.n it was made at: unchanged since, nothing to publish
+    horizons TEXT NOT NULL                -- JSON [[contract_id, tick_type, until_us], ...]: served by read servers
+);
+-- Counts writes to what read servers serve (hours, statistics, pre-aggregates, expiry, contracts).
+CREATE TABLE IF NOT EXISTS index_changes (n INTEGER NOT NULL);
+INSERT INTO index_changes SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM index_changes);
+""" + "".join(f"""CREATE TRIGGER IF NOT EXISTS changed_{table}_{event.lower()} AFTER {event} ON {table}
+    BEGIN UPDATE index_changes SET n = n + 1; END;
+""" for table in ("tick_archives", "data_statistics", "hour_bars", "contracts", "expired_hours")
+    for event in ("INSERT", "UPDATE", "DELETE"))
 
 SCHEMA_VERSION = 4  # PRAGMA user_version; 1: before 'unknown' coverage and the damage table; 2: times not named *_us;
 #                     3: before compaction (no row groups in tick_archives)
@@ -211,6 +239,18 @@ class ArchiveEntry:
         """The row groups of the file that hold this hour (None: all of them)."""
         return None if self.row_group_count is None else list(range(self.row_group_start,
                                                                     self.row_group_start + self.row_group_count))
+
+
+@dataclass(frozen=True)
+class PublishedFile:
+    """An archive file uploaded to the object store (table ``published_files``)."""
+
+    file_path: str
+    object_key: str
+    size_bytes: int
+    sha256: str
+    mtime_ns: int
+    published_us: int
 
 
 @dataclass(frozen=True)
@@ -553,6 +593,60 @@ class Index:
 
     def contract_ids(self) -> set[int]:
         return {row[0] for row in self._connection().execute("SELECT DISTINCT contract_id FROM tick_archives")}
+
+    # -- publication (storage.object_store) ---------------------------------------------------
+
+    def published_files(self) -> dict[str, PublishedFile]:
+        rows = self._connection().execute("SELECT * FROM published_files")
+        return {row[0]: PublishedFile(*row) for row in rows}
+
+    def published_file(self, file_path: str) -> PublishedFile | None:
+        row = self._connection().execute("SELECT * FROM published_files WHERE file_path = ?", (file_path,)).fetchone()
+        return None if row is None else PublishedFile(*row)
+
+    def add_published(self, published: PublishedFile, at_us: int) -> None:
+        """Record an uploaded file; the object it replaces (the file was rewritten) becomes unreferenced."""
+        conn = self._writable()
+        with conn:
+            old = self.published_file(published.file_path)
+            if old is not None and old.object_key != published.object_key:
+                conn.execute("INSERT OR IGNORE INTO unreferenced_objects VALUES (?, ?)", (old.object_key, at_us))
+            conn.execute("INSERT OR REPLACE INTO published_files VALUES (?, ?, ?, ?, ?, ?)",
+                         tuple(published.__dict__.values()))
+            conn.execute("DELETE FROM unreferenced_objects WHERE object_key = ?", (published.object_key,))
+
+    def unpublish(self, file_paths: list[str], at_us: int) -> None:
+        """Files the index names no more: their objects are deleted a grace period later."""
+        conn = self._writable()
+        with conn:
+            for path in file_paths:
+                conn.execute("INSERT OR IGNORE INTO unreferenced_objects SELECT object_key, ? FROM published_files "
+                             "WHERE file_path = ?", (at_us, path))
+                conn.execute("DELETE FROM published_files WHERE file_path = ?", (path,))
+
+    def unreferenced_objects(self, before_us: int) -> list[str]:
+        return [row[0] for row in self._connection().execute(
+            "SELECT object_key FROM unreferenced_objects WHERE since_us < ? ORDER BY object_key", (before_us,))]
+
+    def forget_unreferenced(self, object_keys: list[str]) -> None:
+        conn = self._writable()
+        with conn:
+            conn.executemany("DELETE FROM unreferenced_objects WHERE object_key = ?", [(k,) for k in object_keys])
+
+    def changes(self) -> int:
+        """How many writes read servers would see have been made to this index (a counter kept by triggers)."""
+        return self._connection().execute("SELECT n FROM index_changes").fetchone()[0]
+
+    def last_publication(self) -> tuple[int, int, str] | None:
+        """(seq, changes, horizons JSON) of the newest published index, None before the first."""
+        return self._connection().execute(
+            "SELECT seq, changes, horizons FROM publications ORDER BY seq DESC LIMIT 1").fetchone()
+
+    def record_publication(self, seq: int, at_us: int, changes: int, horizons: str) -> None:
+        conn = self._writable()
+        with conn:
+            conn.execute("INSERT OR REPLACE INTO publications VALUES (?, ?, ?, ?)", (seq, at_us, changes, horizons))
+            conn.execute("DELETE FROM publications WHERE seq < ?", (seq - 100,))
 
     # -- statistics ----------------------------------------------------------------------------
 

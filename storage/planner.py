@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ibstream.core.errors import DamagedDataError
+from ibstream.core.errors import DamagedDataError, IbstreamError
 from ibstream.core.times import hour_floor, iso
-from ibstream.storage.archive import open_archive_file, superseded_path
+from ibstream.storage.archive import locate, open_archive_file, superseded_path
 from ibstream.storage.index import ArchiveEntry, Index
 from ibstream.storage.schemas import schema_for
 from ibstream.storage.segments import (
@@ -111,7 +111,7 @@ class Plan:
     start_us: int
     end_us: int
     batch_rows: int
-    archive_root: Path
+    open_file: Callable[[str], pq.ParquetFile]  # an archive file by its index path (Planner.open_file)
     archives: list[ArchiveEntry] = field(default_factory=list)
     segments: list[pa.Table] = field(default_factory=list)
     tail: pa.Table | None = None
@@ -151,10 +151,7 @@ class Plan:
     def _archive_batches(self, run: list[ArchiveEntry]) -> Iterator[pa.RecordBatch]:
         entry = run[0]
         try:
-            try:
-                parquet = open_archive_file(self.archive_root / entry.file_path)
-            except FileNotFoundError:  # compaction replaced it after this plan was made: it waits in superseded/
-                parquet = open_archive_file(superseded_path(self.archive_root, entry.file_path))
+            parquet = self.open_file(entry.file_path)
             pending: list[int] = []  # row groups wholly inside the range, read together up to READ_ROWS rows
             for entry in run:
                 whole = entry.start_us >= self.start_us and entry.end_us < self.end_us
@@ -173,6 +170,8 @@ class Plan:
                     yield from self._read(parquet, [group], clip=True)
             if pending:
                 yield from self._read(parquet, pending, clip=False)
+        except IbstreamError:
+            raise  # the object store did not answer (a read server): not damage
         except (OSError, pa.ArrowException) as exc:
             raise DamagedDataError(
                 f"the archive file of {self.key} hour {iso(entry.hour_start_us)} ({entry.file_path}) cannot be read: "
@@ -215,8 +214,11 @@ class Planner:
     process) the live segment writer."""
 
     def __init__(self, index: Index, buffer_root: Path, archive_root: Path, writer: SegmentWriter | None,
-                 refuse_expired: Callable[[StreamKey, int, int], None] | None = None):
+                 refuse_expired: Callable[[StreamKey, int, int], None] | None = None,
+                 fetch: Callable[[str], Path] | None = None):
+        """``fetch`` (a read server's) gives the local copy of an archive file named by the index."""
         self.index = index
+        self.fetch = fetch
         self.refuse_expired = refuse_expired  # raises for a range whose raw ticks expired (storage.retention)
         self.buffer_root = buffer_root
         self.archive_root = archive_root
@@ -247,7 +249,20 @@ class Planner:
         segments = [t for t, _ in sorted(segments, key=lambda s: stream_order(s[0]["ts"][0].value,
                                                                                s[0]["ts"][-1].value, s[1]))]
         tail_table = _clip(coalesce(tail, schema, batch_rows), start_us, end_us) if tail else None
-        return Plan(key, start_us, end_us, batch_rows, self.archive_root, archives, segments, tail_table)
+        return Plan(key, start_us, end_us, batch_rows, self.open_file, archives, segments, tail_table)
+
+    def path_of(self, relative: str) -> Path:
+        """Where to read an archive file named by the index: a read server's local copy, the archive, or
+        (compaction replaced it a moment ago) superseded/."""
+        return self.fetch(relative) if self.fetch is not None else locate(self.archive_root, relative)
+
+    def open_file(self, relative: str) -> pq.ParquetFile:
+        if self.fetch is not None:
+            return open_archive_file(self.fetch(relative))
+        try:
+            return open_archive_file(self.archive_root / relative)
+        except FileNotFoundError:  # compaction replaced it after the plan was made: it waits in superseded/
+            return open_archive_file(superseded_path(self.archive_root, relative))
 
     def _buffer_snapshot(self, key: StreamKey, start_us: int, end_us: int, subscription=None
                          ) -> tuple[list[tuple[Path, pa.MemoryMappedFile]], list[pa.RecordBatch], Path | None]:

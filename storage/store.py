@@ -17,7 +17,7 @@ from pathlib import Path
 import pyarrow as pa
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from ibstream.core.errors import StorageError
+from ibstream.core.errors import InvalidConfigError, ServerUnavailableError, StorageError
 from ibstream.core.times import US_PER_HOUR, duration_us, from_us, to_us
 from ibstream.storage.archive import Archiver
 from ibstream.storage.bar_query import read_bars
@@ -25,7 +25,7 @@ from ibstream.storage.cache import ResultCache
 from ibstream.storage.compaction import CompactReport, compact
 from ibstream.storage.config import StorageSettings
 from ibstream.storage.index import ArchiveEntry, ContractDetails, CoverageInterval, DailyStatistics, Index
-from ibstream.storage.object_store import Publisher, Replica
+from ibstream.storage.object_store import PublishReport, Publisher, Replica, check_replica_root
 from ibstream.storage.planner import Plan, Planner
 from ibstream.storage.retention import PruneReport, prune, refuse_expired
 from ibstream.storage.schemas import COVERAGE_SCHEMA, TickType, records_table
@@ -67,6 +67,10 @@ class Store:
         self.settings = settings or StorageSettings()
         self.read_only = read_only
         self._lock_file = None if read_only else lock_data_root(self.settings.data_root)
+        if self.settings.replica:
+            if not read_only:
+                raise InvalidConfigError("a read server (replica) only reads: open its store read_only")
+            check_replica_root(self.settings.data_root)
         self.index = Index(self.settings.index_path, read_only=read_only)
         self.writer: SegmentWriter | None = None
         self.archiver: Archiver | None = None
@@ -83,9 +87,14 @@ class Store:
             self.archiver.recover()
             for (cid, tt), until in self.index.archived_until().items():  # after recovery: adopted hours too
                 self.writer.seal(StreamKey(cid, TickType(tt)), until)
-        self.planner = Planner(self.index, self.settings.buffer_root, self.settings.archive_root, self.writer,
-                               self.refuse_expired)
         self.cache = ResultCache(self.settings.cache_max_bytes, self.settings.cache_ttl.total_seconds())
+        if self.settings.archive_url is not None and not read_only:
+            self.publisher = Publisher(self.settings, self.index)
+        if self.settings.replica:
+            self.replica = Replica(self.settings, self.index, on_refresh=self._refreshed)
+            self._start_refreshing()
+        self.planner = Planner(self.index, self.settings.buffer_root, self.settings.archive_root, self.writer,
+                               self.refuse_expired, fetch=None if self.replica is None else self.replica.fetch)
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -114,12 +123,42 @@ class Store:
             ("compaction", self.compact, self.settings.compact_check_interval),
             ("retention", self.prune, self.settings.retention_check_interval if self.settings.retention
              else timedelta(0)),
-            ("scrub", self.scrub, self.settings.scrub_interval)]
+            ("scrub", self.scrub, self.settings.scrub_interval),
+            ("publication", self.publish, self.settings.publish_interval if self.publisher else timedelta(0))]
         for name, job, every in jobs:
             if every.total_seconds() > 0:
                 self._scheduler.add_job(niced(_reported(name, job)), "interval", seconds=every.total_seconds(), id=name,
                                         max_instances=1, coalesce=True)
         self._scheduler.start()
+
+    def publish(self, now: datetime | None = None) -> PublishReport:
+        """Publish newly archived hours and the index to ``archive_url`` now (the background job does this
+        every ``publish_interval``; see :mod:`storage.object_store`)."""
+        if self.publisher is None:
+            raise InvalidConfigError("this store has no archive_url to publish to (or was opened read_only); set "
+                                     "IBSTREAM_ARCHIVE_URL, e.g. s3://bucket/ibstream")
+        with self._rewriting:  # no compaction or retention rewrites a file while it is uploaded
+            return self.publisher.run_once(None if now is None else to_us(now, name="now"))
+
+    def _start_refreshing(self) -> None:
+        """A read server: install the published index now (or serve the copy it has), then look for newer
+        ones every ``replica_refresh_interval``."""
+        assert self.replica is not None
+        try:
+            self.replica.refresh()
+        except (ServerUnavailableError, StorageError) as exc:
+            if self.replica.seq is None:
+                self.index.close()
+                raise ServerUnavailableError(f"a read server needs the published index: {exc}") from None
+            log.warning("serving the index %d this read server already has: %s", self.replica.seq, exc)
+        self._scheduler = BackgroundScheduler(daemon=True)
+        self._scheduler.add_job(_reported("index refresh", self.replica.refresh), "interval",
+                                seconds=self.settings.replica_refresh_interval.total_seconds(), id="refresh",
+                                max_instances=1, coalesce=True)
+        self._scheduler.start()
+
+    def _refreshed(self) -> None:
+        self.cache.clear()  # results computed over the previous index
 
     def prune(self, now: datetime | None = None, *, apply: bool = True) -> PruneReport:
         """Expire raw ticks past their retention (``settings.retention``) and delete the files of hours

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
+import urllib.request
 from datetime import timedelta
 from pathlib import Path
 
@@ -68,3 +70,51 @@ def served(store: Store):
 @pytest.fixture
 def client(served: Served) -> Client:
     return served.client
+
+
+class S3Server:
+    """moto's S3-compatible server on loopback with a fresh bucket, behind a :class:`FaultProxy`."""
+
+    def __init__(self, bucket: str = "ticks"):
+        from moto.server import ThreadedMotoServer
+
+        from tests.faultproxy import FaultProxy
+
+        self.bucket = bucket
+        self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        self._moto.start()
+        host, port = self._moto.get_host_and_port()
+        self.endpoint = f"{host}:{port}"
+        self.proxy = FaultProxy((host, port))
+        urllib.request.urlopen(urllib.request.Request(f"http://{self.endpoint}/moto-api/reset", method="POST"))
+        self.client().create_bucket(Bucket=bucket)  # moto's state is per process: reset, then a fresh bucket
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=f"http://{self.endpoint}", region_name="us-east-1",
+                            aws_access_key_id="test", aws_secret_access_key="test")
+
+    def url(self, prefix: str = "ibstream", *, direct: bool = False) -> str:
+        """The archive_url of ``prefix`` in the bucket (through the fault proxy unless ``direct``)."""
+        endpoint = self.endpoint if direct else f"127.0.0.1:{self.proxy.port}"
+        return f"s3://test:test@{self.bucket}/{prefix}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+    def close(self) -> None:
+        self.proxy.close()
+        self._moto.stop()
+
+
+@pytest.fixture
+def s3():
+    """A real S3-compatible server (moto in server mode) on loopback, with a fault-injecting proxy."""
+    server = S3Server()
+    try:
+        yield server
+    finally:
+        server.close()
