@@ -94,9 +94,9 @@ class ObjectStore:
         return f"{self.base}/{key}"
 
     def full_url(self, key: str) -> str:
-        """The object's URL as outside engines name it (no credentials, no options)."""
+        """The object's URL as outside engines name it (no credentials, no options; a local folder's: a path)."""
         if self.local:
-            return Path(self.path(key)).as_uri()
+            return self.path(key)
         scheme = urllib.parse.urlsplit(self.url).scheme
         return f"{scheme}://{self.path(key)}"
 
