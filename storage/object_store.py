@@ -242,12 +242,7 @@ class Publisher:
         self.scratch = settings.data_root / "publish"
         last = index.last_publication()
         self.seq: int | None = None if last is None else last[0]
-        self._horizons: dict[tuple[int, str], int] = {} if last is None else _horizons(last[2])
         self._lock = threading.Lock()
-
-    def horizon(self, contract_id: int, tick_type: str) -> int | None:
-        """Up to when (µs, exclusive) the last published index holds a stream's hours."""
-        return self._horizons.get((contract_id, tick_type))
 
     def run_once(self, now_us: int | None = None) -> PublishReport:
         with self._lock:
@@ -267,7 +262,7 @@ class Publisher:
             horizons = self._publish_index(seq, now_us)
             self.index.record_publication(seq, now_us, changes, json.dumps(horizons))
             failpoint("publish.after_record")
-            self.seq, self._horizons = seq, _horizons(json.dumps(horizons))
+            self.seq = seq
         deleted = self._collect(now_us)
         return PublishReport(seq, uploaded, uploaded_bytes, deleted)
 
@@ -371,7 +366,7 @@ class Publisher:
         return len(doomed)
 
 
-def _horizons(text: str) -> dict[tuple[int, str], int]:
+def parse_horizons(text: str) -> dict[tuple[int, str], int]:
     return {(int(cid), str(tt)): int(until) for cid, tt, until in json.loads(text)}
 
 
@@ -565,4 +560,4 @@ def check_replica_root(data_root: Path) -> None:
 
 
 __all__ = ["MANIFEST", "POINTER", "ObjectStore", "PublishReport", "Publisher", "ReadCache", "Replica",
-           "check_replica_root", "object_key"]
+           "check_replica_root", "object_key", "parse_horizons"]

@@ -25,7 +25,7 @@ from ibstream.storage.cache import ResultCache
 from ibstream.storage.compaction import CompactReport, compact
 from ibstream.storage.config import StorageSettings
 from ibstream.storage.index import ArchiveEntry, ContractDetails, CoverageInterval, DailyStatistics, Index
-from ibstream.storage.object_store import PublishReport, Publisher, Replica, check_replica_root
+from ibstream.storage.object_store import PublishReport, Publisher, Replica, check_replica_root, parse_horizons
 from ibstream.storage.planner import Plan, Planner
 from ibstream.storage.retention import PruneReport, prune, refuse_expired
 from ibstream.storage.schemas import COVERAGE_SCHEMA, TickType, records_table
@@ -241,19 +241,21 @@ class Store:
 
     @property
     def published_seq(self) -> int | None:
-        """The sequence number of the index that read servers serve (the last one this recorder published,
+        """The sequence number of the newest index published to ``archive_url`` (by this store's recorder,
         or the one this read server has); None when nothing is published."""
-        if self.publisher is not None:
-            return self.publisher.seq
-        return self.replica.seq if self.replica is not None else None
+        if self.replica is not None:
+            return self.replica.seq
+        last = self.index.last_publication() if self.settings.archive_url else None
+        return None if last is None else last[0]
 
     def shardable_until(self, contract_id: int, tick_type: TickType | str) -> int | None:
-        """Up to when (µs, exclusive) other servers can serve a stream exactly: what the last published
-        index holds when this store publishes to ``archive_url``, else (read servers on the same folder)
-        what is archived. None: nothing."""
+        """Up to when (µs, exclusive) other servers can serve a stream exactly: with ``archive_url`` (on the
+        recording host), what the newest published index holds; else (a read server, or servers sharing
+        this folder) what is archived. None: nothing."""
         tt = TickType.parse(str(tick_type)).value
-        if self.publisher is not None:
-            return self.publisher.horizon(int(contract_id), tt)
+        if self.settings.archive_url and self.replica is None:
+            last = self.index.last_publication()
+            return None if last is None else parse_horizons(last[2]).get((int(contract_id), tt))
         return self.index.archived_until_of(int(contract_id), tt)
 
     def require_index(self, seq: int | None) -> None:
