@@ -32,6 +32,7 @@ from ibstream.core.times import FOREVER_US, MAX_CONTRACT_ID, MAX_US, MIN_US, in_
 COMMAND_VERSION = 1
 MAX_JSON_BYTES = 64 * 1024  # a command, ticket or action body larger than this is refused unread
 MAX_CONTRACTS = 1_000  # contract_ids of one command
+MAX_INDEX_SEQ = 2**63 - 1  # a ticket's index_seq (a published index's sequence number)
 ContractId = Annotated[StrictInt, Field(gt=0, le=MAX_CONTRACT_ID)]
 
 
@@ -254,6 +255,7 @@ class Ticket(BaseModel):
     daily_session: SessionKind | None = None
     live: bool = False
     skip: int = Field(0, ge=0, le=MAX_CURSOR_N)  # ticks at start_us already delivered (a resumed cursor's n)
+    index_seq: int | None = Field(None, ge=0, le=MAX_INDEX_SEQ)  # the published index a coordinator planned with
 
     @model_validator(mode="after")
     def _ordered(self) -> "Ticket":

@@ -25,10 +25,11 @@ anything unexpected            ``FlightInternalError``  INTERNAL
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -46,7 +47,8 @@ from ibstream.core.errors import (
     UnauthenticatedError,
     tagged,
 )
-from ibstream.core.times import to_us
+from ibstream.core.resolutions import TICK
+from ibstream.core.times import FOREVER_US, MIN_US, to_us
 from ibstream.flight_server.auth import AuthMiddlewareFactory, TokenEntry, caller_of, token_entries
 from ibstream.flight_server.commands import QueryCommand, Ticket, command
 from ibstream.flight_server.queries import (
@@ -57,12 +59,12 @@ from ibstream.flight_server.queries import (
     _Query,
     ticket_kind,
 )
-from ibstream.settings import Settings
+from ibstream.settings import Settings, ShardSpec
 from ibstream.storage.schemas import schema_for
 from ibstream.storage.segments import ipc_bytes
 from ibstream.storage.store import Store
 
-__all__ = ["ACTIONS", "ADMIN_ACTIONS", "FlightServer", "QueryService", "ServerStats"]
+__all__ = ["ACTIONS", "ADMIN_ACTIONS", "FlightServer", "QueryService", "ServerStats", "shard_pieces"]
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +185,8 @@ class FlightServer(flight.FlightServerBase):
         query = self._command(descriptor)
         tickets = self.queries.tickets(query)
         rows, size = self.queries.estimate(query, tickets)
-        endpoints = [flight.FlightEndpoint(t.to_bytes(), []) for t in tickets]
+        endpoints = [flight.FlightEndpoint(piece.to_bytes(), list(locations))
+                     for ticket in tickets for piece, locations in self._pieces(ticket)]
         return flight.FlightInfo(self.queries.schema(query), descriptor, endpoints, rows, size)
 
     @_flight_errors
@@ -193,6 +196,7 @@ class FlightServer(flight.FlightServerBase):
     @_flight_errors
     def do_get(self, context, ticket: flight.Ticket) -> flight.FlightDataStream:
         parsed = Ticket.parse(ticket.ticket)
+        self.store.require_index(parsed.index_seq)  # a read server behind catches up, or says UNAVAILABLE
         query: _Query | None = getattr(_calls, "query", None)
         answer = self.queries.read(parsed, caller_of(context), cancelled=context.is_cancelled, query=query)
         if answer.table is not None:
@@ -240,6 +244,13 @@ class FlightServer(flight.FlightServerBase):
 
     # -- helpers -------------------------------------------------------------------------------
 
+    def _pieces(self, ticket: Ticket) -> list[tuple[Ticket, tuple[str, ...]]]:
+        """``ticket`` cut by :func:`shard_pieces` with this store's horizon and published index."""
+        if not self.settings.shards or ticket.live or ticket.resolution != TICK:
+            return [(ticket, ())]
+        return shard_pieces(ticket, self.store.shardable_until(ticket.contract_id, ticket.tick_type),
+                            self.settings.shards, self.store.published_seq)
+
     def _command(self, descriptor: flight.FlightDescriptor) -> QueryCommand:
         if descriptor.descriptor_type != flight.DescriptorType.CMD:
             raise InvalidRequestError(
@@ -247,6 +258,35 @@ class FlightServer(flight.FlightServerBase):
                 "path descriptors are not served"
             )
         return QueryCommand.parse(descriptor.command)
+
+
+def shard_pieces(ticket: Ticket, horizon_us: int | None, shards: Sequence[ShardSpec],
+                 index_seq: int | None) -> list[tuple[Ticket, tuple[str, ...]]]:
+    """A tick ticket cut into ``(ticket, locations)`` pieces in time order, covering its range exactly.
+
+    The range is cut at ``horizon_us`` (up to when the read servers can serve the stream exactly,
+    :meth:`~ibstream.storage.store.Store.shardable_until`; None: nothing) and at the start and end of
+    every shard rule that names the ticket's contract (or every contract). A piece before the horizon
+    that rules cover gets their locations, in rule order without repeats, and ``index_seq``; any
+    other piece gets no locations (this server serves it). Neighbours with the same locations are
+    one piece. Only the first piece keeps the ticket's ``skip`` (ticks at its start already sent)."""
+    rules = [(rule, to_us(rule.start) if rule.start else MIN_US, to_us(rule.end) if rule.end else FOREVER_US)
+             for rule in shards if rule.contract_ids is None or ticket.contract_id in rule.contract_ids]
+    edges = [horizon_us] if horizon_us is not None else []
+    edges += [edge for _, start, end in rules for edge in (start, end)]
+    cuts = sorted({ticket.start_us, ticket.end_us} | {e for e in edges if ticket.start_us < e < ticket.end_us})
+    pieces: list[tuple[int, int, tuple[str, ...]]] = []
+    for start, end in itertools.pairwise(cuts):
+        located = horizon_us is not None and end <= horizon_us
+        covering = [rule for rule, first, last in rules if located and first <= start and end <= last]
+        locations = tuple(dict.fromkeys(location for rule in covering for location in rule.locations))
+        if pieces and pieces[-1][2] == locations:
+            pieces[-1] = (pieces[-1][0], end, locations)
+        else:
+            pieces.append((start, end, locations))
+    return [(ticket.model_copy(update={"start_us": start, "end_us": end, "skip": ticket.skip if i == 0 else 0,
+                                       "index_seq": index_seq if locations else None}), locations)
+            for i, (start, end, locations) in enumerate(pieces)]
 
 
 def _token_entries(settings: Settings) -> list[TokenEntry]:

@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--log-level", default=argparse.SUPPRESS, type=_log_level, help="logging level (default INFO)")
         for option in options:
             flag, help_text = OPTIONS[option]
-            sub.add_argument(flag, type=int if option.endswith("port") else Path, dest=option, help=help_text)
+            kind = int if option.endswith("port") else str if option == "archive_url" else Path
+            sub.add_argument(flag, type=kind, dest=option, help=help_text)
             if option in ("flight_port", "ib_port") and name in LEGACY_PORT:  # `--port` before the vocabulary
                 if LEGACY_PORT[name] == option:
                     sub.add_argument("--port", type=int, dest=option, help=argparse.SUPPRESS)
@@ -101,7 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=8.0, help="how long the live feed runs (default 8)")
 
     record = verb(
-        "record", "data_root", "flight_port", "ib_port", "monitoring_port", "http_port",
+        "record", "data_root", "flight_port", "ib_port", "monitoring_port", "http_port", "archive_url",
         help="record tick-by-tick data from TWS / IB Gateway, archive hourly, serve over Flight",
         description="Connects to IBSTREAM_IB_HOST:IBSTREAM_IB_PORT, records IBSTREAM_CONTRACTS, reconnects with "
         "backoff, and stops cleanly on Ctrl-C / SIGTERM after flushing every received tick.")
@@ -121,10 +122,26 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--start", type=_time, help="replay from this ISO time (with --replay; default: 24 h ago)")
     simulate.add_argument("--end", type=_time, help="replay until this ISO time (with --replay; default: now)")
 
-    verb("serve", "data_root", "flight_port", "monitoring_port", "http_port", help="serve an existing store over Flight (read-only)",
-         description="Serves the store in --data-root over Arrow Flight at IBSTREAM_FLIGHT_HOST:--flight-port without "
-         "writing to it, so it runs beside a recorder of the same store (live streams follow its new ticks) or on "
-         "a backup or read-only copy. Ctrl-C stops it.")
+    serve = verb(
+        "serve", "data_root", "flight_port", "monitoring_port", "http_port", "archive_url",
+        help="serve an existing store over Flight (read-only)",
+        description="Serves the store in --data-root over Arrow Flight at IBSTREAM_FLIGHT_HOST:--flight-port without "
+        "writing to it, so it runs beside a recorder of the same store (live streams follow its new ticks) or on "
+        "a backup or read-only copy. With --replica it is a read server on another machine: it serves the archive "
+        "a recorder publishes to --archive-url, keeping its index copy and downloaded files in --data-root (an "
+        "empty folder of its own). With IBSTREAM_SHARDS it is a coordinator: tick queries' published hours are "
+        "sent to those read servers (Flight endpoint locations). Ctrl-C stops it.")
+    serve.add_argument("--replica", action="store_true", default=None,
+                       help="serve the archive published at --archive-url (default IBSTREAM_REPLICA or off)")
+
+    publish = verb(
+        "publish", "data_root", "archive_url",
+        help="publish the archive and index to the object store now (the recorder does it every minute)",
+        description="Uploads the archive files the index names that the object store does not have yet, then the "
+        "index, the manifest outside engines read, and last the pointer read servers follow: an hour is visible "
+        "there once or not at all, whatever fails. Objects no index names any more are deleted "
+        "IBSTREAM_RETENTION_GRACE after. Needs the writer lock: with the recorder running, it does this every "
+        "IBSTREAM_PUBLISH_INTERVAL itself.")
 
     token = verb(
         "token", help="make a bearer token for a Flight client (printed once; the server keeps its hash)",
@@ -286,7 +303,15 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {  # each verb's --help ends with t
               ("ibstream serve --data-root /mnt/backup/ticks-2026-12-01 --flight-port 9000",
                "serve a backup on another port"),
               ("ibstream serve --data-root data --http-port 8001",
-               "also over HTTP: IB-Studies' base URL http://127.0.0.1:8001, REST docs at /docs")],
+               "also over HTTP: IB-Studies' base URL http://127.0.0.1:8001, REST docs at /docs"),
+              ("ibstream serve --replica --archive-url s3://ticks/ibstream --data-root /var/cache/ibstream",
+               "a read server on another machine over what the recorder publishes"),
+              ("IBSTREAM_SHARDS='[{\"locations\": [\"grpc://10.0.0.2:8815\", \"grpc://10.0.0.3:8815\"]}]' "
+               "ibstream serve --data-root data", "a coordinator beside the recorder: published hours are read from "
+               "the two read servers, the rest and live streams here")],
+    "publish": [("ibstream publish --data-root data --archive-url 's3://ticks/ibstream?region=eu-west-1'",
+                 "seed a bucket with an existing archive (recorder stopped; AWS_* variables hold the keys)"),
+                ("ibstream publish --archive-url file:///mnt/share/ibstream", "publish to a mounted folder")],
     "verify": [("ibstream verify --data-root data", "exit 0 when every file is sound, else 1 with what was "
                 "quarantined")],
     "reindex": [("ibstream reindex --data-root data", "rebuild data/index.sqlite from the files (recorder stopped)")],
@@ -328,6 +353,8 @@ OPTIONS = {  # one meaning per option, in every verb
                                  "IBSTREAM_HTTP_PORT or off; 0: any free port)"),
     "monitoring_port": ("--monitoring-port", "HTTP port of /metrics (Prometheus) and /health (default "
                                              "IBSTREAM_MONITORING_PORT or off; 0: any free port)"),
+    "archive_url": ("--archive-url", "object store the archive is published to, e.g. s3://bucket/ibstream "
+                                     "(default IBSTREAM_ARCHIVE_URL or none: local only)"),
 }
 LEGACY_PORT = {"demo": "flight_port", "serve": "flight_port", "record": "ib_port", "simulate": "ib_port"}
 
@@ -432,16 +459,19 @@ def _run(args: argparse.Namespace) -> int:
         return _prune(args, _settings(args))
     if args.command == "compact":
         return _compact(args, _settings(args))
+    if args.command == "publish":
+        return _publish(_settings(args))
     if args.command == "export":
         return _export(args, _settings(args))
     if args.command == "import":
         return _import(args, _settings(args))
-    settings = _settings(args)
+    settings = _settings(args, **({"replica": True} if args.replica else {}))
     from ibstream.flight_server.server import FlightServer
     from ibstream.storage.maintenance import require_store
     from ibstream.storage.store import Store
 
-    require_store(settings)  # a mistyped --data-root must not serve (and create) an empty store
+    if not settings.replica:
+        require_store(settings)  # a mistyped --data-root must not serve (and create) an empty store
 
     from ibstream.http_gateway import http_gateway_for
     from ibstream.monitoring import monitoring_for
@@ -559,6 +589,21 @@ def _compact(args: argparse.Namespace, settings) -> int:
         print(f"would compact {len(report.days)} days ({report.files_before:,} files, {report.ticks:,} ticks) into "
               f"{len(report.days)} files; run with --apply to compact them")
     return 1 if report.failed else 0
+
+
+def _publish(settings) -> int:
+    from ibstream.core.errors import InvalidConfigError
+    from ibstream.storage.maintenance import require_store
+    from ibstream.storage.store import Store
+
+    if settings.archive_url is None:
+        raise InvalidConfigError("no object store to publish to: pass --archive-url (or set IBSTREAM_ARCHIVE_URL), "
+                                 "e.g. s3://bucket/ibstream")
+    require_store(settings)
+    with Store(settings) as store:
+        report = store.publish()
+    print(report.describe())
+    return 0
 
 
 def _token(args: argparse.Namespace) -> int:

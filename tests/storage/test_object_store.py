@@ -273,3 +273,44 @@ def test_a_local_folder_works_as_the_object_store_too(tmp_path):
     assert all(path.startswith(str(shared / "archive")) for path in files)
     rows = con.execute("SELECT count(*) FROM read_parquet(?)", [files])
     assert rows.fetchone()[0] == quotes.num_rows
+
+
+def test_ibstream_publish_then_serve_replica_answers_flight_queries_exactly(recorded, s3, tmp_path):
+    """The operator's path: `ibstream publish` on the recording host, `ibstream serve --replica` elsewhere."""
+    import socket
+
+    from ibstream.clients import Client
+    from tests.helpers import ibstream, wait_until
+
+    settings, quotes = recorded
+    done = ibstream("publish", "--data-root", str(settings.data_root), "--archive-url", s3.url())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("published index 1 with 4 new files")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("IBSTREAM_")}
+    server = subprocess.Popen([sys.executable, "-m", "ibstream.cli", "--log-level", "WARNING", "serve", "--replica",
+                               "--archive-url", s3.url(), "--data-root", str(tmp_path / "reader"), "--flight-port",
+                               str(port)], cwd=ROOT, env=environment)
+    try:
+        def answers() -> bool:
+            try:
+                with Client(f"grpc://127.0.0.1:{port}") as probe:
+                    probe.streams()
+                return True
+            except Exception:
+                return False
+
+        wait_until(answers, what="the read server to listen")
+        with Client(f"grpc://127.0.0.1:{port}") as client:
+            got = client.tables(CID, "bid_ask", *EVERYTHING)["bid_ask"]
+        assert got.equals(between(quotes, FIRST, utc(2025, 1, 11)))
+    finally:
+        server.terminate()
+        server.wait(30)
+    refused = ibstream("serve", "--replica", "--archive-url", s3.url(), "--data-root", str(settings.data_root))
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1
+    assert "holds a recorder's store" in refused.stderr
+    missing = ibstream("serve", "--replica", "--data-root", str(tmp_path / "r2"))
+    assert missing.returncode == 2 and "replica is set but archive_url is not" in missing.stderr
