@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,6 +20,8 @@ from ibstream.core.errors import InvalidRequestError
 from ibstream.flight_server.commands import QueryCommand, action_body, command, iso_time
 
 DEFAULT_LOCATION = "grpc://127.0.0.1:8815"
+
+log = logging.getLogger(__name__)
 
 
 class _Bearer(flight.ClientMiddleware):
@@ -82,6 +85,11 @@ class Client:
     a trading ``session`` (``"regular"``, ``"extended"``, ``"pre_market"``, ``"after_hours"``,
     ``"full_day"``) on ``session_date`` (a date, ``"current"`` or ``"previous"``).
 
+    A server that coordinates read servers (``Settings.shards``) names them in its endpoints'
+    locations: the client reads each endpoint from its first location that answers, and from the
+    next one when a server is gone, before or during the stream (:func:`read_endpoint`), with the
+    same token and TLS options.
+
     Parameters
     ----------
     location
@@ -122,6 +130,8 @@ class Client:
                 warnings.warn(f"sending a token to {location} without TLS: anyone on the path can read it; use "
                               "grpc+tls:// (the server's TLS_CERT_FILE) or a loopback address", stacklevel=2)
         self._flight = flight.connect(location, **kwargs)
+        self._options = kwargs  # the same token and TLS for the servers endpoints name (locations)
+        self._connections: dict[str, flight.FlightClient] = {}
 
     def ticks(self, contract_id: Contracts, tick_types: TickTypes, start: datetime | None = None,
               end: datetime | None = None, *, window: str | None = None, session: str | None = None,
@@ -198,8 +208,7 @@ class Client:
         info = self._call(self._flight.get_flight_info, descriptor)
         parts: dict[str, list[pa.Table]] = {}
         for endpoint in info.endpoints:
-            reader = self._call(self._flight.do_get, endpoint.ticket)
-            table = self._call(reader.read_all)
+            table = read_endpoint(endpoint, self._flight, self._connection)
             metadata = table.schema.metadata
             if not isinstance(contract_id, int):
                 column = pa.array([int(metadata[b"ibstream.contract_id"])] * table.num_rows, pa.int64())
@@ -243,7 +252,18 @@ class Client:
                                           "first": pl.Datetime("us", "UTC"), "last": pl.Datetime("us", "UTC"),
                                           "tick_count": pl.Int64})
 
+    def _connection(self, location: str) -> flight.FlightClient:
+        """A connection to a server an endpoint names, opened once (this client's own for its location)."""
+        if location == self.location:
+            return self._flight
+        if location not in self._connections:
+            self._connections[location] = flight.connect(location, **self._options)
+        return self._connections[location]
+
     def close(self) -> None:
+        for connection in self._connections.values():
+            connection.close()
+        self._connections.clear()
         self._flight.close()
 
     def __enter__(self) -> "Client":
@@ -260,4 +280,66 @@ class Client:
             raise translated(exc) from exc
 
 
-__all__ = ["Client", "DEFAULT_LOCATION", "LiveFrame", "LiveStream"]
+FAILOVER_ERRORS = (flight.FlightUnavailableError, flight.FlightTimedOutError)  # a server gone (also mid-stream)
+
+
+def read_endpoint(endpoint: flight.FlightEndpoint, own: flight.FlightClient,
+                  connect: Callable[[str], flight.FlightClient] = flight.connect) -> pa.Table:
+    """The whole stream of one endpoint: from ``own`` (the connection that planned it) when the endpoint
+    lists no locations, else from its first location that answers.
+
+    A location that is unavailable or times out, before or during the stream (a server gone), is
+    logged and the endpoint is read again, whole, from the next one; any other error is raised at
+    once. When every location fails, the last error is raised (translated, naming the locations
+    tried). ``connect(location)`` gives the connection to a location.
+    """
+    if not endpoint.locations:
+        return Client._call(lambda: own.do_get(endpoint.ticket).read_all())
+    uris = [location.uri.decode() for location in endpoint.locations]
+    for i, uri in enumerate(uris):
+        try:
+            return connect(uri).do_get(endpoint.ticket).read_all()  # a partial stream is dropped with its reader
+        except FAILOVER_ERRORS as exc:
+            if i + 1 == len(uris):
+                error = translated(exc)
+                raise type(error)(f"no location of the endpoint answered ({', '.join(uris)}); the last: "
+                                  f"{error}") from exc
+            log.warning("reading an endpoint from %s failed (%s); trying %s", uri, _first_line(exc), uris[i + 1])
+        except (pa.ArrowException, flight.FlightError) as exc:
+            raise translated(exc) from exc
+    raise AssertionError("unreachable: an endpoint with locations returns or raises in the loop")
+
+
+def read_endpoints(info: flight.FlightInfo, own: flight.FlightClient,
+                   connect: Callable[[str], flight.FlightClient] = flight.connect) -> list[pa.Table]:
+    """Every endpoint's table of ``info``, in order, each read as :func:`read_endpoint` reads it (locations
+    followed, the next one tried when a server is gone), for code that talks Flight itself.
+
+    ``own`` is the connection that answered ``get_flight_info`` (it serves endpoints without
+    locations); ``connect`` opens a connection to a location, once per location for this call (give
+    the token and TLS options, e.g. ``functools.partial(flight.connect, middleware=[...])``), and the
+    connections it opened are closed before this returns.
+
+    >>> own = flight.connect("grpc://127.0.0.1:8815")
+    >>> info = own.get_flight_info(flight.FlightDescriptor.for_command(command(711280073, "bid_ask", start)))
+    >>> ticks = pa.concat_tables(read_endpoints(info, own))
+    """
+    opened: dict[str, flight.FlightClient] = {}
+
+    def connection(location: str) -> flight.FlightClient:
+        if location not in opened:
+            opened[location] = connect(location)
+        return opened[location]
+
+    try:
+        return [read_endpoint(endpoint, own, connection) for endpoint in info.endpoints]
+    finally:
+        for client in opened.values():
+            client.close()
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).split(". gRPC client debug context:", 1)[0].split(". Detail:", 1)[0]
+
+
+__all__ = ["Client", "DEFAULT_LOCATION", "LiveFrame", "LiveStream", "read_endpoint", "read_endpoints"]

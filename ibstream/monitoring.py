@@ -253,7 +253,7 @@ class _Collector(Collector):
         self._failed: set[str] = set()
 
     def collect(self) -> Iterable[Metric]:
-        for part in (self._recorder, self._store, self._ib, self._server, self._health):
+        for part in (self._recorder, self._store, self._publication, self._ib, self._server, self._health):
             try:
                 yield from part()
             except Exception as exc:  # one failing part (say, a locked index) must not hide the others
@@ -343,6 +343,34 @@ class _Collector(Collector):
         cached = GaugeMetricFamily("ibstream_cache_bytes", "Bytes of results held in the cache.")
         cached.add_metric([], cache.current_bytes)
         yield from (segments, archive, lag, free, gaps, gap_seconds, hits, misses, ratio, cached)
+
+    def _publication(self) -> Iterable[Metric]:
+        """The object store: what the recorder published, or what this read server serves and caches."""
+        store = self.monitor.store
+        if not store.settings.archive_url:
+            return
+        last = store.index.last_publication()
+        seq = GaugeMetricFamily("ibstream_published_index", "Sequence number of the newest index published to "
+                                "archive_url (a read server: the one it serves).")
+        seq.add_metric([], math.nan if last is None else last[0])
+        age = GaugeMetricFamily("ibstream_published_index_age_seconds", "Seconds since that index was published; "
+                                "growing past a few publish_interval means publication (or a read server's refresh) "
+                                "is failing.")
+        age.add_metric([], math.nan if last is None else max(time.time() - last[3] / US_PER_SECOND, 0.0))
+        yield from (seq, age)
+        if store.replica is not None:
+            cache = store.replica.cache
+            size = GaugeMetricFamily("ibstream_read_cache_bytes", "Bytes of archive files this read server keeps "
+                                     "downloaded (bounded by read_cache_max_bytes).")
+            size.add_metric([], cache.size_bytes)
+            hits = CounterMetricFamily("ibstream_read_cache_hits", "Archive files read from the local copy.")
+            hits.add_metric([], cache.hits)
+            misses = CounterMetricFamily("ibstream_read_cache_misses", "Archive files downloaded from the object store.")
+            misses.add_metric([], cache.misses)
+            downloaded = CounterMetricFamily("ibstream_object_downloaded_bytes", "Bytes downloaded from the object "
+                                             "store.")
+            downloaded.add_metric([], cache.downloaded_bytes)
+            yield from (size, hits, misses, downloaded)
 
     def _ib(self) -> Iterable[Metric]:
         feed = self.monitor.feed

@@ -637,10 +637,10 @@ class Index:
         """How many writes read servers would see have been made to this index (a counter kept by triggers)."""
         return self._connection().execute("SELECT n FROM index_changes").fetchone()[0]
 
-    def last_publication(self) -> tuple[int, int, str] | None:
-        """(seq, changes, horizons JSON) of the newest published index, None before the first."""
+    def last_publication(self) -> tuple[int, int, str, int] | None:
+        """(seq, changes, horizons JSON, published_us) of the newest published index, None before the first."""
         return self._connection().execute(
-            "SELECT seq, changes, horizons FROM publications ORDER BY seq DESC LIMIT 1").fetchone()
+            "SELECT seq, changes, horizons, published_us FROM publications ORDER BY seq DESC LIMIT 1").fetchone()
 
     def record_publication(self, seq: int, at_us: int, changes: int, horizons: str) -> None:
         conn = self._writable()

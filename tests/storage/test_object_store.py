@@ -17,6 +17,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from prometheus_client import generate_latest
 
 from ibstream.core.errors import CorruptFileError, InvalidConfigError, ServerUnavailableError
 from ibstream.core.times import to_us
@@ -78,6 +79,24 @@ def test_published_hours_are_served_by_a_read_server_with_no_shared_disk(recorde
             s3.client().head_object(Bucket=s3.bucket, Key=k)["ContentLength"] for k in s3.keys("ibstream/archive/"))
         replica.read(CID, "bid_ask", *EVERYTHING)
         assert cache.misses == 4  # cached: nothing downloaded again
+        metrics = _metrics(replica)
+        assert metrics["ibstream_published_index"] == 1
+        assert (metrics["ibstream_read_cache_misses_total"], metrics["ibstream_read_cache_bytes"]) == (
+            4, cache.size_bytes)
+
+
+def _metrics(store: Store) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from ibstream.monitoring import Monitor
+
+    monitor = Monitor(Settings.of(store.settings), store)
+    try:
+        text = generate_latest(monitor.registry).decode()
+    finally:
+        monitor.close()
+    return {sample.name: sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+            if not sample.labels}
 
 
 def test_a_later_publication_reaches_a_running_read_server_and_never_shows_an_hour_twice(recorded, s3, tmp_path):
