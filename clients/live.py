@@ -89,9 +89,9 @@ class LiveStream:
             command(self.contract_id, self.tick_type, live=True, resolution=self.resolution, **self._resume_point()))
         try:
             info = self._flight.get_flight_info(descriptor)
-        except (pa.ArrowInvalid, pa.ArrowKeyError) as exc:
+            self._reader = self._flight.do_get(info.endpoints[0].ticket)
+        except (pa.ArrowInvalid, pa.ArrowKeyError) as exc:  # e.g. a read server refuses live streams
             raise translated(exc) from exc
-        self._reader = self._flight.do_get(info.endpoints[0].ticket)
         while not self._closed:
             try:
                 chunk = self._reader.read_chunk()

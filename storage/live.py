@@ -31,7 +31,7 @@ import polars as pl
 import pyarrow as pa
 
 from ibstream.core.cursors import Cursor
-from ibstream.core.errors import SubscriberTooSlowError
+from ibstream.core.errors import InvalidRequestError, SubscriberTooSlowError
 from ibstream.core.ticks import StreamKey
 from ibstream.core.times import FOREVER_US, now_us
 from ibstream.storage.bars import BAR_RESOLUTIONS, bar_schema, finish, partial_bars, rollup
@@ -85,6 +85,10 @@ class LiveFeed:
 
     def __init__(self, store, key: StreamKey, cursor: Cursor, end_us: int = FOREVER_US, *,
                  max_rows: int = 1_000_000, poll_interval: float = 0.05):
+        if getattr(store, "replica", None) is not None:
+            raise InvalidRequestError(
+                "live streams are served by the server beside the recorder; this is a read server of the published "
+                "archive (archived hours only): ask the recorder's server, or a coordinator, for live data")
         self.store = store
         self.key = key
         self.schema = schema_for(key.tick_type)

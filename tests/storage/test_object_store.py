@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from prometheus_client import generate_latest
 
-from ibstream.core.errors import CorruptFileError, InvalidConfigError, ServerUnavailableError
+from ibstream.core.errors import CorruptFileError, InvalidConfigError, InvalidRequestError, ServerUnavailableError
 from ibstream.core.times import to_us
 from ibstream.settings import Settings
 from ibstream.storage import Store
@@ -325,6 +325,9 @@ def test_ibstream_publish_then_serve_replica_answers_flight_queries_exactly(reco
         with Client(f"grpc://127.0.0.1:{port}") as client:
             got = client.tables(CID, "bid_ask", *EVERYTHING)["bid_ask"]
         assert got.equals(between(quotes, FIRST, utc(2025, 1, 11)))
+        with Client(f"grpc://127.0.0.1:{port}") as client, pytest.raises(InvalidRequestError,
+                                                                            match="served by the server beside"):
+            next(iter(client.live(CID, "bid_ask", FIRST)))
     finally:
         server.terminate()
         server.wait(30)
