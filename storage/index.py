@@ -165,6 +165,7 @@ CREATE TABLE IF NOT EXISTS publications (
     changes INTEGER NOT NULL,             -- index_changes.n it was made at: unchanged since, nothing to publish
     horizons TEXT NOT NULL                -- JSON [[contract_id, tick_type, until_us], ...]: served by read servers
 );
+CREATE TABLE IF NOT EXISTS publication_target (url TEXT NOT NULL);  -- the archive_url published_files refers to
 -- Counts writes to what read servers serve (hours, statistics, pre-aggregates, expiry, contracts).
 CREATE TABLE IF NOT EXISTS index_changes (n INTEGER NOT NULL);
 INSERT INTO index_changes SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM index_changes);
@@ -632,6 +633,18 @@ class Index:
         conn = self._writable()
         with conn:
             conn.executemany("DELETE FROM unreferenced_objects WHERE object_key = ?", [(k,) for k in object_keys])
+
+    def publication_target(self) -> str | None:
+        row = self._connection().execute("SELECT url FROM publication_target").fetchone()
+        return None if row is None else row[0]
+
+    def restart_publication(self, url: str) -> None:
+        """Forget what was published (another archive_url, or one emptied since): everything goes up again."""
+        conn = self._writable()
+        with conn:
+            for table in ("published_files", "unreferenced_objects", "publications", "publication_target"):
+                conn.execute(f"DELETE FROM {table}")
+            conn.execute("INSERT INTO publication_target VALUES (?)", (url,))
 
     def changes(self) -> int:
         """How many writes read servers would see have been made to this index (a counter kept by triggers)."""

@@ -146,14 +146,26 @@ class ObjectStore:
     def download(self, key: str, target: Path) -> str:
         """Copy an object to a local file; returns the SHA-256 of what was written."""
         digest = hashlib.sha256()
-        try:
-            with self.fs.open_input_stream(self.path(key), compression=None) as stream, open(target, "wb") as out:
-                while chunk := stream.read(CHUNK):
-                    digest.update(chunk)
-                    out.write(chunk)
-        except (pa.ArrowException, OSError) as exc:
-            target.unlink(missing_ok=True)
-            raise self._failed("reading", key, exc) from None
+        with open(target, "wb") as out:
+            try:
+                with self.fs.open_input_stream(self.path(key), compression=None) as stream:
+                    while chunk := stream.read(CHUNK):
+                        digest.update(chunk)
+                        try:
+                            out.write(chunk)
+                        except OSError as exc:  # this server's disk, not the store: UNAVAILABLE all the same
+                            raise _LocalDiskError(
+                                f"cannot write {target} ({exc.strerror or exc}): the read server's folder for copies "
+                                "of the object store is full or failing; free space or lower read_cache_max_bytes") \
+                                from None
+            except _LocalDiskError:
+                out.close()
+                target.unlink(missing_ok=True)
+                raise
+            except (pa.ArrowException, OSError) as exc:
+                out.close()
+                target.unlink(missing_ok=True)
+                raise self._failed("reading", key, exc) from None
         return digest.hexdigest()
 
     def size(self, key: str) -> int:
@@ -178,6 +190,10 @@ class ObjectStore:
             pass
         except (pa.ArrowException, OSError) as exc:
             raise self._failed("deleting", key, exc) from None
+
+
+class _LocalDiskError(ServerUnavailableError):
+    pass
 
 
 def _filesystem(url: str, retries: int) -> tuple[pafs.FileSystem, str]:
@@ -240,6 +256,12 @@ class Publisher:
         self.settings, self.index = settings, index
         self.objects = ObjectStore(settings.archive_url, settings.object_retries)
         self.scratch = settings.data_root / "publish"
+        target = index.publication_target()
+        if target != self.objects.url:
+            if target is not None:
+                log.warning("archive_url changed from %s to %s: every archive file is uploaded to the new store; the "
+                            "old one is left as it is", target, self.objects.url)
+            index.restart_publication(self.objects.url)
         last = index.last_publication()
         self.seq: int | None = None if last is None else last[0]
         self._lock = threading.Lock()
@@ -252,10 +274,15 @@ class Publisher:
         self.scratch.mkdir(parents=True, exist_ok=True)
         for leftover in self.scratch.iterdir():  # a cut-off run's copies
             leftover.unlink()
+        remote = self._remote_seq()
+        if remote is None and self.index.last_publication() is not None:
+            log.warning("%s has no %s although index %s was published there: the store was emptied or replaced; "
+                        "every archive file is uploaded again", self.objects.url, POINTER, self.seq)
+            self.index.restart_publication(self.objects.url)
+            self.seq = None
         uploaded, uploaded_bytes = self._upload_files(now_us)
         changes = self.index.changes()
         last = self.index.last_publication()
-        remote = self._remote_seq()
         seq = None
         if uploaded or last is None or last[1] != changes or (remote or 0) < last[0]:
             seq = max(remote or 0, last[0] if last else 0) + 1

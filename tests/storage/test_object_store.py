@@ -336,3 +336,49 @@ def test_ibstream_publish_then_serve_replica_answers_flight_queries_exactly(reco
     assert "holds a recorder's store" in refused.stderr
     missing = ibstream("serve", "--replica", "--data-root", str(tmp_path / "r2"))
     assert missing.returncode == 2 and "replica is set but archive_url is not" in missing.stderr
+
+
+def test_stalled_requests_are_retried_during_publication_and_reads(recorded, s3, tmp_path):
+    settings, quotes = recorded
+    s3.proxy.stall_seconds = 6
+    s3.proxy.fail(1, "stall", lambda method, path: method == "PUT" and "/archive/" in path)
+    with Store(settings) as store:
+        assert store.publish(now=utc(2025, 1, 11, 1)).seq == 1
+    s3.proxy.fail(1, "stall", lambda method, path: method == "GET" and "/archive/" in path)
+    with Store(replica_settings(tmp_path / "reader", s3.url()), read_only=True) as replica:
+        assert replica.read(CID, "bid_ask", *EVERYTHING).equals(between(quotes, FIRST, utc(2025, 1, 11)))
+    assert [fault for _, _, fault in s3.proxy.log].count("stall") == 2
+
+
+def test_a_changed_or_emptied_archive_url_gets_everything_uploaded_again(recorded, s3, tmp_path):
+    settings, quotes = recorded
+    with Store(settings) as store:
+        store.archive(now=utc(2025, 1, 12))
+        store.publish(now=utc(2025, 1, 12, 1))
+        files = len(store.index.all_archive_paths())
+    moved = settings.model_copy(update={"archive_url": s3.url("elsewhere")})
+    with Store(moved) as store:
+        assert store.publish(now=utc(2025, 1, 12, 2)).uploaded == files
+    for key in s3.keys("elsewhere/"):
+        s3.client().delete_object(Bucket=s3.bucket, Key=key)  # the bucket emptied behind the recorder's back
+    with Store(moved) as store:
+        report = store.publish(now=utc(2025, 1, 12, 3))
+        assert (report.seq, report.uploaded) == (1, files)
+    with Store(replica_settings(tmp_path / "reader", s3.url("elsewhere")), read_only=True) as replica:
+        assert replica.read(CID, "bid_ask", *EVERYTHING).equals(quotes)
+
+
+def test_a_full_cache_disk_on_a_read_server_is_unavailable_and_leaves_no_partial_copy(recorded, s3, tmp_path,
+                                                                                      small_disk):
+    settings, quotes = recorded
+    with Store(settings) as store:
+        store.publish(now=utc(2025, 1, 11, 1))
+    with Store(replica_settings(small_disk / "reader", s3.url()), read_only=True) as replica:
+        from tests.helpers import fill
+
+        fill(small_disk / "ballast")
+        with pytest.raises(ServerUnavailableError, match="folder for copies of the object store is full"):
+            replica.read(CID, "bid_ask", *EVERYTHING)
+        assert not list((small_disk / "reader" / "objects").rglob("*.part"))
+        (small_disk / "ballast").unlink()
+        assert replica.read(CID, "bid_ask", *EVERYTHING).equals(between(quotes, FIRST, utc(2025, 1, 11)))
