@@ -134,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--replica", action="store_true", default=None,
                        help="serve the archive published at --archive-url (default IBSTREAM_REPLICA or off)")
 
-    publish = verb(
+    verb(
         "publish", "data_root", "archive_url",
         help="publish the archive and index to the object store now (the recorder does it every minute)",
         description="Uploads the archive files the index names that the object store does not have yet, then the "

@@ -113,7 +113,7 @@ class ObjectStore:
             if self.local:
                 os.makedirs(os.path.dirname(target), exist_ok=True)
             with open(source, "rb") as handle, self.fs.open_output_stream(temporary, compression=None) as out:
-                shutil.copyfileobj(handle, out, CHUNK)  # type: ignore[misc]
+                shutil.copyfileobj(handle, out, CHUNK)
             if self.local:
                 with open(temporary, "rb") as handle:
                     os.fsync(handle.fileno())
@@ -354,7 +354,7 @@ class Publisher:
             conn.close()
         packed = self.scratch / f"index-{seq}.sqlite.zst"
         with open(copy, "rb") as source, pa.CompressedOutputStream(str(packed), "zstd") as out:
-            shutil.copyfileobj(source, out, CHUNK)  # type: ignore[misc]
+            shutil.copyfileobj(source, out, CHUNK)
         copy.unlink()
         index_key = f"index/index-{seq:012d}.sqlite.zst"
         self.objects.put_file(packed, index_key)
@@ -524,7 +524,7 @@ class Replica:
                     raise CorruptFileError(f"the published index {key} in {self.objects.url} does not match the "
                                            "SHA-256 its pointer names; the recorder's next publication replaces it")
                 with pa.CompressedInputStream(pa.OSFile(str(packed)), "zstd") as source, open(unpacked, "wb") as out:
-                    shutil.copyfileobj(source, out, CHUNK)  # type: ignore[misc]
+                    shutil.copyfileobj(source, out, CHUNK)
                 self._install(unpacked, key)
             finally:
                 packed.unlink(missing_ok=True)

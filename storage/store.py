@@ -25,7 +25,7 @@ from ibstream.storage.cache import ResultCache
 from ibstream.storage.compaction import CompactReport, compact
 from ibstream.storage.config import StorageSettings
 from ibstream.storage.index import ArchiveEntry, ContractDetails, CoverageInterval, DailyStatistics, Index
-from ibstream.storage.object_store import PublishReport, Publisher, Replica, check_replica_root, parse_horizons
+from ibstream.storage.object_store import Publisher, PublishReport, Replica, check_replica_root, parse_horizons
 from ibstream.storage.planner import Plan, Planner
 from ibstream.storage.retention import PruneReport, prune, refuse_expired
 from ibstream.storage.schemas import COVERAGE_SCHEMA, TickType, records_table
