@@ -16,6 +16,7 @@ VERBS_WITH = {
     "--data-root": ["demo", "record", "serve", "verify", "reindex", "backup"],
     "--flight-port": ["demo", "record", "serve"],
     "--ib-port": ["record", "simulate"],
+    "--archive-url": ["record", "serve", "publish"],
 }
 
 
@@ -25,7 +26,8 @@ def test_an_option_is_taken_by_every_verb_it_belongs_to(option):
         extra = ["dest"] if verb == "backup" else []
         args = _parser().parse_args([verb, *extra, option, "7" if "port" in option else "somewhere"])
         name = option.lstrip("-").replace("-", "_")
-        assert getattr(args, name) == (7 if "port" in option else Path("somewhere")), (verb, option)
+        expected = 7 if "port" in option else "somewhere" if option == "--archive-url" else Path("somewhere")
+        assert getattr(args, name) == expected, (verb, option)
 
 
 def test_log_level_goes_before_or_after_the_verb_and_port_still_works():
