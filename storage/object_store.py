@@ -274,8 +274,9 @@ class Publisher:
         self.scratch.mkdir(parents=True, exist_ok=True)
         for leftover in self.scratch.iterdir():  # a cut-off run's copies
             leftover.unlink()
-        remote = self._remote_seq()
-        if remote is None and self.index.last_publication() is not None:
+        pointer = self.objects.get_bytes(POINTER)
+        remote = _pointer_seq(pointer, self.objects.url)
+        if pointer is None and self.index.last_publication() is not None:
             log.warning("%s has no %s although index %s was published there: the store was emptied or replaced; "
                         "every archive file is uploaded again", self.objects.url, POINTER, self.seq)
             self.index.restart_publication(self.objects.url)
@@ -318,17 +319,6 @@ class Publisher:
         if count:
             log.info("uploaded %d archive files (%s bytes) to %s", count, f"{total:,}", self.objects.url)
         return count, total
-
-    def _remote_seq(self) -> int | None:
-        pointer = self.objects.get_bytes(POINTER)
-        if pointer is None:
-            return None
-        try:
-            return int(json.loads(pointer)["seq"])
-        except (ValueError, KeyError, TypeError):
-            log.warning("%s/%s is not an ibstream pointer (%r); it is replaced", self.objects.url, POINTER,
-                        pointer[:80])
-            return None
 
     def _publish_index(self, seq: int, now_us: int) -> list[list]:
         """Upload a copy of the index holding only published hours, the manifest, then the pointer."""
@@ -391,6 +381,17 @@ class Publisher:
             if name.startswith("index-") and int(name[6:18]) < self.seq - KEEP_INDEXES:
                 self.objects.delete(key)
         return len(doomed)
+
+
+def _pointer_seq(pointer: bytes | None, url: str) -> int | None:
+    """The seq ``index/LATEST`` names; None if there is none, or it cannot be read (it is then replaced)."""
+    if pointer is None:
+        return None
+    try:
+        return int(json.loads(pointer)["seq"])
+    except (ValueError, KeyError, TypeError):
+        log.warning("%s/%s is not an ibstream pointer (%r); it is replaced", url, POINTER, pointer[:80])
+        return None
 
 
 def parse_horizons(text: str) -> dict[tuple[int, str], int]:

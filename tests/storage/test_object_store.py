@@ -382,3 +382,48 @@ def test_a_full_cache_disk_on_a_read_server_is_unavailable_and_leaves_no_partial
         assert not list((small_disk / "reader" / "objects").rglob("*.part"))
         (small_disk / "ballast").unlink()
         assert replica.read(CID, "bid_ask", *EVERYTHING).equals(between(quotes, FIRST, utc(2025, 1, 11)))
+
+
+def test_a_damaged_published_index_or_pointer_is_refused_and_the_read_server_keeps_its_index(recorded, s3, tmp_path):
+    settings, quotes = recorded
+    expected = between(quotes, FIRST, utc(2025, 1, 11))
+    with Store(settings) as store:
+        store.publish(now=utc(2025, 1, 11, 1))
+        with Store(replica_settings(tmp_path / "reader", s3.url()), read_only=True) as replica:
+            store.archive(now=utc(2025, 1, 12))
+            store.publish(now=utc(2025, 1, 12, 1))
+            key = [k for k in s3.keys("ibstream/index/") if k.endswith("2.sqlite.zst")][0]
+            body = bytearray(s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read())
+            body[len(body) // 3] ^= 0x01
+            s3.client().put_object(Bucket=s3.bucket, Key=key, Body=bytes(body))
+            with pytest.raises(CorruptFileError, match="does not match the SHA-256 its pointer names"):
+                replica.replica.refresh()
+            s3.client().put_object(Bucket=s3.bucket, Key="ibstream/" + POINTER, Body=b"{not json")
+            with pytest.raises(CorruptFileError, match="is not an ibstream pointer"):
+                replica.replica.refresh()
+            assert replica.published_seq == 1
+            assert replica.read(CID, "bid_ask", *EVERYTHING).equals(expected)  # still index 1, whole
+            with pytest.raises(ServerUnavailableError, match="has index 1, the ticket was planned on index 2"):
+                replica.require_index(2)
+            store.index.put_hour_bars(CID, "bid_ask", 0, b"x")  # a change: the next run publishes again
+            assert store.publish(now=utc(2025, 1, 12, 2)).seq == 3  # a pointer it cannot read is replaced
+            replica.replica.refresh()
+            assert replica.read(CID, "bid_ask", *EVERYTHING).equals(quotes)
+
+
+def test_a_lost_recorder_index_is_rebuilt_and_publication_goes_on_with_nothing_twice(recorded, s3, tmp_path):
+    from ibstream.storage.maintenance import reindex
+
+    settings, quotes = recorded
+    with Store(settings) as store:
+        store.archive(now=utc(2025, 1, 12))
+        store.publish(now=utc(2025, 1, 12, 1))
+    objects = set(s3.keys("ibstream/archive/"))
+    settings.index_path.unlink()
+    reindex(settings)
+    with Store(settings) as store:
+        report = store.publish(now=utc(2025, 1, 12, 2))
+        assert report.seq == 2  # after the store's own pointer, not from 1 again
+    assert set(s3.keys("ibstream/archive/")) == objects  # the same files under the same names
+    with Store(replica_settings(tmp_path / "reader", s3.url()), read_only=True) as replica:
+        assert replica.read(CID, "bid_ask", *EVERYTHING).equals(quotes)
