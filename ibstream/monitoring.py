@@ -245,6 +245,14 @@ def _seconds(value: float) -> str:
     return f"{value / 60:.0f} min" if value < 7_200 else f"{value / 3_600:.1f} h"
 
 
+def _one(family: type[GaugeMetricFamily] | type[CounterMetricFamily], name: str, documentation: str,
+         value: float) -> Metric:
+    """A metric with one sample and no labels."""
+    metric = family(name, documentation)
+    metric.add_metric([], value)
+    return metric
+
+
 class _Collector(Collector):
     """Reads the counters the recorder, feed, store and server keep, at each scrape."""
 
@@ -350,27 +358,21 @@ class _Collector(Collector):
         if not store.settings.archive_url:
             return
         last = store.index.last_publication()
-        seq = GaugeMetricFamily("ibstream_published_index", "Sequence number of the newest index published to "
-                                "archive_url (a read server: the one it serves).")
-        seq.add_metric([], math.nan if last is None else last[0])
-        age = GaugeMetricFamily("ibstream_published_index_age_seconds", "Seconds since that index was published; "
-                                "growing past a few publish_interval means publication (or a read server's refresh) "
-                                "is failing.")
-        age.add_metric([], math.nan if last is None else max(time.time() - last[3] / US_PER_SECOND, 0.0))
-        yield from (seq, age)
+        yield _one(GaugeMetricFamily, "ibstream_published_index", "Sequence number of the newest index published "
+                   "to archive_url (a read server: the one it serves).", math.nan if last is None else last[0])
+        yield _one(GaugeMetricFamily, "ibstream_published_index_age_seconds", "Seconds since that index was "
+                   "published; growing past a few publish_interval means publication (or a read server's refresh) "
+                   "is failing.", math.nan if last is None else max(time.time() - last[3] / US_PER_SECOND, 0.0))
         if store.replica is not None:
             cache = store.replica.cache
-            size = GaugeMetricFamily("ibstream_read_cache_bytes", "Bytes of archive files this read server keeps "
-                                     "downloaded (bounded by read_cache_max_bytes).")
-            size.add_metric([], cache.size_bytes)
-            hits = CounterMetricFamily("ibstream_read_cache_hits", "Archive files read from the local copy.")
-            hits.add_metric([], cache.hits)
-            misses = CounterMetricFamily("ibstream_read_cache_misses", "Archive files downloaded from the object store.")
-            misses.add_metric([], cache.misses)
-            downloaded = CounterMetricFamily("ibstream_object_downloaded_bytes", "Bytes downloaded from the object "
-                                             "store.")
-            downloaded.add_metric([], cache.downloaded_bytes)
-            yield from (size, hits, misses, downloaded)
+            yield _one(GaugeMetricFamily, "ibstream_read_cache_bytes", "Bytes of archive files this read server "
+                       "keeps downloaded (bounded by read_cache_max_bytes).", cache.size_bytes)
+            yield _one(CounterMetricFamily, "ibstream_read_cache_hits", "Archive files read from the local copy.",
+                       cache.hits)
+            yield _one(CounterMetricFamily, "ibstream_read_cache_misses", "Archive files downloaded from the object "
+                       "store.", cache.misses)
+            yield _one(CounterMetricFamily, "ibstream_object_downloaded_bytes", "Bytes downloaded from the object "
+                       "store.", cache.downloaded_bytes)
 
     def _ib(self) -> Iterable[Metric]:
         feed = self.monitor.feed
