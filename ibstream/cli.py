@@ -523,12 +523,17 @@ def _age(micros: int) -> str:
 def _status(settings) -> int:
     from ibstream.core.times import iso, now_us
     from ibstream.storage.maintenance import status
+    from ibstream.storage.object_store import redacted_url
 
     now = now_us()
     store = status(settings, now)
     print(f"{settings.data_root}: {len(store.streams)} streams, {sum(s.ticks for s in store.streams):,} ticks; "
           f"buffer {byte_text(store.buffer_bytes)}, archive {byte_text(store.archive_bytes)}, "
           f"{byte_text(store.free_bytes)} free")
+    if settings.archive_url:
+        print("  published: nothing yet" if store.publication is None else
+              f"  published: index {store.publication[0]} to {redacted_url(settings.archive_url)} "
+              f"{_age(now - store.publication[1])} ago; {store.publication[2]} archive files not uploaded yet")
     for s in store.streams:
         last = "no ticks" if s.last_us is None else f"last tick {iso(s.last_us)} ({_age(now - s.last_us)} ago)"
         archived = ("nothing archived" if s.archived_until_us is None else

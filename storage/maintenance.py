@@ -289,6 +289,7 @@ class StoreStatus:
     buffer_bytes: int
     archive_bytes: int
     free_bytes: int
+    publication: tuple[int, int, int] | None = None  # with archive_url: (seq, published_us, files not uploaded)
 
 
 def _tree_bytes(root: Path) -> int:
@@ -312,5 +313,8 @@ def status(settings: StorageSettings, now: int | None = None) -> StoreStatus:
                 store.index.expired_until(key.contract_id, key.tick_type.value),
                 settings.ticks_days(key.contract_id, key.tick_type.value),
                 [(max(c.start_us, midnight), c.end_us, c.reason) for c in coverage if c.status != "recorded"]))
+        last = store.index.last_publication() if settings.archive_url else None
+        publication = None if last is None else (
+            last[0], last[3], len(store.index.all_archive_paths() - set(store.index.published_files())))
     return StoreStatus(streams, _tree_bytes(settings.buffer_root), _tree_bytes(settings.archive_root),
-                       shutil.disk_usage(settings.data_root).free)
+                       shutil.disk_usage(settings.data_root).free, publication)

@@ -68,7 +68,7 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
-def _redacted(url: str) -> str:
+def redacted_url(url: str) -> str:
     """The URL without credentials or query (for messages and logs)."""
     parts = urllib.parse.urlsplit(url)
     host = parts.hostname or ""
@@ -79,7 +79,7 @@ class ObjectStore:
     """A folder of objects on a :mod:`pyarrow.fs` filesystem, by key relative to ``archive_url``."""
 
     def __init__(self, url: str, retries: int = 6):
-        self.url = _redacted(url)
+        self.url = redacted_url(url)
         try:
             self.fs, self.base = _filesystem(url, retries)
         except (pa.ArrowException, OSError, ValueError) as exc:
@@ -588,4 +588,4 @@ def check_replica_root(data_root: Path) -> None:
 
 
 __all__ = ["MANIFEST", "POINTER", "ObjectStore", "PublishReport", "Publisher", "ReadCache", "Replica",
-           "check_replica_root", "object_key", "parse_horizons"]
+           "check_replica_root", "object_key", "parse_horizons", "redacted_url"]

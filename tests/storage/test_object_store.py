@@ -302,9 +302,14 @@ def test_ibstream_publish_then_serve_replica_answers_flight_queries_exactly(reco
     from tests.helpers import ibstream, wait_until
 
     settings, quotes = recorded
+    status = ibstream("status", "--data-root", str(settings.data_root), IBSTREAM_ARCHIVE_URL=s3.url())
+    assert "  published: nothing yet\n" in status.stdout
     done = ibstream("publish", "--data-root", str(settings.data_root), "--archive-url", s3.url())
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("published index 1 with 4 new files")
+    status = ibstream("status", "--data-root", str(settings.data_root), IBSTREAM_ARCHIVE_URL=s3.url())
+    assert "  published: index 1 to s3://ticks/ibstream " in status.stdout
+    assert " ago; 0 archive files not uploaded yet\n" in status.stdout
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
