@@ -119,7 +119,7 @@ def _partials(store: "Store", key: StreamKey, start_us: int, end_us: int, step: 
 
 
 def _hour_bars_of(store: "Store", key: StreamKey, hour: int) -> bytes:
-    blob = store.index.hour_bars(key.contract_id, key.tick_type.value, hour, hour + 1).get(hour)
+    blob = store.hour_bars(key.contract_id, key.tick_type.value, hour, hour + 1).get(hour)
     if blob is None:  # never: retention computes them before it expires an hour
         store.refuse_expired(key, hour, hour + US_PER_HOUR)
     assert blob is not None
@@ -149,7 +149,7 @@ def _preaggregated_hours(store: "Store", key: StreamKey, start_us: int, end_us: 
         return {}
     first = min([e.hour_start_us for e in entries] + gone)
     last = max([e.hour_start_us for e in entries] + gone)
-    stored = store.index.hour_bars(key.contract_id, tick_type, first, last + 1)
+    stored = store.hour_bars(key.contract_id, tick_type, first, last + 1)
     hours = {}
     for entry in entries:
         blob = stored.get(entry.hour_start_us)

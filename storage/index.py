@@ -153,7 +153,9 @@ CREATE TABLE IF NOT EXISTS published_files (
     size_bytes INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
     mtime_ns INTEGER NOT NULL,            -- of the local file uploaded: a file rewritten since is uploaded again
-    published_us INTEGER NOT NULL
+    published_us INTEGER NOT NULL,
+    bars_size INTEGER,                    -- its hours' 1-minute pre-aggregates, uploaded beside it as
+    bars_sha256 TEXT                      -- <object_key stem>.bars.arrow (NULL: none)
 );
 CREATE TABLE IF NOT EXISTS unreferenced_objects (
     object_key TEXT PRIMARY KEY,
@@ -252,6 +254,8 @@ class PublishedFile:
     sha256: str
     mtime_ns: int
     published_us: int
+    bars_size: int | None = None  # the sidecar of its hours' hour_bars (storage.object_store.bars_key)
+    bars_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -612,9 +616,15 @@ class Index:
             old = self.published_file(published.file_path)
             if old is not None and old.object_key != published.object_key:
                 conn.execute("INSERT OR IGNORE INTO unreferenced_objects VALUES (?, ?)", (old.object_key, at_us))
-            conn.execute("INSERT OR REPLACE INTO published_files VALUES (?, ?, ?, ?, ?, ?)",
+            conn.execute("INSERT OR REPLACE INTO published_files VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                          tuple(published.__dict__.values()))
             conn.execute("DELETE FROM unreferenced_objects WHERE object_key = ?", (published.object_key,))
+
+    def hour_bars_of_file(self, file_path: str) -> list[tuple[int, bytes]]:
+        """(hour start, 1-minute pre-aggregates) of the hours an archive file answers for."""
+        return self._connection().execute(
+            "SELECT b.hour_start_us, b.bars FROM tick_archives a JOIN hour_bars b USING (contract_id, tick_type, "
+            "hour_start_us) WHERE a.file_path = ? ORDER BY b.hour_start_us", (file_path,)).fetchall()
 
     def unpublish(self, file_paths: list[str], at_us: int) -> None:
         """Files the index names no more: their objects are deleted a grace period later."""

@@ -225,6 +225,15 @@ def object_key(file_path: str, sha256: str) -> str:
     return f"archive/{folder}/{stem}-{sha256[:16]}.parquet"
 
 
+def bars_key(object_key: str) -> str:
+    """Where an archive object's hours' 1-minute pre-aggregates are: ``<stem>.bars.arrow`` beside it."""
+    return object_key.removesuffix(".parquet") + ".bars.arrow"
+
+
+BARS_SCHEMA = pa.schema([pa.field("hour_start_us", pa.int64(), nullable=False),
+                         pa.field("bars", pa.binary(), nullable=False)])
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -313,12 +322,30 @@ class Publisher:
             if size != facts.st_size:
                 raise ServerUnavailableError(f"the object store {self.objects.url} holds {size:,} bytes of {key} "
                                              f"after uploading {facts.st_size:,}; it is uploaded again next run")
+            bars = self._upload_bars(relative, key)
             failpoint("publish.after_upload")
-            self.index.add_published(PublishedFile(relative, key, size, sha, facts.st_mtime_ns, now_us), now_us)
+            self.index.add_published(PublishedFile(relative, key, size, sha, facts.st_mtime_ns, now_us, *bars), now_us)
             count, total = count + 1, total + size
         if count:
             log.info("uploaded %d archive files (%s bytes) to %s", count, f"{total:,}", self.objects.url)
         return count, total
+
+    def _upload_bars(self, relative: str, key: str) -> tuple[int | None, str | None]:
+        """Upload the 1-minute pre-aggregates of the file's hours beside it (they would be most of the
+        published index: ~4-8 KB an hour); returns the sidecar's (size, SHA-256), or (None, None)."""
+        rows = self.index.hour_bars_of_file(relative)
+        if not rows:
+            return None, None
+        table = pa.table({"hour_start_us": [hour for hour, _ in rows], "bars": [blob for _, blob in rows]},
+                         schema=BARS_SCHEMA)
+        sidecar = self.scratch / "bars.arrow"
+        with pa.OSFile(str(sidecar), "wb") as sink, pa.ipc.new_file(sink, BARS_SCHEMA) as writer:
+            writer.write_table(table)
+        try:
+            self.objects.put_file(sidecar, bars_key(key))
+            return sidecar.stat().st_size, file_sha256(sidecar)
+        finally:
+            sidecar.unlink()
 
     def _publish_index(self, seq: int, now_us: int) -> list[list]:
         """Upload a copy of the index holding only published hours, the manifest, then the pointer."""
@@ -335,6 +362,9 @@ class Publisher:
                         for cid, tt, until, first_missing in rows if until is not None]
             conn.execute("DELETE FROM tick_archives WHERE file_path NOT IN (" + uploaded + ")")
             conn.execute("DELETE FROM published_files WHERE file_path NOT IN (SELECT file_path FROM tick_archives)")
+            conn.execute("DELETE FROM hour_bars WHERE (contract_id, tick_type, hour_start_us) IN (SELECT a.contract_id, "
+                         "a.tick_type, a.hour_start_us FROM tick_archives a JOIN published_files p USING (file_path) "
+                         "WHERE p.bars_sha256 IS NOT NULL)")  # they are in the files' sidecars; expired hours' stay
             for table in ("unreferenced_objects", "superseded_files", "publications"):
                 conn.execute(f"DELETE FROM {table}")
             conn.execute("INSERT INTO publications VALUES (?, ?, 0, ?)", (seq, now_us, json.dumps(horizons)))
@@ -374,6 +404,7 @@ class Publisher:
         doomed = self.index.unreferenced_objects(now_us - grace)
         for key in doomed:
             self.objects.delete(key)
+            self.objects.delete(bars_key(key))
         if doomed:
             self.index.forget_unreferenced(doomed)
         for key in self.objects.keys("index"):
@@ -565,6 +596,23 @@ class Replica:
             raise ServerUnavailableError(f"this read server has index {self.seq}, the ticket was planned on index "
                                          f"{seq}, which is not readable here yet; try another location or again")
 
+    def hour_bars(self, contract_id: int, tick_type: str, start_us: int, end_us: int) -> dict[int, bytes]:
+        """The 1-minute pre-aggregates of the stream's hours in [start_us, end_us): from the sidecars of
+        their files (downloaded into the cache like them), and expired hours' from the index."""
+        found = self.index.hour_bars(contract_id, tick_type, start_us, end_us)
+        for relative in dict.fromkeys(e.file_path for e in self.index.archives(contract_id, tick_type, start_us,
+                                                                                end_us)):
+            published = self.index.published_file(relative)
+            if published is None or published.bars_sha256 is None or published.bars_size is None:
+                continue
+            path = self.cache.fetch(bars_key(published.object_key), published.bars_size, published.bars_sha256)
+            with pa.memory_map(str(path)) as source:
+                table = pa.ipc.open_file(source).read_all()
+            for hour, blob in zip(table["hour_start_us"].to_pylist(), table["bars"].to_pylist()):
+                if start_us <= hour < end_us:
+                    found[hour] = blob
+        return found
+
     def fetch(self, relative: str) -> Path:
         """The local copy of the archive file ``relative`` (downloaded if needed)."""
         published = self.index.published_file(relative)
@@ -587,5 +635,5 @@ def check_replica_root(data_root: Path) -> None:
     marker.write_text("A read server's cache of a published ibstream archive (safe to delete).\n")
 
 
-__all__ = ["MANIFEST", "POINTER", "ObjectStore", "PublishReport", "Publisher", "ReadCache", "Replica",
-           "check_replica_root", "object_key", "parse_horizons", "redacted_url"]
+__all__ = ["BARS_SCHEMA", "MANIFEST", "POINTER", "ObjectStore", "PublishReport", "Publisher", "ReadCache", "Replica",
+           "bars_key", "check_replica_root", "object_key", "parse_horizons", "redacted_url"]

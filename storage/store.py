@@ -265,6 +265,13 @@ class Store:
         if seq is not None and self.replica is not None:
             self.replica.require(seq)
 
+    def hour_bars(self, contract_id: int, tick_type: str, start_us: int, end_us: int) -> dict[int, bytes]:
+        """The 1-minute pre-aggregates of archived (and expired) hours in [start_us, end_us), by hour start:
+        from the index, or on a read server also from the object store."""
+        if self.replica is not None:
+            return self.replica.hour_bars(contract_id, tick_type, start_us, end_us)
+        return self.index.hour_bars(contract_id, tick_type, start_us, end_us)
+
     def bars(self, contract_id: int, tick_type: TickType | str, start_us: int, end_us: int, resolution: str, *,
              fill: bool = False, sessions: list[Session] | None = None) -> pa.Table:
         """Bars of a stream over ``[start_us, end_us)`` (see :mod:`storage.bars`); daily bars need the

@@ -63,26 +63,32 @@ def test_published_hours_are_served_by_a_read_server_with_no_shared_disk(recorde
         keys = s3.keys("ibstream/")
         assert [k for k in keys if k.startswith("ibstream/index/")] == ["ibstream/index/LATEST",
                                                                         "ibstream/index/index-000000000001.sqlite.zst"]
-        assert len([k for k in keys if k.startswith("ibstream/archive/")]) == 4
+        assert len([k for k in keys if k.startswith("ibstream/archive/") and k.endswith(".parquet")]) == 4
         assert store.shardable_until(CID, "bid_ask") == to_us(utc(2025, 1, 11))
         assert store.published_seq == 1
         again = store.publish(now=utc(2025, 1, 11, 1, 1))
         assert (again.seq, again.uploaded) == (None, 0)  # nothing changed: nothing uploaded
 
+    sidecars = [k for k in keys if k.endswith(".bars.arrow")]
+    assert len(sidecars) == 4  # each file's hours' 1-minute pre-aggregates, beside it (not in the index copy)
     with Store(replica_settings(tmp_path / "reader", s3.url()), read_only=True) as replica:
         assert replica.published_seq == 1
-        assert replica.read(CID, "bid_ask", *EVERYTHING).equals(local_archived)
-        assert replica.bars(CID, "bid_ask", to_us(FIRST), to_us(utc(2025, 1, 11)), "1h").equals(
-            Store(settings, read_only=True).bars(CID, "bid_ask", to_us(FIRST), to_us(utc(2025, 1, 11)), "1h"))
+        assert not replica.index.hour_bars(CID, "bid_ask", 0, to_us(utc(2026, 1, 1)))
         cache = replica.replica.cache
-        assert cache.misses == 4 and cache.size_bytes == sum(
+        with Store(settings, read_only=True) as local:
+            for resolution in ("1m", "1h", "1d"):
+                assert replica.bars(CID, "bid_ask", to_us(FIRST), to_us(utc(2025, 1, 11)), resolution).equals(
+                    local.bars(CID, "bid_ask", to_us(FIRST), to_us(utc(2025, 1, 11)), resolution)), resolution
+        assert cache.misses == 4  # the sidecars only: bars never read a tick file
+        assert replica.read(CID, "bid_ask", *EVERYTHING).equals(local_archived)
+        assert cache.misses == 8 and cache.size_bytes == sum(
             s3.client().head_object(Bucket=s3.bucket, Key=k)["ContentLength"] for k in s3.keys("ibstream/archive/"))
         replica.read(CID, "bid_ask", *EVERYTHING)
-        assert cache.misses == 4  # cached: nothing downloaded again
+        assert cache.misses == 8  # cached: nothing downloaded again
         metrics = _metrics(replica)
         assert metrics["ibstream_published_index"] == 1
         assert (metrics["ibstream_read_cache_misses_total"], metrics["ibstream_read_cache_bytes"]) == (
-            4, cache.size_bytes)
+            8, cache.size_bytes)
 
 
 def _metrics(store: Store) -> dict[str, float]:
@@ -189,7 +195,7 @@ def test_a_damaged_object_is_reported_by_name_and_never_served(recorded, s3, tmp
     settings, _ = recorded
     with Store(settings) as store:
         store.publish(now=utc(2025, 1, 11, 1))
-    key = s3.keys("ibstream/archive/")[0]
+    key = [k for k in s3.keys("ibstream/archive/") if k.endswith(".parquet")][0]
     body = bytearray(s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read())
     body[len(body) // 2] ^= 0xFF
     s3.client().put_object(Bucket=s3.bucket, Key=key, Body=bytes(body))
@@ -203,7 +209,8 @@ def test_the_read_cache_stays_within_its_bound(recorded, s3, tmp_path):
     settings, quotes = recorded
     with Store(settings) as store:
         store.publish(now=utc(2025, 1, 11, 1))
-    sizes = [s3.client().head_object(Bucket=s3.bucket, Key=k)["ContentLength"] for k in s3.keys("ibstream/archive/")]
+    sizes = [s3.client().head_object(Bucket=s3.bucket, Key=k)["ContentLength"] for k in s3.keys("ibstream/archive/")
+             if k.endswith(".parquet")]
     bound = max(sizes) + min(sizes)  # room for about two files
     with Store(replica_settings(tmp_path / "reader", s3.url(), read_cache_max_bytes=bound), read_only=True) as replica:
         for _ in range(2):
