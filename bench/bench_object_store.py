@@ -126,7 +126,7 @@ def record_and_publish(s3: MotoS3, root: Path, hours: float) -> dict:
         blobs = [b for (b,) in store.index._connection().execute("SELECT bars FROM hour_bars")]
     assert compacted.files_written == 1, compacted
     objects = s3.objects("day/")
-    day_key = next(k for k in objects if k.startswith("archive/"))
+    day_key = next(k for k in objects if k.startswith("archive/") and k.endswith(".parquet"))
     index_key = next(k for k in objects if k.startswith("index/index-"))
     return {"config": config, "ticks": ticks, "publish_s": seconds, "report": report, "objects": objects,
             "day_key": day_key, "day_bytes": objects[day_key], "index_bytes": objects[index_key],
@@ -393,12 +393,12 @@ def synthetic_index(path: Path, url: str, streams: int, days: int, hours_per_day
                 groups += 2
             sha = hashlib.sha256(relative.encode()).hexdigest()
             files.append((relative, f"archive/{relative[:-8]}-{sha[:16]}.parquet", 4_000_000 + rng.randint(0, 10**6),
-                          sha, 1_700_000_000_000_000_000 + d, day_us))
+                          sha, 1_700_000_000_000_000_000 + d, day_us, 30_000, sha))  # a 30 KB bars sidecar
             stats.append((cid, tt, date, groups * 25_000, 2_000, None, None, 21_000.0, 20_800.0))
         conn.executemany("INSERT INTO tick_archives (contract_id, tick_type, hour_start_us, start_us, end_us, file_path, "
                          "tick_count, file_size_bytes, arrow_size_bytes, compression_ratio, row_group_start, "
                          "row_group_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", archives)
-        conn.executemany("INSERT INTO published_files VALUES (?, ?, ?, ?, ?, ?)", files)
+        conn.executemany("INSERT INTO published_files VALUES (?, ?, ?, ?, ?, ?, ?, ?)", files)
         conn.executemany("INSERT INTO data_statistics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", stats)
         rows += len(archives)
     conn.execute("COMMIT")
@@ -437,7 +437,7 @@ def section_index(s3: MotoS3, tmp: Path, day: dict, quick: bool) -> dict:
     for tick_type, (per_tick, bars, packed, count) in types.items():
         print(f"{tick_type:<10} {count:>10,} {per_tick:>16.2f} {bars:>24,.0f} {packed:>6,.0f}")
     print(f"the day's published snapshot (section 1): {day['index_bytes']:,} B zstd for {day['hours']} stream-hours = "
-          f"{day['index_bytes'] / day['hours']:,.0f} B/stream-hour, almost all of it hour_bars (1-minute bars per hour)")
+          f"{day['index_bytes'] / day['hours']:,.0f} B/stream-hour (the hours' 1-minute bars travel beside each file, not in it)")
     print(f"synthetic index (tick_archives + published_files + data_statistics, no hour_bars): built in {build_s:.1f} s; "
           f"SQLite {raw / 2**20:.0f} MiB ({raw / rows:.0f} B/stream-hour)")
     print(f"publication through the real path (backup, trim, VACUUM, zstd, upload, manifest, pointer): "

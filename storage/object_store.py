@@ -339,7 +339,8 @@ class Publisher:
         table = pa.table({"hour_start_us": [hour for hour, _ in rows], "bars": [blob for _, blob in rows]},
                          schema=BARS_SCHEMA)
         sidecar = self.scratch / "bars.arrow"
-        with pa.OSFile(str(sidecar), "wb") as sink, pa.ipc.new_file(sink, BARS_SCHEMA) as writer:
+        options = pa.ipc.IpcWriteOptions(compression="zstd")  # ~8 KB an hour raw, ~1.7 KB compressed
+        with pa.OSFile(str(sidecar), "wb") as sink, pa.ipc.new_file(sink, BARS_SCHEMA, options=options) as writer:
             writer.write_table(table)
         try:
             self.objects.put_file(sidecar, bars_key(key))
