@@ -270,7 +270,8 @@ def shard_pieces(ticket: Ticket, horizon_us: int | None, shards: Sequence[ShardS
     that rules cover gets their locations, in rule order without repeats, and ``index_seq``; any
     other piece gets no locations (this server serves it). Neighbours with the same locations are
     one piece. Only the first piece keeps the ticket's ``skip`` (ticks at its start already sent)."""
-    rules = [(rule, to_us(rule.start) if rule.start else MIN_US, to_us(rule.end) if rule.end else FOREVER_US)
+    rules = [(rule, to_us(rule.start) if rule.start is not None else MIN_US,
+              to_us(rule.end) if rule.end is not None else FOREVER_US)
              for rule in shards if rule.contract_ids is None or ticket.contract_id in rule.contract_ids]
     edges = [horizon_us] if horizon_us is not None else []
     edges += [edge for _, start, end in rules for edge in (start, end)]
