@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.flight as flight
 
 from ibstream.clients import Client
 from ibstream.core.times import to_us
@@ -70,11 +72,30 @@ class Served:
         self.thread.join()
 
 
-def wait_until(condition, timeout: float = 15.0, what: str = "condition") -> None:
+def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (yet)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def flight_answers(port: int) -> bool:
+    """Whether a Flight server listens on loopback ``port`` (one that asks for a token counts)."""
+    try:
+        with flight.connect(f"grpc://127.0.0.1:{port}") as probe:
+            list(probe.list_actions())
+    except flight.FlightUnavailableError:
+        return False
+    except flight.FlightUnauthenticatedError:
+        pass
+    return True
 
 
 def ibstream(*args: str, **env: str) -> subprocess.CompletedProcess:

@@ -29,7 +29,7 @@ from ibstream.simulator.market import SIM_MNQ
 from ibstream.storage import Store
 from ibstream.storage.export import csv_schema
 from ibstream.storage.synthetic import MNQ
-from tests.helpers import Served, ticks, utc, wait_until
+from tests.helpers import Served, free_port, ticks, utc, wait_until
 
 CID = MNQ.contract_id
 T0 = utc(2025, 1, 10, 12, 10)
@@ -554,12 +554,6 @@ def test_the_gateway_refuses_a_port_in_use(store):
 # -- started by the CLI ------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _cli(*args: str):
@@ -586,7 +580,7 @@ def _wait_for(url: str, process) -> None:
 
 
 def test_record_serves_live_ticks_over_sse_and_serve_the_stored_ones(tmp_path):
-    port = _free_port()
+    port = free_port()
     recording = _cli("record", "--synthetic", "--seconds", "8", "--data-root", str(tmp_path / "data"),
                      "--flight-port", "0", "--http-port", str(port))
     try:
@@ -600,7 +594,7 @@ def test_record_serves_live_ticks_over_sse_and_serve_the_stored_ones(tmp_path):
         assert stamps and min(stamps) >= datetime.fromisoformat(start)
     finally:
         assert recording.wait(60) == 0, recording.stderr.read()
-    port = _free_port()
+    port = free_port()
     serving = _cli("serve", "--data-root", str(tmp_path / "data"), "--flight-port", "0", "--http-port", str(port))
     try:
         _wait_for(f"http://127.0.0.1:{port}/health", serving)

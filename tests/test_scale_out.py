@@ -7,7 +7,6 @@ our client and through plain pyarrow.flight, also with a read server gone."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -23,17 +22,13 @@ from ibstream.flight_server.commands import command
 from ibstream.settings import Settings, ShardSpec
 from ibstream.storage import Store
 from ibstream.storage.synthetic import MNQ
-from tests.helpers import ROOT, append_in_batches, ticks, utc, wait_until
+from tests.helpers import ROOT, append_in_batches, flight_answers, free_port, ticks, utc, wait_until
 
 CID = MNQ.contract_id
 FIRST = utc(2025, 1, 10, 20)
 EVERYTHING = (utc(2025, 1, 1), utc(2025, 2, 1))
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def read_server(url: str, root, port: int) -> subprocess.Popen:
@@ -41,16 +36,7 @@ def read_server(url: str, root, port: int) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-m", "ibstream.cli", "--log-level", "WARNING", "serve", "--replica",
                                 "--archive-url", url, "--data-root", str(root), "--flight-port", str(port)],
                                cwd=ROOT, env=environment | {"IBSTREAM_WARM_RECENT": "PT0S"})
-
-    def answers() -> bool:
-        try:
-            with flight.connect(f"grpc://127.0.0.1:{port}") as probe:
-                list(probe.list_actions())
-            return True
-        except flight.FlightUnavailableError:
-            return False
-
-    wait_until(answers, timeout=60, what="a read server to listen")
+    wait_until(lambda: flight_answers(port), timeout=60, what="a read server to listen")
     return process
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,17 +28,12 @@ from ibstream.storage import Store
 from ibstream.storage.live import Cursor
 from ibstream.storage.schemas import schema_for
 from ibstream.storage.synthetic import MNQ
-from tests.helpers import Served, ticks, utc
+from tests.helpers import Served, flight_answers, free_port, ticks, utc, wait_until
 
 T0 = utc(2025, 1, 10, 12, 10)
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def live_settings(root: Path, **overrides) -> Settings:
@@ -150,10 +144,6 @@ def _batches(table: pa.Table, sizes: list[int]):
         offset, i = offset + size, i + 1
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_server(data_root: Path, port: int) -> subprocess.Popen:
@@ -161,17 +151,10 @@ def start_server(data_root: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "IBSTREAM_LIVE_POLL_INTERVAL": "PT0.02S"}
     process = subprocess.Popen([sys.executable, "-m", "ibstream.cli", "--log-level", "WARNING", "serve",
                                 "--data-root", str(data_root), "--flight-port", str(port)], cwd=ROOT, env=env)
-    wait_until(lambda: _answers(port), what="the server to listen")
+    wait_until(lambda: flight_answers(port), what="the server to listen")
     return process
 
 
-def _answers(port: int) -> bool:
-    try:
-        with flight.connect(f"grpc://127.0.0.1:{port}") as probe:
-            list(probe.list_actions())
-        return True
-    except flight.FlightUnavailableError:
-        return False
 
 
 def test_a_live_client_resumes_across_a_killed_server(tmp_path):

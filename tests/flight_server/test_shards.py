@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -35,7 +34,7 @@ from ibstream.flight_server.server import shard_pieces
 from ibstream.settings import Settings, ShardSpec
 from ibstream.storage import Store
 from ibstream.storage.synthetic import MNQ
-from tests.helpers import ROOT, append_in_batches, between, ticks, utc, wait_until
+from tests.helpers import ROOT, append_in_batches, between, flight_answers, free_port, ticks, utc, wait_until
 
 CID = MNQ.contract_id
 OTHER = 265598  # a contract with a shard rule of its own, which MNQ's endpoints must not use
@@ -83,7 +82,7 @@ def read_server(store: Store, **env: str) -> Iterator[ReadServer]:
     process = subprocess.Popen([sys.executable, "-m", "ibstream.cli", "--log-level", "WARNING", "serve", "--data-root",
                                 str(store.settings.data_root), "--flight-port", str(port)], cwd=ROOT, env=environment)
     try:
-        wait_until(lambda: answers(port) or process.poll() is not None, what="the read server to listen")
+        wait_until(lambda: flight_answers(port) or process.poll() is not None, what="the read server to listen")
         assert process.poll() is None, "the read server exited"
         yield ReadServer(process, port)
     finally:
@@ -91,21 +90,6 @@ def read_server(store: Store, **env: str) -> Iterator[ReadServer]:
         process.wait()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def answers(port: int) -> bool:
-    try:
-        with flight.connect(f"grpc://127.0.0.1:{port}") as probe:
-            list(probe.list_actions())
-    except flight.FlightUnavailableError:
-        return False
-    except flight.FlightUnauthenticatedError:
-        pass  # listening, and asking for a token
-    return True
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from ibstream.storage import Store
 from ibstream.storage.failpoints import ENV, EXIT_CODE
 from ibstream.storage.object_store import MANIFEST, POINTER
 from ibstream.storage.synthetic import MNQ
-from tests.helpers import ROOT, append_in_batches, between, ticks, utc
+from tests.helpers import ROOT, append_in_batches, between, flight_answers, free_port, ticks, utc
 
 CID = MNQ.contract_id
 FIRST = utc(2025, 1, 10, 20)
@@ -303,7 +303,6 @@ def test_a_local_folder_works_as_the_object_store_too(tmp_path):
 
 def test_ibstream_publish_then_serve_replica_answers_flight_queries_exactly(recorded, s3, tmp_path):
     """The operator's path: `ibstream publish` on the recording host, `ibstream serve --replica` elsewhere."""
-    import socket
 
     from ibstream.clients import Client
     from tests.helpers import ibstream, wait_until
@@ -317,23 +316,13 @@ def test_ibstream_publish_then_serve_replica_answers_flight_queries_exactly(reco
     status = ibstream("status", "--data-root", str(settings.data_root), IBSTREAM_ARCHIVE_URL=s3.url())
     assert "  published: index 1 to s3://ticks/ibstream " in status.stdout
     assert " ago; 0 archive files not uploaded yet\n" in status.stdout
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("IBSTREAM_")}
     server = subprocess.Popen([sys.executable, "-m", "ibstream.cli", "--log-level", "WARNING", "serve", "--replica",
                                "--archive-url", s3.url(), "--data-root", str(tmp_path / "reader"), "--flight-port",
                                str(port)], cwd=ROOT, env=environment)
     try:
-        def answers() -> bool:
-            try:
-                with Client(f"grpc://127.0.0.1:{port}") as probe:
-                    probe.streams()
-                return True
-            except Exception:
-                return False
-
-        wait_until(answers, what="the read server to listen")
+        wait_until(lambda: flight_answers(port), what="the read server to listen")
         with Client(f"grpc://127.0.0.1:{port}") as client:
             got = client.tables(CID, "bid_ask", *EVERYTHING)["bid_ask"]
         assert got.equals(between(quotes, FIRST, utc(2025, 1, 11)))
