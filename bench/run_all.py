@@ -1,4 +1,4 @@
-"""Run every benchmark in turn (append, buffer, storage, query, flight, http, bars, live, load, ingest, import, object store) and print their figures."""
+"""Run every benchmark in turn (append, buffer, storage, query, flight, http, bars, live, load, ingest, reconnect, import, object store) and print their figures."""
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ import bench_live  # noqa: E402
 import bench_load  # noqa: E402
 import bench_object_store  # noqa: E402
 import bench_query  # noqa: E402
+import bench_reconnect  # noqa: E402
 import bench_storage  # noqa: E402
 from common import parse_args  # noqa: E402
 
 BENCHES = (bench_append, bench_buffer, bench_storage, bench_query, bench_flight, bench_http, bench_bars, bench_live, bench_load, bench_ingest,
-           bench_import, bench_object_store)
+           bench_reconnect, bench_import, bench_object_store)
 
 
 def main(quick: bool = False) -> None:

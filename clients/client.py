@@ -70,7 +70,7 @@ def _frames(tables: dict[str, pa.Table], tick_types: TickTypes, as_pandas: bool)
     return frames[tick_types] if isinstance(tick_types, str) else frames
 
 
-Contracts = int | Sequence[int]
+Contracts = int | str | Sequence[int]
 TickTypes = str | Sequence[str]
 
 
@@ -79,7 +79,9 @@ class Client:
 
     Every query names one contract (``711280073``) or several (``[711280073, 265598]``: the
     result then has a ``contract_id`` column first, contracts in the order given, each in ``ts``
-    order), one tick type (a string: one DataFrame) or several (a list: ``{tick_type:
+    order) or a continuous future (``"MNQ.c.0"``: the front expiry by the recorded roll schedule,
+    unadjusted, with ``contract_id`` and ``local_symbol`` columns first naming each row's expiry;
+    bars are cut at a roll, so the bar of the roll instant comes once per expiry), one tick type (a string: one DataFrame) or several (a list: ``{tick_type:
     DataFrame}``), and a range given exactly one way: ``start`` (tz-aware) with an optional
     ``end`` (``None``: now), a rolling ``window`` ending now (``"15m"``, ``"24h"``, ``"7d"``), or
     a trading ``session`` (``"regular"``, ``"extended"``, ``"pre_market"``, ``"after_hours"``,
@@ -135,15 +137,17 @@ class Client:
 
     def ticks(self, contract_id: Contracts, tick_types: TickTypes, start: datetime | None = None,
               end: datetime | None = None, *, window: str | None = None, session: str | None = None,
-              session_date: str | date | None = None, as_pandas: bool = False):
+              session_date: str | date | None = None, provenance: bool = False, as_pandas: bool = False):
         """Ticks with ``start <= ts < end`` (or of the window or session).
 
         Columns and dtypes are those of :mod:`storage.schemas` (``ts``/``ib_time`` are
         ``Datetime("us", "UTC")``, prices ``Float64``, sizes ``Decimal(18, 8)``). An empty range
-        gives an empty DataFrame with those columns.
+        gives an empty DataFrame with those columns. ``provenance`` adds a last column ``source``:
+        ``live`` (tick-by-tick as it happened), ``backfill`` (from IB's history, whole-second times)
+        or ``fallback`` (reqMktData while the tick-by-tick lines were taken).
         """
         tables = self.tables(contract_id, tick_types, start, end, window=window, session=session,
-                             session_date=session_date)
+                             session_date=session_date, provenance=provenance)
         return _frames(tables, tick_types, as_pandas)
 
     def bars(self, contract_id: Contracts, tick_types: TickTypes, resolution: str, start: datetime | None = None,
@@ -210,7 +214,7 @@ class Client:
         for endpoint in info.endpoints:
             table = read_endpoint(endpoint, self._flight, self._connection)
             metadata = table.schema.metadata
-            if not isinstance(contract_id, int):
+            if not isinstance(contract_id, (int, str)):
                 column = pa.array([int(metadata[b"ibstream.contract_id"])] * table.num_rows, pa.int64())
                 table = table.add_column(0, "contract_id", column)
             parts.setdefault(metadata[b"ibstream.tick_type"].decode(), []).append(table)
@@ -230,6 +234,11 @@ class Client:
         """When a stream was recorded (``status`` recorded) and when not (gap, with ``reason``)."""
         return pl.DataFrame(self._action("coverage", contract_id=contract_id, tick_type=tick_type,
                                           start=iso_time(start), end=None if end is None else iso_time(end)))
+
+    def rolls(self, root: str) -> pl.DataFrame:
+        """The recorded roll schedule of a future configured by symbol (``root``, e.g. ``"MNQ"``): which
+        expiry was the front contract from when (``ROOT.c.0`` reads it)."""
+        return pl.DataFrame(self._action("rolls", root=root))
 
     def _action(self, name: str, **body) -> pa.Table:
         payload = action_body(name, **body)

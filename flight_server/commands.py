@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from ibstream.core.continuous import Continuous
 from ibstream.core.cursors import MAX_CURSOR_N, Cursor
 from ibstream.core.errors import InvalidRequestError, shown
 from ibstream.core.resolutions import DAILY, TICK, normalize_kind, parse_resolution, parse_window
@@ -92,6 +93,14 @@ def _cursor(value: str) -> str:
 
 
 CursorText = Annotated[str, AfterValidator(_cursor)]
+
+
+def _continuous(value: str) -> str:
+    Continuous.parse(value)
+    return value
+
+
+ContinuousText = Annotated[str, AfterValidator(_continuous)]
 Resolution = Annotated[str, AfterValidator(parse_resolution)]
 SessionKind = Annotated[str, AfterValidator(normalize_kind)]
 Window = Annotated[str, AfterValidator(_window)]
@@ -112,6 +121,7 @@ class QueryCommand(BaseModel):
     version: Literal[1] = 1
     contract_id: ContractId | None = None
     contract_ids: list[ContractId] | None = Field(None, min_length=1, max_length=MAX_CONTRACTS)
+    continuous: ContinuousText | None = None
     tick_types: list[TickType] = Field(min_length=1, max_length=len(TickType))
     start: AwareTime | None = None
     end: AwareTime | None = None
@@ -123,6 +133,7 @@ class QueryCommand(BaseModel):
     daily_session: SessionKind | None = None
     live: StrictBool = False
     cursor: CursorText | None = None
+    provenance: StrictBool = False
 
     @field_validator("tick_types", mode="before")
     @classmethod
@@ -141,8 +152,17 @@ class QueryCommand(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "QueryCommand":
-        if (self.contract_id is None) == (self.contract_ids is None):
-            raise ValueError("give exactly one of contract_id (one contract) or contract_ids (a list)")
+        named = [name for name in ("contract_id", "contract_ids", "continuous") if getattr(self, name) is not None]
+        if len(named) != 1:
+            raise ValueError("give exactly one of contract_id (one contract), contract_ids (a list) or continuous "
+                             f"(e.g. 'MNQ.c.0'); got {' and '.join(named) if named else 'none of them'}")
+        if self.provenance and self.live:
+            raise ValueError("provenance (the source column) applies to stored ticks, not to a live stream")
+        if self.continuous is not None and (self.session or self.live or self.cursor):
+            raise ValueError("a continuous contract is read over start/end or a window; sessions, live streams and "
+                             "cursors follow one expiry: give its contract_id (the roll schedule names it)")
+        if self.provenance and self.resolution != TICK:
+            raise ValueError("provenance (the source column) applies to ticks; bars leave it out")
         given = [name for name in ("start", "window", "session", "cursor") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(
@@ -256,6 +276,8 @@ class Ticket(BaseModel):
     live: bool = False
     skip: int = Field(0, ge=0, le=MAX_CURSOR_N)  # ticks at start_us already delivered (a resumed cursor's n)
     index_seq: int | None = Field(None, ge=0, le=MAX_INDEX_SEQ)  # the published index a coordinator planned with
+    continuous: ContinuousText | None = None  # a piece of this continuous contract: rows say their expiry
+    provenance: bool = False  # a source column: live, backfill or fallback
 
     @model_validator(mode="after")
     def _ordered(self) -> "Ticket":
@@ -269,6 +291,10 @@ class Ticket(BaseModel):
             raise ValueError("fill applies to stored ranges; a live bar stream sends only bars that have ticks")
         if self.live and self.resolution == DAILY:
             raise ValueError("live bars go up to 1h; resolution '1d' is served for stored ranges only")
+        if self.live and (self.continuous or self.provenance):
+            raise ValueError("continuous and provenance apply to stored ranges, not to a live ticket")
+        if self.provenance and self.resolution != TICK:
+            raise ValueError("provenance (the source column) applies to ticks; bars leave it out")
         _check_bar_options(self.resolution, self.fill, self.daily_session)
         return self
 
@@ -282,15 +308,18 @@ class Ticket(BaseModel):
         return self.model_dump_json(exclude_none=True).encode()
 
 
-def command(contract_ids: int | Sequence[int], tick_types: str | Sequence[str], start: datetime | None = None,
+def command(contract_ids: int | str | Sequence[int], tick_types: str | Sequence[str], start: datetime | None = None,
             end: datetime | None = None, *, window: str | None = None, session: str | None = None,
             session_date: str | date | None = None, resolution: str = TICK, fill: bool = False,
-            daily_session: str | None = None, live: bool = False, cursor: str | None = None) -> bytes:
+            daily_session: str | None = None, live: bool = False, cursor: str | None = None,
+            provenance: bool = False) -> bytes:
     """The command bytes for a query (what :class:`ibstream.Client` sends), built and checked by the one
     command model, :class:`QueryCommand` (a bad argument fails here, with the server's message)."""
     payload: dict = {"version": COMMAND_VERSION}
     if isinstance(contract_ids, int):
         payload["contract_id"] = contract_ids
+    elif isinstance(contract_ids, str):
+        payload["continuous"] = contract_ids
     else:
         payload["contract_ids"] = list(contract_ids)
     payload["tick_types"] = [tick_types] if isinstance(tick_types, str) else list(tick_types)
@@ -298,7 +327,8 @@ def command(contract_ids: int | Sequence[int], tick_types: str | Sequence[str], 
                 "window": window, "session": session,
                 "session_date": session_date.isoformat() if isinstance(session_date, date) else session_date,
                 "resolution": None if resolution == TICK else resolution, "fill": fill or None,
-                "daily_session": daily_session, "live": live or None, "cursor": cursor}
+                "daily_session": daily_session, "live": live or None, "cursor": cursor,
+                "provenance": provenance or None}
     payload |= {name: value for name, value in optional.items() if value is not None}
     return QueryCommand.parse(json.dumps(payload).encode()).to_bytes()
 
@@ -354,8 +384,14 @@ class ScrubBody(ActionBody):
     files: StrictInt = Field(10, ge=1, le=100_000)
 
 
+class RollsBody(ActionBody):
+    """``rolls``: the recorded roll schedule of a continuous future's root (e.g. MNQ)."""
+
+    root: Annotated[str, Field(min_length=1, max_length=16, pattern=r"^[A-Z0-9][A-Z0-9_-]*$")]
+
+
 ACTION_BODIES: dict[str, type[ActionBody]] = {"statistics": StatisticsBody, "sessions": SessionsBody,
-                                              "coverage": CoverageBody, "scrub": ScrubBody}
+                                              "coverage": CoverageBody, "scrub": ScrubBody, "rolls": RollsBody}
 
 
 def action_body(action: str, **fields) -> bytes:

@@ -22,6 +22,7 @@ from datetime import date
 
 import pyarrow as pa
 
+from ibstream.core.continuous import Continuous
 from ibstream.core.errors import (
     CorruptFileError,
     IbstreamError,
@@ -38,6 +39,7 @@ from ibstream.flight_server.auth import ANONYMOUS, Authenticator, Caller, token_
 from ibstream.flight_server.commands import (
     CoverageBody,
     QueryCommand,
+    RollsBody,
     ScrubBody,
     SessionsBody,
     StatisticsBody,
@@ -55,7 +57,16 @@ from ibstream.storage.bars import (
 )
 from ibstream.storage.live import Cursor, LiveBars, LiveFeed, live_bar_schema
 from ibstream.storage.planner import Plan
-from ibstream.storage.schemas import SESSIONS_SCHEMA, STATISTICS_SCHEMA, records_table, schema_for
+from ibstream.storage.schemas import (
+    ROLLS_SCHEMA,
+    SESSIONS_SCHEMA,
+    SOURCE_FIELD,
+    STATISTICS_SCHEMA,
+    expiry_schema,
+    records_table,
+    schema_for,
+    with_expiry,
+)
 from ibstream.storage.segments import StreamKey
 from ibstream.storage.sessions import ContractSessions, Session
 from ibstream.storage.store import Store
@@ -75,6 +86,9 @@ ACTIONS = {
     "scrub": "Role admin: check the next archive files now (page CRCs, counts, ts order), quarantining damage, as "
              "the recorder's scrub job does. Body: {\"files\": int (default 10)}. Result: one Arrow IPC stream of "
              "the problems found (none: no rows). Only on a recording server.",
+    "rolls": "The recorded roll schedule of a future configured by symbol: which expiry was the front contract "
+             "(ROOT.c.0) from when. Body: {\"root\": \"MNQ\"}. Result: one Arrow IPC stream (root, contract_id, "
+             "local_symbol, last_trade_date, start, end; end null for the current front).",
 }
 ADMIN_ACTIONS = {"scrub"}
 
@@ -183,8 +197,10 @@ class QueryService:
     def tickets(self, query: QueryCommand) -> list[Ticket]:
         """The query's endpoints, one per (contract, tick type), contract-major, with pinned ranges;
         refused here when a contract is not stored or a range breaks a limit."""
-        self._check_stored(query.contracts)
         now = now_us()  # one "now" for every contract of the query
+        if query.continuous is not None:
+            return self._continuous_tickets(query, now)
+        self._check_stored(query.contracts)
         tickets = []
         for contract_id in query.contracts:
             start_us, end_us = self._range(query, contract_id, now)
@@ -198,9 +214,26 @@ class QueryService:
             tickets += [Ticket(contract_id=contract_id, tick_type=t, start_us=start_us, end_us=end_us,
                                resolution=query.resolution, fill=query.fill,
                                daily_session=query.day_kind if query.resolution == DAILY else None,
-                               live=query.live, skip=Cursor.parse(query.cursor).n if query.cursor else 0)
+                               live=query.live, skip=Cursor.parse(query.cursor).n if query.cursor else 0,
+                               provenance=query.provenance)
                         for t in query.tick_types]
         return tickets
+
+    def _continuous_tickets(self, query: QueryCommand, now: int) -> list[Ticket]:
+        """A continuous contract's endpoints: for each piece of the roll schedule in the range (oldest first),
+        one per tick type, over that piece's expiry (pieces of expiries with nothing stored are left out)."""
+        continuous = Continuous.parse(query.continuous)
+        start_us, end_us = self._range(query, 0, now)
+        self._check_span(query.resolution, start_us, end_us)
+        stored = self.store.contract_ids()
+        pieces = [piece for piece in self.store.continuous_pieces(continuous, start_us, end_us) if piece[0] in stored]
+        if not pieces:
+            raise NotFoundError(f"{continuous} has nothing stored over [{iso(start_us)}, {iso(end_us)}): no expiry "
+                                "the roll schedule names there has ticks; the rolls action lists the schedule")
+        return [Ticket(contract_id=contract_id, tick_type=t, start_us=start, end_us=end, resolution=query.resolution,
+                       fill=query.fill, daily_session=query.day_kind if query.resolution == DAILY else None,
+                       continuous=str(continuous), provenance=query.provenance)
+                for contract_id, start, end in pieces for t in query.tick_types]
 
     def estimate(self, query: QueryCommand, tickets: list[Ticket]) -> tuple[int, int]:
         """(rows, bytes) the tickets will send, -1 where unknown; refuses a query over the row limit."""
@@ -221,10 +254,18 @@ class QueryService:
             schemas = [live_bar_schema(t, query.resolution) for t in query.tick_types]
         else:
             schemas = [bar_schema(t, query.resolution) for t in query.tick_types]
+        schemas = [_decorated_schema(s, query.continuous is not None, query.provenance) for s in schemas]
         first = schemas[0]
         if all(s.equals(first, check_metadata=True) for s in schemas[1:]):
             return first
         return pa.schema([], metadata={"ibstream.tick_types": ",".join(t.value for t in query.tick_types)})
+
+    def ticket_schema(self, ticket: Ticket) -> pa.Schema:
+        """The schema a stored-range ticket's stream has (without reading it)."""
+        base = schema_for(ticket.tick_type) if ticket.resolution == TICK else bar_schema(ticket.tick_type,
+                                                                                         ticket.resolution)
+        schema = with_metadata(base, {"ibstream.contract_id": str(ticket.contract_id)})
+        return _decorated_schema(schema, bool(ticket.continuous), ticket.provenance)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -234,6 +275,14 @@ class QueryService:
         ticket gets no more than its command could have). ``cancelled`` ends a live stream early (the
         caller went away); ``query`` is the call's stats entry, finished when a stream ends."""
         self.check_ticket(ticket)
+        if not (ticket.continuous or ticket.provenance):
+            return self._read(ticket, caller, cancelled, query, lambda data: data)
+        answer = self._read(ticket, caller, cancelled, query, self._decorator(ticket))
+        schema = _decorated_schema(answer.schema, bool(ticket.continuous), ticket.provenance)
+        return Answer(answer.ticket, schema, table=answer.table, batches=answer.batches)
+
+    def _read(self, ticket: Ticket, caller: Caller, cancelled: Callable[[], bool], query: _Query | None,
+              decorate: Callable) -> Answer:
         metadata = {"ibstream.contract_id": str(ticket.contract_id)}
         if ticket.live:
             following = LiveFeed(self.store, StreamKey(ticket.contract_id, ticket.tick_type),
@@ -249,21 +298,35 @@ class QueryService:
             if ticket.skip:  # a cursor without live: the ticks after it, up to end
                 plan = self.store.plan(ticket.contract_id, ticket.tick_type, ticket.start_us, ticket.end_us)
                 self._check_rows([plan], TICK)
-                batches = Cursor(ticket.start_us, ticket.skip).unseen(plan.batches())
+                batches = map(decorate, Cursor(ticket.start_us, ticket.skip).unseen(plan.batches()))
                 return Answer(ticket, schema, batches=self._slot(batches, ticket, caller, query))
             ticks = self.store.ticks(ticket.contract_id, ticket.tick_type, ticket.start_us, ticket.end_us,
                                      check=lambda plan: self._check_rows([plan], TICK))
             if isinstance(ticks, pa.Table):  # a closed range, from the cache
-                return Answer(ticket, schema, table=with_metadata(ticks, metadata))
-            return Answer(ticket, schema, batches=self._slot(ticks.batches(), ticket, caller, query))
+                return Answer(ticket, schema, table=with_metadata(decorate(ticks), metadata))
+            return Answer(ticket, schema, batches=self._slot(map(decorate, ticks.batches()), ticket, caller, query))
         sessions = None
         if ticket.resolution == DAILY:
             sessions = self.store.sessions(ticket.contract_id).sessions(
                 ticket.daily_session or "extended", ticket.start_us, ticket.end_us)
         bars = self.store.bars(ticket.contract_id, ticket.tick_type, ticket.start_us, ticket.end_us,
                                ticket.resolution, fill=ticket.fill, sessions=sessions)
-        table = with_metadata(_chunked(bars, self.settings.batch_rows), metadata)
+        table = with_metadata(_chunked(decorate(bars), self.settings.batch_rows), metadata)
         return Answer(ticket, table.schema, table=table)
+
+    def _decorator(self, ticket: Ticket) -> Callable:
+        """What a continuous or provenance ticket adds to each table or batch it reads."""
+        contract = self.store.index.contract(ticket.contract_id) if ticket.continuous else None
+        local_symbol = contract.local_symbol if contract is not None else None
+
+        def decorate(data):
+            if ticket.provenance:
+                data = self.store.provenance(ticket.contract_id, ticket.tick_type, data)
+            if ticket.continuous:
+                data = with_expiry(data, ticket.contract_id, local_symbol)
+            return data
+        return decorate
+
 
     def check_ticket(self, ticket: Ticket) -> None:
         """The limits of planning once more, for a ticket given back to be read."""
@@ -315,6 +378,18 @@ class QueryService:
             raise InvalidRequestError(f"range is empty or inverted: start {request.start.isoformat()} is not before "
                                       f"end {end.isoformat()}; the range is [start, end)")
         return self.store.coverage(request.contract_id, request.tick_type, request.start, end)
+
+    def _action_rolls(self, body: bytes) -> pa.Table:
+        request = RollsBody.parse(body, "rolls")
+        pieces = self.store.rolls(request.root)
+        if not pieces:
+            roots = ", ".join(self.store.index.roll_roots()) or "none yet"
+            raise NotFoundError(f"no roll schedule for {request.root!r} (roots with one: {roots}); the recorder "
+                                "records one for a future configured by symbol without an expiry")
+        details = {c.contract_id: c for c in self.store.contracts()}
+        rows = [(p.root, p.contract_id, getattr(details.get(p.contract_id), "local_symbol", None),
+                 getattr(details.get(p.contract_id), "last_trade_date", None), p.start_us, p.end_us) for p in pieces]
+        return pa.Table.from_pylist([dict(zip(ROLLS_SCHEMA.names, row)) for row in rows], ROLLS_SCHEMA)
 
     # -- limits --------------------------------------------------------------------------------
 
@@ -520,6 +595,13 @@ def _live(feed: LiveFeed | LiveBars, stopped: Callable[[], bool], stopping: thre
     yield from feed.batches(stopped)
     if stopping.is_set():
         raise ServerUnavailableError(f"the server is shutting down; resume from cursor {feed.cursor}")
+
+
+def _decorated_schema(schema: pa.Schema, continuous: bool, provenance: bool) -> pa.Schema:
+    """The schema with the columns a continuous contract (its expiry, first) and provenance (source, last) add."""
+    if provenance:
+        schema = schema.append(SOURCE_FIELD)
+    return expiry_schema(schema) if continuous else schema
 
 
 def with_metadata(value, extra: dict[str, str]):

@@ -10,7 +10,9 @@ from typing import Any
 from ibstream.flight_server.server import FlightServer
 from ibstream.http_gateway import http_gateway_for
 from ibstream.monitoring import monitoring_for
+from ibstream.recorder.backfill import Backfiller
 from ibstream.recorder.feed import TickFeed
+from ibstream.recorder.ib import IBFeed
 from ibstream.recorder.recorder import Recorder
 from ibstream.settings import Settings
 from ibstream.storage.store import Store
@@ -65,6 +67,9 @@ class RecordingService:
         self.store = Store(settings)
         self.recorder = Recorder(self.store, flush_interval=settings.flush_interval.total_seconds(), settings=settings)
         self.feed = feed
+        # gaps filled from IB's history every backfill_interval, over a connection of its own (proto_docs/backfill.md)
+        self.backfiller = Backfiller(self.store, settings) if settings.backfill_enabled and isinstance(feed, IBFeed) \
+            else None
         try:  # GET /metrics and /health when settings.monitoring_port is set (bound now: a port in use fails here)
             self.monitoring = monitoring_for(settings, self.store, recorder=self.recorder, feed=feed)
         except BaseException:
@@ -100,6 +105,8 @@ class RecordingService:
         if self.http is not None:
             self.http.start()
         self.store.start_background()
+        if self.backfiller is not None:
+            self.backfiller.start()
         self.recorder.start()
         self.feed.start(self.recorder)
         log.info("recording; Flight server at %s%s, data in %s", self.location,
@@ -112,6 +119,8 @@ class RecordingService:
             stopping.set()
             self.signals = StopSignals(stopping).install()
         try:
+            if self.backfiller is not None:
+                self.backfiller.shutdown()  # a run in progress ends at once: its gap stays a gap
             self.feed.stop()
             self.recorder.stop()  # last flush: everything received is acknowledged or reported
             recorder = self.recorder

@@ -28,6 +28,7 @@ Examples:
   ibstream compact --data-root data  # closed days that would merge into one file per stream (--apply: do it)
   ibstream export jan --start 2025-01-01 --end 2025-02-01    # January's ticks to Parquet files + manifest.json
   ibstream import /srv/ib-stream/storage --data-root data   # an IB-Stream storage root into this store
+  ibstream backfill --data-root data  # fill coverage gaps from IB's historical ticks (recorder stopped)
 
 Try the whole chain without IB: `ibstream simulate` in one terminal, `ibstream record` in another.
 Each verb's --help says what it does, with examples (e.g. `ibstream export --help`).
@@ -242,6 +243,20 @@ def _parser() -> argparse.ArgumentParser:
                         help="read and cross-check everything, print what would be imported, write nothing")
     ingest.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="show a progress bar on stderr (default: when stderr is a terminal)")
+
+    backfill = verb(
+        "backfill", "data_root", "ib_port",
+        help="fill coverage gaps from IB's historical ticks now (the recorder does it every IBSTREAM_BACKFILL_INTERVAL)",
+        description="Connects to IBSTREAM_IB_HOST:--ib-port as client IBSTREAM_BACKFILL_CLIENT_ID (default "
+        "IBSTREAM_IB_CLIENT_ID + 100), takes the coverage gaps whose hours are archived (the most recent, then the "
+        "shortest, first; none older than IBSTREAM_BACKFILL_MAX_AGE), asks reqHistoricalTicks for their seconds "
+        "within IB's pacing rules, and writes the ticks the live edges do not already hold into the archive; "
+        "coverage then says backfilled, partly_backfilled or unfillable (with IB's message). A run starts no new gap "
+        "after IBSTREAM_BACKFILL_MAX_REQUESTS requests; what it leaves, or loses to a dropped connection, stays a gap "
+        "for the next run. Needs the writer lock: with the recorder running, it does this on schedule itself "
+        "(proto_docs/backfill.md).")
+    backfill.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                          help="show a progress bar on stderr (default: when stderr is a terminal)")
     return parser
 
 
@@ -335,6 +350,10 @@ EXAMPLES: dict[str, list[tuple[str, str]]] = {  # each verb's --help ends with t
                 "one day's MNQ quotes as CSV"),
                ("ibstream export aapl --contract-id 265598 --start 2025-01-06 --format arrow --data-root /srv/ticks",
                 "AAPL's quotes and trades from 6 January to now as Arrow IPC files")],
+    "backfill": [("ibstream backfill --data-root data",
+                  "fill the gaps of data/ from the gateway on :4002 (recorder stopped), with a summary"),
+                 ("IBSTREAM_BACKFILL_MAX_REQUESTS=500 ibstream backfill --ib-port 7497 --data-root /srv/ticks",
+                  "a bigger run against paper TWS (IB's pacing still holds: 60 requests per 10 minutes)")],
     "import": [("ibstream import /srv/ib-stream/storage --data-root data",
                 "every v3 tick of IB-Stream's storage root into data/ (recorder stopped), with a summary"),
                ("ibstream import /srv/ib-stream/storage --dry-run",
@@ -465,6 +484,8 @@ def _run(args: argparse.Namespace) -> int:
         return _export(args, _settings(args))
     if args.command == "import":
         return _import(args, _settings(args))
+    if args.command == "backfill":
+        return _backfill(args, _settings(args))
     settings = _settings(args, **({"replica": True} if args.replica else {}))
     from ibstream.flight_server.server import FlightServer
     from ibstream.storage.maintenance import require_store
@@ -745,6 +766,25 @@ def _import(args: argparse.Namespace, settings) -> int:
         empty.cleanup()
     for line in report.lines():
         print(line)
+    return 0
+
+
+def _backfill(args: argparse.Namespace, settings) -> int:
+    from ibstream.core.errors import StorageError
+    from ibstream.recorder.backfill import run_backfill
+
+    try:
+        report = run_backfill(settings, progress=_progress("gap", args.progress))
+    except StorageError as exc:
+        if "already open for writing" not in str(exc):
+            raise
+        raise StorageError(f"{str(exc).split(';')[0]}: that recorder backfills every "
+                           f"{settings.backfill_interval.total_seconds() / 60:g} min "
+                           "itself (IBSTREAM_BACKFILL_INTERVAL); to backfill now, stop it, run `ibstream backfill`, "
+                           "then start it again") from None
+    for gap in report.gaps:
+        print(f"  {gap.describe()}")
+    print(report.summary())
     return 0
 
 

@@ -284,8 +284,9 @@ class _Writer:
     def _tagged(self, batch: pa.RecordBatch, ticket: Ticket | None) -> pa.RecordBatch:
         if not self.tagged or ticket is None:
             return batch
-        tags = [pa.array(np.full(batch.num_rows, ticket.contract_id, dtype=np.int64)),
-                pa.array([ticket.tick_type.value] * batch.num_rows, pa.string())]
+        tags = [pa.array([ticket.tick_type.value] * batch.num_rows, pa.string())]
+        if not ticket.continuous:  # a continuous contract's rows name their expiry already
+            tags.insert(0, pa.array(np.full(batch.num_rows, ticket.contract_id, dtype=np.int64)))
         return pa.RecordBatch.from_arrays(tags + batch.columns, schema=self.schema)
 
 
@@ -390,6 +391,7 @@ def _output_schema(answers_schema: list[pa.Schema], tickets: list[Ticket], forma
             f"{format} response has one set of columns; ask for one tick type at a time, or for JSON (format=json), "
             "whose rows each name their tick type")
     tags = [pa.field("contract_id", pa.int64(), nullable=False), pa.field("tick_type", pa.string(), nullable=False)]
+    tags = [tag for tag in tags if tag.name not in first.names]
     metadata = {"ibstream.tick_types": ",".join(dict.fromkeys(t.tick_type.value for t in tickets)),
                 "ibstream.contract_ids": ",".join(dict.fromkeys(str(t.contract_id) for t in tickets))}
     return pa.schema(tags + list(first.remove_metadata()), metadata=metadata), True
@@ -684,7 +686,7 @@ async def _sse(streams: _Streams, request: _SseRequest, stopped: Callable[[], bo
 
 
 HISTORICAL = {"tick_types", "start_time", "end_time", "start", "end", "window", "session", "session_date",
-              "resolution", "fill", "daily_session", "cursor", "format"}
+              "resolution", "fill", "daily_session", "cursor", "provenance", "format"}
 STREAMING = {"tick_types", "timeout", "limit", "last_event_id"}
 
 
@@ -743,10 +745,11 @@ def create_app(queries: QueryService, closing: threading.Event | None = None) ->
                    end_time: str | None = None, start: str | None = None, end: str | None = None,
                    window: str | None = None, session: str | None = None, session_date: str | None = None,
                    resolution: str | None = None, fill: str | None = None, daily_session: str | None = None,
-                   cursor: str | None = None, format: str | None = None,
+                   cursor: str | None = None, provenance: str | None = None, format: str | None = None,
                    who: Caller = Depends(caller)) -> StreamingResponse:
         """The Flight command's fields as query parameters (``start_time``/``end_time`` are IB-Stream's names
-        for ``start``/``end``); several tick types give rows tagged with ``contract_id`` and ``tick_type``."""
+        for ``start``/``end``); several tick types give rows tagged with ``contract_id`` and ``tick_type``.
+        ``contract_id`` may be a continuous future (``MNQ.c.0``: rows name their expiry)."""
         query = None
         first: Answer | None = None
         try:
@@ -755,7 +758,8 @@ def create_app(queries: QueryService, closing: threading.Event | None = None) ->
             for ours_, theirs in (("start", start_time), ("end", end_time)):
                 if theirs is not None and (start if ours_ == "start" else end) is not None:
                     raise InvalidRequestError(f"give {ours_} or {ours_}_time, not both (they are the same)")
-            payload = {"contract_id": _contract_id(contract_id), "tick_types": _tick_types(tick_types),
+            named = {"continuous": contract_id} if ".c." in contract_id else {"contract_id": _contract_id(contract_id)}
+            payload = {**named, "tick_types": _tick_types(tick_types), "provenance": _flag("provenance", provenance),
                        "start": start if start is not None else start_time, "end": end if end is not None else end_time,
                        "window": window, "session": session, "session_date": session_date, "resolution": resolution,
                        "fill": _flag("fill", fill), "daily_session": daily_session, "cursor": cursor}
@@ -764,7 +768,7 @@ def create_app(queries: QueryService, closing: threading.Event | None = None) ->
             tickets = queries.tickets(command)
             queries.estimate(command, tickets)  # the row limit, as get_flight_info applies it
             first = queries.read(tickets[0], who, query=query)
-            schemas = [first.schema] + [_ticket_schema(queries, t) for t in tickets[1:]]
+            schemas = [first.schema] + [queries.ticket_schema(t) for t in tickets[1:]]
             schema, tagged = _output_schema(schemas, tickets, output)
         except IbstreamError:
             (query or counted("invalid")).done(False)
@@ -930,15 +934,6 @@ def create_app(queries: QueryService, closing: threading.Event | None = None) ->
         return await stream(request, contract_id, _tick_types(tick_types), who, STREAMING)
 
     return app
-
-
-def _ticket_schema(queries: QueryService, ticket: Ticket) -> pa.Schema:
-    from ibstream.storage.bars import bar_schema
-    from ibstream.storage.schemas import schema_for
-
-    schema = schema_for(ticket.tick_type) if ticket.resolution == "tick" else bar_schema(ticket.tick_type,
-                                                                                        ticket.resolution)
-    return schema.with_metadata({**(schema.metadata or {}), b"ibstream.contract_id": str(ticket.contract_id).encode()})
 
 
 def _download_headers(output: str, contract_id: str) -> dict[str, str]:

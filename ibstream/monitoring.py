@@ -41,6 +41,7 @@ from ibstream.flight_server.auth import Authenticator, token_entries
 from ibstream.flight_server.server import FlightServer
 from ibstream.recorder.recorder import Recorder
 from ibstream.settings import Settings
+from ibstream.storage.index import COVERED
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import StreamKey, list_segments, list_streams, scan_segment, stream_dir
 from ibstream.storage.store import Store
@@ -322,15 +323,15 @@ class _Collector(Collector):
             lag.add_metric([str(cid), tt], max(now - until, 0) / US_PER_SECOND)
         free = GaugeMetricFamily("ibstream_disk_free_bytes", "Free bytes on the data root's file system.")
         free.add_metric([], shutil.disk_usage(monitor.settings.data_root).free)
-        gaps = GaugeMetricFamily("ibstream_coverage_gaps", "Coverage gaps (not recorded, or damaged) of the stream "
-                                 "overlapping the last 24 h, by reason.", labels=[*STREAM, "reason"])
+        gaps = GaugeMetricFamily("ibstream_coverage_gaps", "Coverage gaps (not recorded nor backfilled whole, or "
+                                 "damaged) of the stream overlapping the last 24 h, by reason.", labels=[*STREAM, "reason"])
         gap_seconds = GaugeMetricFamily("ibstream_coverage_gap_seconds", "Seconds of the last 24 h the stream was "
                                         "not recorded, by reason (gaps may overlap).", labels=[*STREAM, "reason"])
         start = now - GAP_WINDOW_US
         for key in sorted(monitor.streams()):
             counts: dict[str, list[float]] = {}
             for interval in store.index.coverage(key.contract_id, key.tick_type.value, start, now):
-                if interval.status == "recorded":
+                if interval.status in COVERED:  # recorded, or a gap backfilled whole
                     continue
                 end = now if interval.end_us is None else min(interval.end_us, now)
                 entry = counts.setdefault(interval.reason, [0, 0.0])

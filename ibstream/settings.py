@@ -8,7 +8,7 @@ e.g. ``PT5M``, ``PT30S``, ``P31D``). The defaults run out of the box.
 from __future__ import annotations
 
 import ipaddress
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +38,11 @@ class ContractSpec(BaseModel):
     tick_types: tuple[TickTypeName, ...] = Field(
         ("bid_ask", "last"), min_length=1,
         description="Any of bid_ask, last, all_last, mid_point (IB's BidAsk, Last, AllLast, MidPoint).")
+    roll_days_before_expiry: int | None = Field(
+        None, ge=0, le=365, description="A future by symbol without expiry rolls to the next expiry this many "
+        "calendar days before the last trade date (unset: the roll_days_before_expiry setting).")
+    roll_time: time | None = Field(
+        None, description="Wall time of the roll in the exchange's zone, e.g. 17:00 (unset: the roll_time setting).")
 
     @model_validator(mode="after")
     def _named(self) -> "ContractSpec":
@@ -45,7 +50,15 @@ class ContractSpec(BaseModel):
             raise ValueError("a contract needs a con_id (e.g. 265598) or a symbol (e.g. AAPL with sec_type STK)")
         if len(set(self.tick_types)) != len(self.tick_types):
             raise ValueError(f"tick_types lists a type twice: {list(self.tick_types)}")
+        if not self.rolls and (self.roll_days_before_expiry is not None or self.roll_time is not None):
+            raise ValueError(f"{self.describe()} does not roll: roll_days_before_expiry and roll_time apply to a "
+                             "future given by symbol with sec_type FUT and no expiry or con_id")
         return self
+
+    @property
+    def rolls(self) -> bool:
+        """A future by symbol without expiry: recorded as its front contract, rolled automatically."""
+        return self.con_id is None and self.sec_type.upper() == "FUT" and not self.expiry
 
     def describe(self) -> str:
         if self.con_id is not None:
@@ -162,8 +175,56 @@ class Settings(StorageSettings):
         description="Least time between two requests for the same stream (IB: one per instrument per 15 s).")
     ib_limit_retry: timedelta = Field(
         timedelta(seconds=60), description="Retry a stream refused with 10190 (tick-by-tick limit) after this.")
+    ib_reconnect_delay: timedelta = Field(
+        timedelta(0), description="Wait before the first reconnect after a connection that was up at least "
+        "ib_reconnect_stable drops (0: at once); failed attempts then back off from ib_reconnect_initial.")
+    ib_reconnect_stable: timedelta = Field(
+        timedelta(seconds=5), description="A connection up this long counts as good: when it drops, reconnect after "
+        "ib_reconnect_delay and restart the backoff. One that drops sooner counts as a failed attempt.")
+    market_data_fallback: bool = Field(
+        False, description="Record a stream IB refuses tick-by-tick (its limit, 10190) from reqMktData quotes and "
+        "trades meanwhile (coverage: recorded, reason market_data_fallback), back to tick-by-tick once a line frees.")
+    roll_days_before_expiry: int = Field(
+        8, ge=0, le=365, description="A future given by symbol without expiry rolls this many calendar days before "
+        "its last trade date (per contract: ContractSpec.roll_days_before_expiry).")
+    roll_time: time = Field(
+        time(17), description="Wall time of a roll in the exchange's zone (17:00: the Globex open).")
+    roll_overlap: timedelta = Field(
+        timedelta(minutes=10), description="Record both expiries from this long before a roll to this long after it "
+        "(both count against the tick-by-tick limit meanwhile).")
     flush_interval: timedelta = Field(
         timedelta(milliseconds=20), description="Group commit: received ticks are appended and fsynced this often.")
+    backfill_enabled: bool = Field(
+        True, description="While recording from TWS / IB Gateway, fill coverage gaps from IB's historical ticks "
+        "every backfill_interval (proto_docs/backfill.md); `ibstream backfill` does one run by hand.")
+    backfill_interval: timedelta = Field(
+        timedelta(minutes=10), description="How often the recording process backfills gaps (from one interval "
+        "after it starts).")
+    backfill_client_id: int | None = Field(
+        None, ge=0, description="API client id of the backfill's own connection (unset: ib_client_id + 100), so "
+        "it never disturbs the recorder's tick-by-tick connection.")
+    backfill_max_requests: int = Field(
+        50, gt=0, description="A run starts no new gap once it has sent this many historical requests (a gap "
+        "begun is finished); with the 10-minute interval this stays under IB's 60 requests in 10 minutes.")
+    backfill_max_age: timedelta = Field(
+        timedelta(days=7), description="Gaps that ended longer ago than this are not backfilled.")
+    backfill_request_timeout: timedelta = Field(
+        timedelta(seconds=60), description="A historical request IB has not answered after this ends the run (the "
+        "gap stays a gap and is tried again on the next run).")
+    backfill_pacing_backoff: timedelta = Field(
+        timedelta(seconds=10), description="First extra wait after IB's pacing violation (162) before the page is "
+        "asked again; doubles per violation in a row, up to backfill_pacing_window.")
+    backfill_pacing_identical: timedelta = Field(
+        timedelta(seconds=15), description="IB pacing: no identical historical request within this.")
+    backfill_pacing_burst_window: timedelta = Field(
+        timedelta(seconds=2), description="IB pacing: at most backfill_pacing_burst_limit requests for one "
+        "contract and whatToShow within this.")
+    backfill_pacing_burst_limit: int = Field(5, ge=1, description="IB pacing: see backfill_pacing_burst_window.")
+    backfill_pacing_window: timedelta = Field(
+        timedelta(minutes=10), description="IB pacing: at most backfill_pacing_window_limit requests (BID_ASK "
+        "counting 2) within this.")
+    backfill_pacing_window_limit: int = Field(60, ge=2, description="IB pacing: see backfill_pacing_window.")
+    backfill_pacing_max_open: int = Field(50, ge=1, description="IB pacing: historical requests open at once.")
 
     max_held_ticks: int = Field(
         2_000_000, gt=0,
@@ -215,6 +276,13 @@ class Settings(StorageSettings):
         twice = sorted({name for name in names if names.count(name) > 1})
         if twice:
             raise ValueError(f"contracts lists {', '.join(twice)} more than once; merge their tick_types")
+        return value
+
+    @field_validator("ib_reconnect_delay", "ib_reconnect_stable", "roll_overlap")
+    @classmethod
+    def _not_negative(cls, value: timedelta, info) -> timedelta:
+        if value < timedelta(0):
+            raise ValueError(f"{info.field_name} must not be negative, e.g. PT0S or PT10M; got {value}")
         return value
 
     @field_validator("health_silence_threshold")

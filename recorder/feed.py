@@ -25,11 +25,16 @@ class TickSink(Protocol):
 
     def on_mid_point(self, contract_id: int, ib_time: int, mid_point: float) -> None: ...
 
-    def on_stream_state(self, contract_id: int, tick_type: TickType | str, recording: bool, reason: str) -> None:
-        """A stream started (``recording``) or stopped being received; ``reason`` names why."""
+    def on_stream_state(self, contract_id: int, tick_type: TickType | str, recording: bool, reason: str,
+                        at_us: int | None = None) -> None:
+        """A stream started (``recording``) or stopped being received; ``reason`` names why; ``at_us`` when, if
+        not now (a dropped connection: after the last message received, since anything later is lost)."""
 
     def on_contract_details(self, details: ContractDetails) -> None:
         """The source described a contract (exchange, trading hours, time zone)."""
+
+    def on_roll(self, root: str, contract_id: int, active_from_us: int) -> None:
+        """The continuous future ``root`` (e.g. MNQ) is ``contract_id`` from ``active_from_us`` until the next roll."""
 
 
 class TickFeed(Protocol):

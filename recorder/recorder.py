@@ -65,6 +65,13 @@ class _StateChange:
     reason: str
 
 
+@dataclass(frozen=True)
+class _Roll:
+    root: str
+    contract_id: int
+    active_from_us: int
+
+
 @dataclass
 class _Gap:
     """Ticks of a stream being dropped since ``start`` (the first dropped tick's ts)."""
@@ -164,7 +171,7 @@ class Recorder:
         self.flush_listeners: list[FlushListener] = []  # after each flush that had ticks to store
         self._builders: dict[StreamKey, _Builder] = {}
         self._feed_recording: dict[StreamKey, bool] = {}  # as the feed last said (coverage may lag)
-        self._changes: list[_StateChange | ContractDetails] = []
+        self._changes: list[_StateChange | ContractDetails | _Roll] = []
         self._last_confirm = 0
         self._outage: _Outage | None = None
         self._index_outage: tuple[float, str] | None = None  # since (monotonic), reason
@@ -215,12 +222,17 @@ class Recorder:
     def on_mid_point(self, contract_id: int, ib_time: int, mid_point: float) -> None:
         self._add(StreamKey(contract_id, TickType.MID_POINT), ib_time, (mid_point,))
 
-    def on_stream_state(self, contract_id: int, tick_type: TickType | str, recording: bool, reason: str) -> None:
-        """The feed started (``recording``) or stopped receiving a stream; ``reason`` says why."""
-        change = _StateChange(StreamKey(contract_id, TickType(tick_type)), self.clock(), recording, reason)
+    def on_stream_state(self, contract_id: int, tick_type: TickType | str, recording: bool, reason: str,
+                        at_us: int | None = None) -> None:
+        """The feed started (``recording``) or stopped receiving a stream at ``at_us`` (default: now; never
+        before the stream's last tick nor after now); ``reason`` says why."""
+        key = StreamKey(contract_id, TickType(tick_type))
+        now = self.clock()
         with self._lock:
+            builder = self._builders.get(key)
+            at = now if at_us is None else max(min(at_us, now), builder.last_ts + 1 if builder is not None else at_us)
+            change = _StateChange(key, at, recording, reason)
             self._feed_recording[change.key] = recording
-            builder = self._builders.get(change.key)
             if builder is not None and builder.gap is not None:
                 if recording:
                     return  # still dropping: the first tick kept again opens the recorded interval
@@ -232,6 +244,11 @@ class Recorder:
         """Keep a contract's IB details (exchange, hours, time zone) in the index."""
         with self._lock:
             self._changes.append(details)
+
+    def on_roll(self, root: str, contract_id: int, active_from_us: int) -> None:
+        """Record the roll schedule of a continuous future in the index (:meth:`Store.record_roll`)."""
+        with self._lock:
+            self._changes.append(_Roll(root, contract_id, active_from_us))
 
     def _add(self, key: StreamKey, ib_time: int, fields: tuple) -> None:
         received = self.clock()
@@ -422,6 +439,8 @@ class Recorder:
             try:
                 if isinstance(change, ContractDetails):
                     index.upsert_contract(change)
+                elif isinstance(change, _Roll):
+                    self.store.record_roll(change.root, change.contract_id, change.active_from_us)
                 else:
                     index.coverage_transition(change.key.contract_id, change.key.tick_type.value, change.at_us,
                                               "recorded" if change.recording else "gap", change.reason)

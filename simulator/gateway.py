@@ -2,15 +2,19 @@
 
 It implements the handshake (``API\\0``, version negotiation, ``startApi``), ``nextValidId``,
 ``managedAccounts``, farm status messages, ``reqContractDetails``, ``reqTickByTickData`` /
-``cancelTickByTickData``, ``reqCurrentTime`` and ``error`` messages, and plays a tape per
-subscription (synthetic or replayed from our archive). Tests drive faults through the public
+``cancelTickByTickData``, ``reqHistoricalTicks`` (with IB's pacing), ``reqMktData`` /
+``cancelMktData`` (throttled top-of-book snapshots), ``reqCurrentTime`` and ``error`` messages.
+By default it plays a fresh tape per subscription (synthetic or replayed from our archive); with
+``market_clock=True`` every stream has one market on the wall clock that subscriptions join
+(:meth:`GatewaySimulator.market`). History always comes from that market. Tests drive faults through the public
 methods: :meth:`GatewaySimulator.drop_connections`, :meth:`~GatewaySimulator.stall`,
 :meth:`~GatewaySimulator.send_error`, :meth:`~GatewaySimulator.refuse`,
 :meth:`~GatewaySimulator.connectivity_lost` / ``connectivity_restored``,
 :meth:`~GatewaySimulator.farm_broken` / ``farm_restored`` and :meth:`~GatewaySimulator.send_raw`.
 
 Every tick written to a socket is logged per (contract, tick type) so a test can compare what
-was sent with what the Flight server serves (:meth:`GatewaySimulator.sent`).
+was sent with what the Flight server serves (:meth:`GatewaySimulator.sent`,
+:meth:`GatewaySimulator.mkt_data_sent`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -39,9 +44,26 @@ from ibapi.server_versions import (
 )
 
 from ibstream.core.framing import frame as length_prefixed
-from ibstream.simulator.market import SIM_CONTRACTS, SimContract, Tape, synthetic_tape
-from ibstream.simulator.wire import HANDSHAKE_PREFIX, FrameReader, WireError, fields_of, frame, parse_version_range
-from ibstream.storage.schemas import TickType
+from ibstream.core.times import now_us, to_us
+from ibstream.simulator.history import (
+    NO_PERMISSIONS,
+    HistoryDesk,
+    HistoryError,
+    HistoryPacing,
+    HistoryRequest,
+    tick_frames,
+)
+from ibstream.simulator.market import SIM_CONTRACTS, Chunk, MarketTape, SimContract, Tape, synthetic_tape
+from ibstream.simulator.wire import (
+    HANDSHAKE_PREFIX,
+    FrameReader,
+    WireError,
+    fields_of,
+    frame,
+    parse_version_range,
+    size_text,
+)
+from ibstream.storage.schemas import TIMESTAMP, TickType
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +72,7 @@ ACCOUNT = "DU1234567"
 
 
 MESSAGES = {
+    101: "Max number of tickers has been reached.",
     102: "Duplicate ticker ID.",
     200: "No security definition has been found for the request",
     321: "Error validating request.-'bX' : cause - Invalid tick type",
@@ -78,16 +101,13 @@ MALFORMED_FRAMES = (
     frame(987, 1, "unknown message id"),                 # a message ibapi does not know
 )
 
-TapeFactory = Callable[[SimContract, TickType, int], Tape]
+TapeFactory = Callable[[SimContract, TickType, int], Tape]  # n = 0: the market tape, 1, 2, ...: subscriptions
 
-
-def _size_text(column: pa.ChunkedArray | pa.Array) -> list:
-    """Sizes as integers when whole. Fractional sizes go out as plain decimals, which only API 163+
-    clients decode (ibapi 9.81 reads sizes with int() and skips such a message as malformed)."""
-    try:
-        return pc.cast(column, pa.int64()).to_pylist()
-    except pa.ArrowInvalid:
-        return [format(value.normalize(), "f") for value in column.to_pylist()]
+# reqMktData tick types (ibapi.ticktype.TickTypeEnum)
+BID_SIZE, BID, ASK, ASK_SIZE, LAST, LAST_SIZE = 0, 1, 2, 3, 4, 5
+SIZE_OF = {BID: BID_SIZE, ASK: ASK_SIZE, LAST: LAST_SIZE}
+MKT_DATA_SCHEMA = pa.schema([("ts", TIMESTAMP), ("req_id", pa.int64()), ("tick_type", pa.int64()),
+                             ("price", pa.float64()), ("size", pa.int64()), ("mask", pa.int64())])
 
 
 def _row_tails(table: pa.Table, tick_type: TickType) -> list[str]:
@@ -96,15 +116,69 @@ def _row_tails(table: pa.Table, tick_type: TickType) -> list[str]:
     rows: Iterable[tuple]
     if tick_type is TickType.BID_ASK:
         mask = pc.add(pc.cast(col["bid_past_low"], pa.int8()), pc.multiply(pc.cast(col["ask_past_high"], pa.int8()), 2))
-        rows = zip(col["bid_price"].to_pylist(), col["ask_price"].to_pylist(), _size_text(col["bid_size"]),
-                   _size_text(col["ask_size"]), mask.to_pylist())
+        rows = zip(col["bid_price"].to_pylist(), col["ask_price"].to_pylist(), size_text(col["bid_size"]),
+                   size_text(col["ask_size"]), mask.to_pylist())
     elif tick_type is TickType.MID_POINT:
         rows = zip(col["mid_point"].to_pylist())
     else:
         mask = pc.add(pc.cast(col["past_limit"], pa.int8()), pc.multiply(pc.cast(col["unreported"], pa.int8()), 2))
-        rows = zip(col["price"].to_pylist(), _size_text(col["size"]), mask.to_pylist(),
+        rows = zip(col["price"].to_pylist(), size_text(col["size"]), mask.to_pylist(),
                    col["exchange"].to_pylist(), col["special_conditions"].to_pylist())
     return ["".join(f"{value}\0" for value in row) for row in rows]
+
+
+class _Chunks(Protocol):
+    def chunk(self, index: int) -> Chunk | None: ...
+
+
+class _PrivateTape:
+    """A tape only one subscriber reads (default mode): chunks are made as it reaches them, never kept."""
+
+    def __init__(self, tape: Tape):
+        self._tape = tape
+        self._index = -1
+        self._current: Chunk | None = None
+
+    def chunk(self, index: int) -> Chunk | None:
+        while self._index < index:
+            table = next(self._tape, None)
+            if table is None:
+                return None
+            self._current, self._index = Chunk(table, table.column("ts").to_numpy()), self._index + 1
+        return self._current
+
+
+class _Cursor:
+    """A subscriber's place on a tape: the rows due by its clock (µs on the tape's clock), chunk by chunk."""
+
+    def __init__(self, chunks: _Chunks, clock: Callable[[], float], position: tuple[int, int] = (0, 0)):
+        self.chunks = chunks
+        self.clock = clock
+        self.index, self.row = position
+        self._tails: list[str] | None = None  # message tails of the current chunk, made once
+
+    def due(self, tick_type: TickType | None = None, now: float | None = None
+            ) -> tuple[pa.Table, list[str], np.ndarray] | None:
+        """The rows due by ``now`` (default: the clock's now), their tick-by-tick message tails (with
+        ``tick_type``) and due times; advances past them."""
+        now = self.clock() if now is None else now
+        pieces, tails, dues = [], [], []
+        while (chunk := self.chunks.chunk(self.index)) is not None:
+            stop = int(np.searchsorted(chunk.due, now, side="right"))
+            if stop > self.row:
+                if tick_type is not None:
+                    if self._tails is None:
+                        self._tails = _row_tails(chunk.table, tick_type)
+                    tails.extend(self._tails[self.row:stop])
+                pieces.append(chunk.table.slice(self.row, stop - self.row))
+                dues.append(chunk.due[self.row:stop])
+                self.row = stop
+            if self.row < len(chunk.due):
+                break
+            self.index, self.row, self._tails = self.index + 1, 0, None
+        if not pieces:
+            return None
+        return pa.concat_tables(pieces), tails, np.concatenate(dues)
 
 
 @dataclass
@@ -112,40 +186,61 @@ class _Subscription:
     req_id: int
     contract: SimContract
     tick_type: TickType
-    tape: Tape
-    started: float = field(default_factory=time.monotonic)
+    cursor: _Cursor
+    on_market: bool = False  # market-clock mode: rows carry their IB time
     alive: bool = True  # False after a farm flap: IB keeps the request but sends nothing more
-    chunk: pa.Table | None = None
-    offsets: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
-    tails: list[str] | None = None
-    position: int = 0
-    exhausted: bool = False
 
-    def due(self, now: float) -> tuple[pa.Table, list[str]] | None:
-        """The rows due by ``now`` (and their message tails), advancing past them."""
-        elapsed_us = (now - self.started) * 1e6
-        pieces, tails = [], []
-        while not self.exhausted:
-            if self.chunk is None or self.position >= self.chunk.num_rows:
-                try:
-                    self.chunk = next(self.tape)
-                except StopIteration:
-                    self.exhausted = True
-                    break
-                self.offsets = self.chunk.column("ts").to_numpy()
-                self.tails = None
-                self.position = 0
-            stop = int(np.searchsorted(self.offsets, elapsed_us, side="right"))
-            if stop <= self.position:
-                break
-            if self.tails is None:
-                self.tails = _row_tails(self.chunk, self.tick_type)
-            pieces.append(self.chunk.slice(self.position, stop - self.position))
-            tails.extend(self.tails[self.position:stop])
-            self.position = stop
-        if not pieces:
-            return None
-        return pa.concat_tables(pieces), tails
+
+@dataclass
+class _Quote:
+    price: float | None = None
+    size: int | None = None
+
+
+@dataclass
+class _MktData:
+    """A ``reqMktData`` line: every ``interval`` the latest quote and the last trade since, as changes."""
+
+    req_id: int
+    contract: SimContract
+    quotes: _Cursor
+    trades: _Cursor
+    next_at: float
+    snapshot: bool
+    quote: pa.Table | None = None  # the latest bid/ask row known
+    trade: pa.Table | None = None  # a trade since the previous snapshot
+    sent: dict[int, _Quote] = field(default_factory=lambda: {BID: _Quote(), ASK: _Quote(), LAST: _Quote()})
+    alive: bool = True
+
+    def advance(self, now: float | None = None) -> None:
+        """Take in the latest quote and trade due by ``now`` (default: each tape's own now)."""
+        for cursor, name in ((self.quotes, "quote"), (self.trades, "trade")):
+            if (due := cursor.due(now=now)) is not None:
+                setattr(self, name, due[0].slice(due[0].num_rows - 1))
+
+    def changes(self) -> list[tuple[int, float | None, int, int]]:
+        """(tick type, price or None for a size tick, size, attribute mask) of what changed since the
+        values last sent; they count as sent from now on."""
+        sides = []
+        if self.quote is not None:
+            q = self.quote.to_pylist()[0]
+            sides += [(BID, BID_SIZE, q["bid_price"], size_text(self.quote.column("bid_size"))[0],
+                       1 | 2 * q["bid_past_low"]),
+                      (ASK, ASK_SIZE, q["ask_price"], size_text(self.quote.column("ask_size"))[0],
+                       1 | 2 * q["ask_past_high"])]
+        if self.trade is not None:
+            t = self.trade.to_pylist()[0]
+            sides.append((LAST, LAST_SIZE, t["price"], size_text(self.trade.column("size"))[0], 2 * t["past_limit"]))
+            self.trade = None
+        out: list[tuple[int, float | None, int, int]] = []
+        for price_type, size_type, price, size, mask in sides:
+            sent = self.sent[price_type]
+            if price != sent.price:
+                out.append((price_type, price, size, mask))
+            elif size != sent.size:
+                out.append((size_type, None, size, 0))
+            sent.price, sent.size = price, size
+        return out
 
 
 class _ClientConnection:
@@ -158,6 +253,7 @@ class _ClientConnection:
         self.version = 0
         self.client_id: int | None = None
         self.subscriptions: dict[int, _Subscription] = {}
+        self.mkt_data: dict[int, _MktData] = {}
         self.closed = threading.Event()
         self._send_lock = threading.Lock()
         self._subs_lock = threading.Lock()
@@ -260,6 +356,13 @@ class _ClientConnection:
         elif message == OUT.CANCEL_TICK_BY_TICK_DATA:
             with self._subs_lock:
                 self.subscriptions.pop(int(fields[1]), None)
+        elif message == OUT.REQ_HISTORICAL_TICKS:
+            self._historical_ticks(fields)
+        elif message == OUT.REQ_MKT_DATA:
+            self._req_mkt_data(fields)
+        elif message == OUT.CANCEL_MKT_DATA:
+            with self._subs_lock:
+                self.mkt_data.pop(int(fields[2]), None)
         elif message == OUT.REQ_CURRENT_TIME:
             self.send(frame(IN.CURRENT_TIME, 1, int(time.time())))
         elif message == OUT.REQ_IDS:
@@ -279,8 +382,10 @@ class _ClientConnection:
 
     def _contract_details(self, fields: list[str]) -> None:
         req_id, con_id, symbol, sec_type, expiry = int(fields[2]), int(fields[3] or 0), fields[4], fields[5], fields[6]
-        exchange, currency = fields[10], fields[12]
-        matches = [c for c in self.sim.contracts if c.matches(con_id, symbol, sec_type, expiry, exchange, currency)]
+        exchange, currency, include_expired = fields[10], fields[12], fields[15] == "1"
+        today = f"{datetime.now(timezone.utc):%Y%m%d}"
+        matches = [c for c in self.sim.contracts if c.matches(con_id, symbol, sec_type, expiry, exchange, currency)
+                   and (con_id or include_expired or c.sec_type != "FUT" or c.expiry >= today)]
         if not matches or any(self.sim.refusals.get(c.con_id) == 200 for c in matches):
             self.error(req_id, 200)
             return
@@ -309,14 +414,20 @@ class _ClientConnection:
             fields.append(c.stock_type)
         return frame(*fields)
 
-    def _subscribe(self, fields: list[str]) -> None:
-        req_id, con_id, symbol, sec_type, expiry = int(fields[1]), int(fields[2] or 0), fields[3], fields[4], fields[5]
-        exchange, currency, wire_type = fields[9], fields[11], fields[14]
-        matches = [c for c in self.sim.contracts if c.matches(con_id, symbol, sec_type, expiry, "", currency)]
+    def _contract(self, req_id: int, con_id: str, symbol: str, sec_type: str, expiry: str, currency: str
+                  ) -> SimContract | None:
+        """The one contract a request names (exchange not matched), or None after answering 200."""
+        matches = [c for c in self.sim.contracts if c.matches(int(con_id or 0), symbol, sec_type, expiry, "", currency)]
         if len(matches) != 1:
             self.error(req_id, 200)
+            return None
+        return matches[0]
+
+    def _subscribe(self, fields: list[str]) -> None:
+        req_id, exchange, wire_type = int(fields[1]), fields[9], fields[14]
+        contract = self._contract(req_id, fields[2], fields[3], fields[4], fields[5], fields[11])
+        if contract is None:
             return
-        contract = matches[0]
         tick_type = TickType.from_ib_name(wire_type)
         refusal = self.sim.refusals.get(contract.con_id)
         with self._subs_lock:
@@ -329,9 +440,54 @@ class _ClientConnection:
             elif self.sim.tick_by_tick_limit is not None and self.sim.active_count() >= self.sim.tick_by_tick_limit:
                 self.error(req_id, 10190)
             else:
-                tape = self.sim._tape(contract, tick_type)
-                self.subscriptions[req_id] = _Subscription(req_id, contract, tick_type, tape)
+                self.subscriptions[req_id] = _Subscription(req_id, contract, tick_type, self.sim._cursor(contract, tick_type),
+                                                           on_market=self.sim.market_clock)
         log.debug("%s: subscribed %s %s on %s as request %d", self.address, contract.symbol, wire_type, exchange, req_id)
+
+    def _historical_ticks(self, fields: list[str]) -> None:
+        """``reqHistoricalTicks``: fields 2-13 the contract, 15 start, 16 end, 17 numberOfTicks, 18 whatToShow,
+        19 useRth and 20 ignoreSize (both ignored: the synthetic market has no sessions of its own)."""
+        req_id = int(fields[1])
+        contract = self._contract(req_id, fields[2], fields[3], fields[4], fields[5], fields[11])
+        if contract is None:
+            return
+        if self.sim.refusals.get(contract.con_id) == 200:
+            self.error(req_id, 200)
+            return
+        try:
+            _, table = self.sim.history.answer(contract, fields[15], fields[16], fields[17], fields[18])
+        except HistoryError as exc:
+            self.error(req_id, exc.code, exc.message)
+            return
+        self.send(tick_frames(req_id, fields[18], table, self.sim.history_message_ticks))
+
+    def _req_mkt_data(self, fields: list[str]) -> None:
+        """``reqMktData`` (version 11): fields 3-14 the contract, then (BAG) combo legs, the delta-neutral
+        flag (+3 fields), genericTickList, snapshot, regulatorySnapshot, mktDataOptions."""
+        req_id, sec_type = int(fields[2]), fields[5]
+        i = 15 + (1 + 4 * int(fields[15] or 0) if sec_type == "BAG" else 0)
+        i += 1 + (3 if fields[i] == "1" else 0)
+        snapshot = fields[i + 1] == "1"
+        contract = self._contract(req_id, fields[3], fields[4], sec_type, fields[6], fields[12])
+        if contract is None:
+            return
+        refusal = self.sim.refusals.get(contract.con_id)
+        with self._subs_lock:
+            if refusal:
+                self.error(req_id, refusal)
+            elif req_id in self.mkt_data:
+                self.error(req_id, 102)
+            elif self.sim.mkt_data_limit is not None and self.sim.mkt_data_count() >= self.sim.mkt_data_limit:
+                self.error(req_id, 101)
+            else:
+                line = _MktData(req_id, contract, self.sim._cursor(contract, TickType.BID_ASK),
+                                self.sim._cursor(contract, TickType.LAST),
+                                time.monotonic() + self.sim.mkt_data_interval, snapshot)
+                if self.sim.market_clock:  # the market is already trading: its current quote and last trade
+                    line.quote = self.sim._row_before(line.quotes, contract, TickType.BID_ASK)
+                    line.trade = self.sim._row_before(line.trades, contract, TickType.LAST)
+                self.mkt_data[req_id] = line
+                self.send(frame(IN.MARKET_DATA_TYPE, 1, req_id, 1))  # 1 = real time
 
     # -- ticks -----------------------------------------------------------------------------------
 
@@ -347,21 +503,50 @@ class _ClientConnection:
         silent = self.sim.data_paused or now < self.sim.stalled_until
         with self._subs_lock:
             subscriptions = list(self.subscriptions.values())
+            lines = [line for line in self.mkt_data.values() if now >= line.next_at]
         seconds = int(time.time())
-        if subscriptions and self.peer_gone():
+        if (subscriptions or lines) and self.peer_gone():
             self.drop()  # never log ticks as sent to a client that already hung up
             return False
         for sub in subscriptions:
-            due = sub.due(now)
+            due = sub.cursor.due(sub.tick_type)
             if due is None or silent or not sub.alive:
                 continue
-            rows, tails = due
-            prefix = f"{IN.TICK_BY_TICK}\0{sub.req_id}\0{sub.tick_type.ib_code}\0{seconds}\0"
-            payloads = [(prefix + tail).encode("ascii") for tail in tails]
+            rows, tails, due_us = due
+            head = f"{IN.TICK_BY_TICK}\0{sub.req_id}\0{sub.tick_type.ib_code}\0"
+            if sub.on_market:  # each tick's own IB second
+                payloads = [f"{head}{second}\0{tail}".encode("ascii")
+                            for second, tail in zip((due_us // 1_000_000).tolist(), tails)]
+            else:
+                payloads = [f"{head}{seconds}\0{tail}".encode("ascii") for tail in tails]
             data = b"".join(length_prefixed(p) for p in payloads)
             if self.send(data):
-                self.sim._log_sent(sub, rows, seconds)
+                self.sim._log_sent(sub, rows, None if sub.on_market else seconds)
+        for line in lines:
+            self._send_snapshot(line, now, silent)
         return True
+
+    def _send_snapshot(self, line: _MktData, now: float, silent: bool) -> None:
+        line.next_at = max(line.next_at + self.sim.mkt_data_interval, now)
+        as_of = now_us()
+        line.advance(as_of if self.sim.market_clock else None)  # market clock: exactly the market as of then
+        if silent or not line.alive:
+            return
+        changes = line.changes()
+        data = b""
+        for tick_type, price, size, mask in changes:
+            if price is None:
+                data += frame(IN.TICK_SIZE, 6, line.req_id, tick_type, size)
+            else:
+                data += frame(IN.TICK_PRICE, 6, line.req_id, tick_type, price, size, mask)
+                if self.sim.mkt_data_echo_sizes:  # TWS's habit: the size again in its own message
+                    data += frame(IN.TICK_SIZE, 6, line.req_id, SIZE_OF[tick_type], size)
+        if line.snapshot:
+            data += frame(IN.TICK_SNAPSHOT_END, 1, line.req_id)
+            with self._subs_lock:
+                self.mkt_data.pop(line.req_id, None)
+        if data and self.send(data):
+            self.sim._log_mkt_data(line, changes, as_of)
 
 
 class GatewaySimulator:
@@ -369,7 +554,14 @@ class GatewaySimulator:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, contracts: tuple[SimContract, ...] = SIM_CONTRACTS,
                  seed: int = 0, speed: float = 1.0, tapes: TapeFactory | None = None, record_sent: bool = True,
-                 send_interval: float = 0.002):
+                 send_interval: float = 0.002, market_clock: bool = False, market_start: datetime | None = None,
+                 history_pacing: HistoryPacing = HistoryPacing(), history_trades: TickType | str = TickType.LAST,
+                 mkt_data_interval: float = 0.25):
+        """``market_clock``: one market per stream on the wall clock from ``market_start`` (default: now;
+        earlier means history exists at once) that subscriptions join, instead of a fresh tape each.
+        ``history_pacing``: IB's historical pacing windows; ``history_trades``: the tape ``TRADES``
+        history is served from (``last`` or ``all_last``); ``mkt_data_interval``: seconds between
+        ``reqMktData`` snapshots."""
         self.contracts = contracts
         self.seed = seed
         self.speed = speed
@@ -378,6 +570,13 @@ class GatewaySimulator:
         self.send_interval = send_interval
         self.refusals: dict[int, int] = {}
         self.tick_by_tick_limit: int | None = None
+        self.market_clock = market_clock
+        self.market_start = market_start or datetime.now(timezone.utc)
+        self.history = HistoryDesk(history_pacing, self._market, TickType(history_trades))
+        self.history_message_ticks = 1_000  # ticks per HISTORICAL_TICKS* message (done=True on the last)
+        self.mkt_data_interval = mkt_data_interval
+        self.mkt_data_limit: int | None = None  # market-data lines over all sessions; beyond: error 101
+        self.mkt_data_echo_sizes = False  # also send each TICK_PRICE's size as its own TICK_SIZE, as TWS may
         self.data_paused = False
         self.stalled_until = 0.0
         self.market_lock = threading.RLock()  # held by each send round and by every market status change
@@ -386,6 +585,8 @@ class GatewaySimulator:
         self._lock = threading.Lock()
         self._sent: dict[tuple[int, TickType], list[pa.Table]] = {}
         self._tape_count: dict[tuple[int, TickType], int] = {}
+        self._markets: dict[tuple[int, TickType], MarketTape] = {}
+        self._mkt_data_sent: dict[int, list[tuple]] = {}
         self._listener = socket.create_server((host, port), reuse_port=False)
         self.host, self.port = self._listener.getsockname()[:2]
         self._accept_thread = threading.Thread(target=self._accept_loop, name="gateway-accept", daemon=True)
@@ -439,21 +640,56 @@ class GatewaySimulator:
             session.client_id = client_id
             return True
 
-    def _tape(self, contract: SimContract, tick_type: TickType) -> Tape:
-        key = (contract.con_id, tick_type)
-        with self._lock:
-            n = self._tape_count[key] = self._tape_count.get(key, 0) + 1
+    def _tape(self, contract: SimContract, tick_type: TickType, n: int | None = None) -> Tape:
+        """Tape ``n`` of a stream: 0 is its market's, and by default each call makes the next one."""
+        if n is None:
+            key = (contract.con_id, tick_type)
+            with self._lock:
+                n = self._tape_count[key] = self._tape_count.get(key, 0) + 1
         if self.tapes is not None:
             return self.tapes(contract, tick_type, n)
         return synthetic_tape(contract, tick_type, seed=self.seed * 1_000 + n, speed=self.speed)
 
-    def _log_sent(self, sub: _Subscription, rows: pa.Table, seconds: int) -> None:
+    def _market(self, contract: SimContract, tick_type: TickType) -> MarketTape:
+        """The stream's one market on the wall clock, made on first use (it is the same whenever made)."""
+        key = (contract.con_id, tick_type)
+        with self._lock:
+            if key not in self._markets:
+                self._markets[key] = MarketTape(self._tape(contract, tick_type, 0), tick_type, to_us(self.market_start))
+            return self._markets[key]
+
+    def _cursor(self, contract: SimContract, tick_type: TickType) -> _Cursor:
+        """Where a new subscriber starts: the ticks of the market due from now on (market clock), or a
+        fresh tape timed from now."""
+        if self.market_clock:
+            market = self._market(contract, tick_type)
+            return _Cursor(market, lambda: time.time_ns() // 1_000, market.position_after(now_us()))
+        started = time.monotonic()
+        return _Cursor(_PrivateTape(self._tape(contract, tick_type)), lambda: (time.monotonic() - started) * 1e6)
+
+    def _row_before(self, cursor: _Cursor, contract: SimContract, tick_type: TickType) -> pa.Table | None:
+        return self._market(contract, tick_type).row_before(cursor.index, cursor.row)
+
+    def _log_sent(self, sub: _Subscription, rows: pa.Table, seconds: int | None) -> None:
+        """Log rows written; ``seconds`` is the wire time of a default-mode round (market rows carry theirs)."""
         if not self.record_sent:
             return
-        ib_time = pa.array(np.full(rows.num_rows, seconds * 1_000_000, dtype=np.int64)).cast(rows.schema.field("ib_time").type)
-        rows = rows.set_column(1, rows.schema.field("ib_time"), ib_time)
+        if seconds is not None:
+            rows = self._with_ib_time(rows, seconds)
         with self._lock:
             self._sent.setdefault((sub.contract.con_id, sub.tick_type), []).append(rows)
+
+    def _log_mkt_data(self, line: _MktData, changes: list[tuple[int, float | None, int, int]], stamp: int) -> None:
+        if not self.record_sent:
+            return
+        with self._lock:
+            self._mkt_data_sent.setdefault(line.contract.con_id, []).extend(
+                (stamp, line.req_id, tick_type, price, size, mask) for tick_type, price, size, mask in changes)
+
+    @staticmethod
+    def _with_ib_time(rows: pa.Table, seconds: int) -> pa.Table:
+        ib_time = pa.array(np.full(rows.num_rows, seconds * 1_000_000, dtype=np.int64)).cast(rows.schema.field("ib_time").type)
+        return rows.set_column(1, rows.schema.field("ib_time"), ib_time)
 
     def _wait_while_stalled(self, session: _ClientConnection) -> None:
         while time.monotonic() < self.stalled_until and not session.closed.is_set():
@@ -469,10 +705,52 @@ class GatewaySimulator:
     # -- what tests look at ----------------------------------------------------------------------
 
     def sent(self, contract_id: int, tick_type: TickType | str) -> pa.Table:
-        """Every tick of one stream written to any client so far (``ts`` is the tape's offset)."""
+        """Every tick of one stream written to any client so far, ``ib_time`` = the wire time (``ts``: the
+        tape's offset, or with ``market_clock`` the due wall time as in :meth:`market`)."""
         with self._lock:
             pieces = list(self._sent.get((contract_id, TickType(tick_type)), []))
         return pa.concat_tables(pieces) if pieces else None
+
+    def market(self, contract_id: int, tick_type: TickType | str, start: datetime | None = None,
+               end: datetime | None = None) -> pa.Table:
+        """Every tick the stream's market made with due time in ``[start, end)`` (default: from its start /
+        up to now) that is already due, in the stored tick schema: ``ts`` the due wall time, ``ib_time``
+        its whole second. The market exists in both modes; without ``market_clock`` only history uses it."""
+        contract = next((c for c in self.contracts if c.con_id == contract_id), None)
+        if contract is None:
+            raise ValueError(f"the simulator has no contract {contract_id}; it has "
+                             f"{', '.join(str(c.con_id) for c in self.contracts)}")
+        due_by = now_us() + 1
+        return self._market(contract, TickType(tick_type)).between(
+            to_us(start, name="start") if start is not None else to_us(self.market_start),
+            min(due_by, to_us(end, name="end")) if end is not None else due_by)
+
+    @property
+    def history_requests(self) -> list[HistoryRequest]:
+        """Every ``reqHistoricalTicks`` so far, answered or not (``code`` None: ticks were sent)."""
+        return list(self.history.requests)
+
+    def pacing_violations(self, n: int) -> None:
+        """Answer the next ``n`` historical requests with error 162 pacing violation."""
+        self.history.forced_violations += n
+
+    def refuse_history(self, con_id: int, code: int = 162, message: str = NO_PERMISSIONS) -> None:
+        """Answer historical requests for a contract with ``error(code, message)`` (no permissions by default)."""
+        self.history.refusals[con_id] = (code, message)
+
+    def mkt_data_sent(self, contract_id: int) -> pa.Table:
+        """Every ``reqMktData`` price/size tick written for a contract: ``ts`` the snapshot's time (with
+        ``market_clock``: it shows the market's ticks due by then), ``req_id``,
+        ``tick_type`` (1 bid, 2 ask, 4 last: a TICK_PRICE carrying ``size`` and the attribute ``mask``
+        too; 0, 3, 5: a TICK_SIZE, ``price`` null, ``mask`` 0). An echoed size is not listed."""
+        with self._lock:
+            rows = list(self._mkt_data_sent.get(contract_id, []))
+        return pa.Table.from_pydict({f.name: [row[i] for row in rows] for i, f in enumerate(MKT_DATA_SCHEMA)},
+                                    schema=MKT_DATA_SCHEMA)
+
+    def mkt_data_count(self) -> int:
+        """Open ``reqMktData`` lines over all sessions."""
+        return sum(len(session.mkt_data) for session in self._each_session())
 
     def sent_count(self) -> int:
         with self._lock:
@@ -534,6 +812,7 @@ class GatewaySimulator:
                 for session in self._each_session():
                     with session._subs_lock:
                         session.subscriptions.clear()
+                        session.mkt_data.clear()
             self.data_paused = False
             self.send_error(1101 if data_lost else 1102)
 
@@ -541,8 +820,9 @@ class GatewaySimulator:
         """2103: the market data farm is down; current subscriptions stay silent even after 2104."""
         with self.market_lock:
             for session in self._each_session():
-                for sub in list(session.subscriptions.values()):
-                    sub.alive = False
+                lines: list[_Subscription | _MktData] = [*session.subscriptions.values(), *session.mkt_data.values()]
+                for line in lines:
+                    line.alive = False
             self.send_error(2103)
 
     def farm_restored(self) -> None:

@@ -9,18 +9,22 @@ early closes: XNYS for the stock, CMES for the Globex future.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import bisect
+import dataclasses
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ibstream.core.times import to_us
+from ibstream.core.times import US_PER_SECOND, to_us
 from ibstream.storage.index import ContractDetails
-from ibstream.storage.schemas import TickType
+from ibstream.storage.schemas import TIMESTAMP, TickType, schema_for
 from ibstream.storage.synthetic import AAPL, MNQ, SyntheticContract
 from ibstream.storage.synthetic import synthetic_tape as market_tape
 
@@ -154,6 +158,133 @@ SIM_AAPL = SimContract(
     market_rule_ids="26,26,26",
 )
 SIM_CONTRACTS = (SIM_MNQ, SIM_AAPL)
+
+MONTH_CODES = "FGHJKMNQUVXZ"  # futures month codes, January to December
+
+
+def futures_chain(root: SimContract | SyntheticContract | str, expiries: Sequence[date],
+                  con_ids: Sequence[int] | None = None) -> tuple[SimContract, ...]:
+    """One futures contract per expiry, each its own conId and synthetic market, like IB lists a chain.
+
+    ``root`` is ``"MNQ"`` (:data:`SIM_MNQ`), a :class:`SimContract` future to copy, or a
+    :class:`SyntheticContract` market to dress as MNQ. Each expiry gets ``lastTradeDateOrContractMonth``
+    ``YYYYMMDD``, the local symbol root + month code + last year digit (``MNQZ6``, ``MNQH7``), the
+    root's trading class and exchange, and a market that is a copy of the root's with that conId and a
+    price level 0.05 % higher per month after the root's expiry. ``con_ids`` default to the root's conId
+    plus the days from the root's expiry (the root's own expiry keeps its conId)."""
+    if isinstance(root, str):
+        if root.upper() != SIM_MNQ.symbol:
+            raise ValueError(f"futures_chain knows the root 'MNQ', not {root!r}; pass a SimContract future to copy")
+        root = SIM_MNQ
+    elif isinstance(root, SyntheticContract):
+        root = dataclasses.replace(SIM_MNQ, market=root)
+    if root.sec_type != "FUT" or len(root.expiry) != 8:
+        raise ValueError(f"futures_chain needs a future with a YYYYMMDD expiry to copy; {root.symbol} is "
+                         f"{root.sec_type} with expiry {root.expiry!r}")
+    if not expiries or len(set(expiries)) != len(expiries):
+        raise ValueError(f"futures_chain needs distinct expiries, got {list(expiries)}")
+    if con_ids is not None and (len(con_ids) != len(expiries) or len(set(con_ids)) != len(con_ids)):
+        raise ValueError(f"futures_chain needs one distinct conId per expiry: {len(expiries)} expiries, "
+                         f"con_ids {list(con_ids)}")
+    base = datetime.strptime(root.expiry, "%Y%m%d").date()
+    chain = []
+    for i, expiry in enumerate(expiries):
+        months = (expiry.year - base.year) * 12 + expiry.month - base.month
+        tick = root.market.tick_size
+        market = dataclasses.replace(
+            root.market, contract_id=con_ids[i] if con_ids is not None else root.con_id + (expiry - base).days,
+            start_price=round(root.market.start_price * (1 + 0.0005 * months) / tick) * tick)
+        chain.append(dataclasses.replace(
+            root, market=market, expiry=f"{expiry:%Y%m%d}",
+            local_symbol=f"{root.symbol}{MONTH_CODES[expiry.month - 1]}{expiry.year % 10}"))
+    return tuple(chain)
+
+
+SIM_MNQ_CHAIN = futures_chain(SIM_MNQ, [date(2026, 12, 18), date(2027, 3, 19), date(2027, 6, 17)])
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of a tape: rows and when each is due (µs; on what clock depends on the tape)."""
+
+    table: pa.Table
+    due: np.ndarray
+
+
+class MarketTape:
+    """One stream's market on the wall clock, whether anyone listens or not.
+
+    Tick *i* of ``tape`` is due at ``origin_us`` + its offset (the tape's ``ts``) and carries IB time
+    = the whole second of that due time. Rows are in the stored schema (``ts`` = the due time).
+    Chunks are made lazily, only as time reaches them, and kept for history and late subscribers.
+    """
+
+    def __init__(self, tape: Tape, tick_type: TickType, origin_us: int):
+        self.tick_type = tick_type
+        self.origin_us = origin_us
+        self._tape = tape
+        self._schema = schema_for(tick_type)
+        self._chunks: list[Chunk] = []
+        self._firsts: list[int] = []  # due time of each chunk's first row
+        self._exhausted = False
+        self._lock = threading.Lock()
+
+    def _make_chunk(self) -> bool:
+        """One more chunk from the tape (False once it has ended)."""
+        for raw in self._tape:
+            if raw.num_rows == 0:
+                continue
+            due_np = raw.column("ts").cast(pa.int64()).to_numpy() + self.origin_us
+            table = raw.set_column(0, "ts", pa.array(due_np).cast(TIMESTAMP)).set_column(
+                1, "ib_time", pa.array(due_np - due_np % US_PER_SECOND).cast(TIMESTAMP))
+            self._chunks.append(Chunk(table.cast(self._schema), due_np))
+            self._firsts.append(int(due_np[0]))
+            return True
+        self._exhausted = True
+        return False
+
+    def _advance(self, until_us: int) -> None:
+        while (not self._chunks or self._chunks[-1].due[-1] < until_us) and not self._exhausted:
+            self._make_chunk()
+
+    def chunk(self, index: int) -> Chunk | None:
+        """Chunk ``index`` (made now if it is the next one); None past the tape's end."""
+        with self._lock:
+            if index == len(self._chunks) and not self._exhausted:
+                self._make_chunk()
+            return self._chunks[index] if index < len(self._chunks) else None
+
+    def position_after(self, moment_us: int) -> tuple[int, int]:
+        """(chunk, row) of the first tick due after ``moment_us``."""
+        with self._lock:
+            self._advance(moment_us + 1)
+            index = max(bisect.bisect_right(self._firsts, moment_us) - 1, 0)
+            while index < len(self._chunks):
+                row = int(np.searchsorted(self._chunks[index].due, moment_us, side="right"))
+                if row < len(self._chunks[index].due):
+                    return index, row
+                index += 1
+            return index, 0
+
+    def row_before(self, index: int, row: int) -> pa.Table | None:
+        """The tick just before position (chunk ``index``, ``row``), as a one-row table; None at the start."""
+        with self._lock:
+            if row > 0:
+                return self._chunks[index].table.slice(row - 1, 1)
+            return self._chunks[index - 1].table.slice(-1) if index > 0 else None
+
+    def between(self, start_us: int, end_us: int) -> pa.Table:
+        """Every tick due in ``[start_us, end_us)`` (made up to ``end_us`` if need be), in order."""
+        with self._lock:
+            self._advance(end_us)
+            pieces = []
+            for chunk in self._chunks[max(bisect.bisect_right(self._firsts, start_us) - 1, 0):]:
+                if chunk.due[0] >= end_us:
+                    break
+                first, stop = np.searchsorted(chunk.due, [start_us, end_us], side="left")
+                if stop > first:
+                    pieces.append(chunk.table.slice(int(first), int(stop - first)))
+        return pa.concat_tables(pieces) if pieces else self._schema.empty_table()
 
 
 def synthetic_tape(contract: SimContract, tick_type: TickType, *, seed: int = 0, speed: float = 1.0,

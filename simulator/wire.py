@@ -7,6 +7,9 @@ every message in both directions is a frame whose first field is the message id
 
 from __future__ import annotations
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from ibstream.core.framing import MAX_FRAME_BYTES, FrameTooLargeError, split_frames
 from ibstream.core.framing import frame as length_prefixed
 
@@ -22,6 +25,15 @@ def field(value: object) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"
     return str(value)
+
+
+def size_text(column: pa.ChunkedArray | pa.Array) -> list:
+    """Sizes as integers when whole. Fractional sizes go out as plain decimals, which only API 163+
+    clients decode (ibapi 9.81 reads sizes with int() and skips such a message as malformed)."""
+    try:
+        return pc.cast(column, pa.int64()).to_pylist()
+    except pa.ArrowInvalid:
+        return [format(value.normalize(), "f") for value in column.to_pylist()]
 
 
 def frame(*fields: object) -> bytes:

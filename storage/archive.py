@@ -77,14 +77,19 @@ DAY_FOLDER, DAY_PREFIX = "hour=all", "day-"  # compacted day files: date=.../hou
 TMP_SUFFIX = ".tmp"
 SUPERSEDED = "superseded"  # {data_root}/superseded/: files compaction replaced, kept for a grace period
 METADATA_KEY = b"ibstream.archive"
-_HIVE = re.compile(r"tick_type=(\w+)/contract_id=(\d+)/date=(\d{4})-(\d\d)-(\d\d)/hour=(\d\d)/" + FILE_NAME + "$")
+_HOURLY = re.compile(r"data(-\d+)?\.parquet")  # data.parquet; data-{made_us}.parquet: an hour a backfill rewrote
+_HIVE = re.compile(r"tick_type=(\w+)/contract_id=(\d+)/date=(\d{4})-(\d\d)-(\d\d)/hour=(\d\d)/data(-\d+)?\.parquet$")
+BACKFILL_SOURCE = "backfill"  # ``source.kind`` of an hour file written by storage.backfill
 
 
-def archive_relpath(key: StreamKey, hour_start_us: int) -> str:
+def archive_relpath(key: StreamKey, hour_start_us: int, made_us: int | None = None) -> str:
+    """An hourly file's path: ``.../hour=HH/data.parquet``, or ``data-{made_us}.parquet`` for one that
+    replaces (or may sit beside an unfinished) other file of the hour (storage.backfill)."""
     hour = from_us(hour_start_us)
+    name = FILE_NAME if made_us is None else f"data-{made_us}.parquet"
     return (
         f"tick_type={key.tick_type.value}/contract_id={key.contract_id}/"
-        f"date={hour:%Y-%m-%d}/hour={hour:%H}/{FILE_NAME}"
+        f"date={hour:%Y-%m-%d}/hour={hour:%H}/{name}"
     )
 
 
@@ -95,8 +100,8 @@ def day_relpath(key: StreamKey, day_start_us: int, made_us: int) -> str:
 
 
 def is_archive_file(path: Path) -> bool:
-    """An hourly ``data.parquet`` or a compacted ``day-*.parquet`` (not a ``.tmp``)."""
-    return path.name == FILE_NAME or (path.parent.name == DAY_FOLDER and path.name.startswith(DAY_PREFIX)
+    """An hourly ``data.parquet`` (``data-*.parquet``) or a compacted ``day-*.parquet`` (not a ``.tmp``)."""
+    return (_HOURLY.fullmatch(path.name) is not None and path.parent.name != DAY_FOLDER) or (path.parent.name == DAY_FOLDER and path.name.startswith(DAY_PREFIX)
                                       and path.suffix == ".parquet")
 
 
@@ -274,7 +279,7 @@ def hive_place(relative: str) -> tuple[StreamKey, int] | None:
     match = _HIVE.search(relative)
     if match is None:
         return None
-    tick_type, cid, year, month, day, hour = match.groups()
+    tick_type, cid, year, month, day, hour, _ = match.groups()
     hour_us = int(datetime(int(year), int(month), int(day), int(hour), tzinfo=UTC).timestamp()) * 1_000_000
     return StreamKey(int(cid), TickType(tick_type)), hour_us
 
@@ -501,9 +506,9 @@ class Archiver:
         first_us, last_us = ts[0].as_py(), ts[-1].as_py()
         rows = sorted(self.index.coverage(key.contract_id, key.tick_type.value, hour, hour_end) + list(coverage),
                       key=lambda row: row.start_us)
-        facts = FileFacts(key, hour, table.num_rows, first_us, last_us, self._contract_facts(key.contract_id),
+        facts = FileFacts(key, hour, table.num_rows, first_us, last_us, self.contract_facts(key.contract_id),
                           coverage_facts(rows, hour, hour_end), source=source)
-        file_size = self._write_atomically(table, path, facts)
+        file_size = self.write_atomically(table, path, facts)
         entry = ArchiveEntry(
             contract_id=key.contract_id,
             tick_type=key.tick_type.value,
@@ -515,17 +520,19 @@ class Archiver:
             file_size_bytes=file_size,
             arrow_size_bytes=table.nbytes,
         )
-        statistics = self._statistics_with(key, hour, path)
+        statistics = self.statistics_with(key, hour, path)
         minute_bars = ipc_bytes(partial_table(table, key.tick_type, PREAGGREGATE_US))
         self.index.publish(entry, statistics, minute_bars, coverage)
         failpoint("archive.after_publish")
         return entry
 
-    def _contract_facts(self, contract_id: int) -> dict | None:
+    def contract_facts(self, contract_id: int) -> dict | None:
         details = self.index.contract(contract_id)
         return None if details is None else asdict(details)
 
-    def _write_atomically(self, table: pa.Table, path: Path, facts: FileFacts) -> int:
+    def write_atomically(self, table: pa.Table, path: Path, facts: FileFacts, step: str = "archive") -> int:
+        """Write an hour's file: ``.tmp``, fsync, rename, fsync the folder (failpoints ``{step}.after_write_tmp``
+        and ``{step}.after_rename``); returns its size. Nothing names it yet: the caller publishes it."""
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + TMP_SUFFIX)
         metadata = {METADATA_KEY: json.dumps({
@@ -545,21 +552,25 @@ class Archiver:
         except BaseException:
             tmp.unlink(missing_ok=True)  # our own unfinished copy; the segments hold the hour
             raise
-        failpoint("archive.after_write_tmp")
+        failpoint(f"{step}.after_write_tmp")
         os.replace(tmp, path)
         fsync_dir(path.parent)
-        failpoint("archive.after_rename")
+        failpoint(f"{step}.after_rename")
         return path.stat().st_size
 
-    def _statistics_with(self, key: StreamKey, hour: int, new_file: Path | None = None) -> DailyStatistics:
+    def statistics_with(self, key: StreamKey, hour: int, new_file: Path | None = None, *,
+                         new_hours: dict[int, pa.Table] | None = None) -> DailyStatistics:
         """The statistics of the UTC day of ``hour`` over its published files, with ``new_file`` as
-        that hour's (the hour in publication); all zero when the day has no file left."""
+        that hour's (the hour in publication) and ``new_hours``' ticks as theirs (hours a backfill
+        rewrites); all zero when the day has no file left."""
         day_start = hour - hour % (24 * US_PER_HOUR)
         published = self.index.archives(key.contract_id, key.tick_type.value, day_start, day_start + 24 * US_PER_HOUR)
+        new = {hour: pl.scan_parquet(new_file)} if new_file is not None else {}
+        new |= {h: pl.from_arrow(t).lazy() for h, t in (new_hours or {}).items()}  # type: ignore[union-attr]
         frames = [pl.scan_parquet(locate(self.root, e.file_path)) if e.row_group_count is None
                   else pl.from_arrow(read_entry(self.root, e)).lazy()  # type: ignore[union-attr]
-                  for e in published if e.hour_start_us != hour or new_file is None]
-        frames += [pl.scan_parquet(new_file)] if new_file is not None else []
+                  for e in published if e.hour_start_us not in new]
+        frames += list(new.values())
         date = f"{datetime.fromtimestamp(hour / 1e6, UTC):%Y-%m-%d}"
         if not frames:
             return DailyStatistics(key.contract_id, key.tick_type.value, date, 0, 0, None, None, None, None)
@@ -594,7 +605,7 @@ class Archiver:
         else:
             self._record_hour_damage(entry, reason)
         key = StreamKey(entry.contract_id, TickType(entry.tick_type))
-        self.index.put_statistics(self._statistics_with(key, entry.hour_start_us))
+        self.index.put_statistics(self.statistics_with(key, entry.hour_start_us))
 
     def _salvage(self, entry: ArchiveEntry, reason: str) -> None:
         """An hour of a damaged day file: into an hourly file of its own if it reads whole, else retired too."""
@@ -606,9 +617,9 @@ class Archiver:
             self._record_hour_damage(entry, str(exc))
             return
         relpath = archive_relpath(key, entry.hour_start_us)
-        size = self._write_atomically(table, self.root / relpath, FileFacts(
+        size = self.write_atomically(table, self.root / relpath, FileFacts(
             key, entry.hour_start_us, table.num_rows, entry.start_us, entry.end_us,
-            self._contract_facts(key.contract_id), facts.coverage))
+            self.contract_facts(key.contract_id), facts.coverage))
         hourly = ArchiveEntry(entry.contract_id, entry.tick_type, entry.hour_start_us, entry.start_us, entry.end_us,
                               relpath, entry.tick_count, size, entry.arrow_size_bytes)
         self.index.swap_compacted([entry], [hourly], {entry.hour_start_us: ipc_bytes(
@@ -678,6 +689,11 @@ class Archiver:
         except DamagedDataError as exc:
             self._quarantine_file(path, str(exc))
             return []
+        if any(self._unfinished_backfill(facts) for _, facts, _ in hours):
+            self._quarantine_file(path, "a backfill's file whose index swap never happened (the process was cut off): "
+                                        "the hour's published file keeps answering and the gap stays; backfill it "
+                                        "again", damage=False)
+            return []
         new, held_by = [], set()
         for entry, facts, table in hours:
             if self.index.expired(entry.contract_id, entry.tick_type, entry.hour_start_us, entry.hour_start_us + 1):
@@ -714,8 +730,18 @@ class Archiver:
         day_file = new[0][1].row_groups is not None
         adopted = [self._adopt_hour(path, entry, facts, table, statistics=not day_file) for entry, facts, table in new]
         if day_file:  # the day's statistics once, over every hour now indexed
-            self.index.put_statistics(self._statistics_with(new[0][1].key, new[0][1].hour_start_us))
+            self.index.put_statistics(self.statistics_with(new[0][1].key, new[0][1].hour_start_us))
         return adopted
+
+    def _unfinished_backfill(self, facts: FileFacts) -> bool:
+        """Whether a file storage.backfill wrote was never swapped in: the index still holds the gap it
+        filled (exactly), without this backfill's stamp. (A lost index holds no such row: the file is adopted.)"""
+        source = facts.source or {}
+        if source.get("kind") != BACKFILL_SOURCE:
+            return False
+        start, end = int(source["gap_start_us"]), int(source["gap_end_us"])
+        return any(row.start_us == start and row.end_us == end and row.backfilled_at_us != source["made_us"]
+                   for row in self.index.coverage(facts.key.contract_id, facts.key.tick_type.value, start, end))
 
     def _adopt_hour(self, path: Path, entry: ArchiveEntry, facts: FileFacts, table: pa.Table, *,
                     statistics: bool) -> ArchiveEntry:
@@ -728,7 +754,7 @@ class Archiver:
             self.index.add_coverage([CoverageInterval(key.contract_id, key.tick_type.value, status, reason, start, end,
                                                       False) for status, reason, start, end in rows])
         minute_bars = ipc_bytes(partial_table(table, key.tick_type, PREAGGREGATE_US))
-        self.index.publish(entry, self._statistics_with(key, facts.hour_start_us, path) if statistics else None,
+        self.index.publish(entry, self.statistics_with(key, facts.hour_start_us, path) if statistics else None,
                            minute_bars)
         log.warning("re-indexed archive file %s from its own contents: %s hour %s, %d ticks",
                     path.relative_to(self.root).as_posix(), key, iso(facts.hour_start_us), entry.tick_count)

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from ibstream.core.errors import ExpiredDataError, InvalidRequestError
 from ibstream.core.ticks import StreamKey, TickType
 from ibstream.core.times import MAX_US, from_us, iso, now_us
+from ibstream.storage.index import COVERED
 from ibstream.storage.schemas import schema_for
 from ibstream.storage.segments import fsync_dir
 from ibstream.storage.store import Store
@@ -275,11 +276,11 @@ def _time(micros: int | None) -> str | None:
 
 
 def missing_spans(coverage: pa.Table, start_us: int, end_us: int) -> list[tuple[int, int]]:
-    """The parts of [start_us, end_us) no ``recorded`` coverage row covers, or that a ``damaged``
-    row bounds, merged and in order (µs)."""
+    """The parts of [start_us, end_us) no ``recorded`` (or ``backfilled``) coverage row covers, or that a
+    ``damaged`` row bounds, merged and in order (µs)."""
     rows = [(r["status"], _us(r["start"]), _us(r["end"])) for r in coverage.to_pylist()]
     recorded = sorted((low, high) for status, low, high in rows
-                      if status == "recorded" and low is not None and high is not None)
+                      if status in COVERED and low is not None and high is not None)
     gaps: list[tuple[int, int]] = []
     at = start_us
     for low, high in recorded:

@@ -27,11 +27,15 @@ CREATE TABLE IF NOT EXISTS coverage (
     id INTEGER PRIMARY KEY,
     contract_id INTEGER NOT NULL,
     tick_type TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('recorded', 'gap', 'unknown')),
+    status TEXT NOT NULL CHECK (status IN ('recorded', 'gap', 'unknown', 'backfilled', 'partly_backfilled',
+                                           'unfillable')),
     reason TEXT NOT NULL,
     start_us INTEGER NOT NULL,
     end_us INTEGER,
-    is_open INTEGER NOT NULL
+    is_open INTEGER NOT NULL,
+    backfilled_ticks INTEGER,             -- a gap backfilled (storage.backfill): the ticks it added
+    backfill_note TEXT,                   -- ... what the backfill said (e.g. why it is unfillable)
+    backfilled_at_us INTEGER              -- ... and when (also in its files' metadata)
 );
 CREATE INDEX IF NOT EXISTS idx_coverage_stream ON coverage (contract_id, tick_type, start_us);
 """
@@ -167,17 +171,26 @@ CREATE TABLE IF NOT EXISTS publications (
     changes INTEGER NOT NULL,             -- index_changes.n it was made at: unchanged since, nothing to publish
     horizons TEXT NOT NULL                -- JSON [[contract_id, tick_type, until_us], ...]: served by read servers
 );
+-- Continuous futures (``MNQ.c.0``): which expiry the recorder made the front contract of ``root``
+-- from when. A row holds until the next row's active_from_us; replanned future rolls replace rows.
+CREATE TABLE IF NOT EXISTS rolls (
+    root TEXT NOT NULL,                   -- the configured symbol, e.g. MNQ
+    active_from_us INTEGER NOT NULL,
+    contract_id INTEGER NOT NULL,         -- the expiry's conId (its details are in contracts)
+    recorded_us INTEGER NOT NULL,
+    PRIMARY KEY (root, active_from_us)
+);
 CREATE TABLE IF NOT EXISTS publication_target (url TEXT NOT NULL);  -- the archive_url published_files refers to
 -- Counts writes to what read servers serve (hours, statistics, pre-aggregates, expiry, contracts).
 CREATE TABLE IF NOT EXISTS index_changes (n INTEGER NOT NULL);
 INSERT INTO index_changes SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM index_changes);
 """ + "".join(f"""CREATE TRIGGER IF NOT EXISTS changed_{table}_{event.lower()} AFTER {event} ON {table}
     BEGIN UPDATE index_changes SET n = n + 1; END;
-""" for table in ("tick_archives", "data_statistics", "hour_bars", "contracts", "expired_hours")
+""" for table in ("tick_archives", "data_statistics", "hour_bars", "contracts", "expired_hours", "rolls")
     for event in ("INSERT", "UPDATE", "DELETE"))
 
-SCHEMA_VERSION = 4  # PRAGMA user_version; 1: before 'unknown' coverage and the damage table; 2: times not named *_us;
-#                     3: before compaction (no row groups in tick_archives)
+SCHEMA_VERSION = 5  # PRAGMA user_version; 1: before 'unknown' coverage and the damage table; 2: times not named *_us;
+#                     3: before compaction (no row groups in tick_archives); 4: before backfill (coverage statuses)
 
 _RENAMED_V3 = {  # table: {column before version 3: its name since}
     "tick_archives": {"hour_start": "hour_start_us", "start_time": "start_us", "end_time": "end_us"},
@@ -198,13 +211,14 @@ def _migrate(conn: sqlite3.Connection) -> None:
     conn.execute("BEGIN IMMEDIATE")
     try:
         sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'coverage'").fetchone()
-        if sql is not None and "'unknown'" not in sql[0]:  # widen the status CHECK: rebuild the table
+        if sql is not None and "'unfillable'" not in sql[0]:  # widen the status CHECK (+ backfill columns): rebuild
             conn.execute("DROP INDEX IF EXISTS idx_coverage_stream")
             conn.execute("ALTER TABLE coverage RENAME TO coverage_v1")
             for statement in COVERAGE_DDL.split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            conn.execute("INSERT INTO coverage SELECT * FROM coverage_v1")
+            conn.execute("INSERT INTO coverage (id, contract_id, tick_type, status, reason, start_us, end_us, is_open) "
+                         "SELECT * FROM coverage_v1")  # by position: a version-1 table names its times *_time
             conn.execute("DROP TABLE coverage_v1")
         for table, renames in _RENAMED_V3.items():
             columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
@@ -312,8 +326,19 @@ class ContractDetails:
 
 
 @dataclass(frozen=True)
+class RollPiece:
+    """``root``'s front contract is ``contract_id`` over [start_us, end_us) (``end_us`` None: still)."""
+
+    root: str
+    contract_id: int
+    start_us: int
+    end_us: int | None
+
+
+@dataclass(frozen=True)
 class CoverageInterval:
-    """One row of ``coverage``: ``end_us`` is None for a gap that is still going on."""
+    """One row of ``coverage``: ``end_us`` is None for a gap that is still going on. A backfilled gap
+    (:mod:`storage.backfill`) keeps its reason and says how many ticks the backfill added, its note and when."""
 
     contract_id: int
     tick_type: str
@@ -322,6 +347,14 @@ class CoverageInterval:
     start_us: int
     end_us: int | None
     is_open: bool
+    backfilled_ticks: int | None = None
+    backfill_note: str | None = None
+    backfilled_at_us: int | None = None
+
+
+COVERED = ("recorded", "backfilled")  # coverage statuses whose span holds every tick (a gap backfilled whole)
+BACKFILLABLE = ("gap", "partly_backfilled")  # what a backfill may fill (partly: again)
+BACKFILL_STATUSES = ("backfilled", "partly_backfilled", "unfillable")  # what a backfill makes of a gap
 
 
 def writable_dir(path: Path) -> bool:
@@ -349,6 +382,15 @@ class _Held:
             self.give_back(self.conn)
         except Exception:  # interpreter shutdown: nothing left to give back to
             pass
+
+
+_COVERAGE_COLUMNS = ("contract_id, tick_type, status, reason, start_us, end_us, is_open, backfilled_ticks, "
+                     "backfill_note, backfilled_at_us")  # CoverageInterval's fields, in order
+
+
+def _coverage_row(row: tuple) -> CoverageInterval:
+    cid, tick, status, reason, start, end, is_open, *backfill = row
+    return CoverageInterval(cid, tick, status, reason, start, end, bool(is_open), *backfill)
 
 
 _ENTRY_COLUMNS = ("contract_id, tick_type, hour_start_us, start_us, end_us, file_path, tick_count, file_size_bytes, "
@@ -457,17 +499,7 @@ class Index:
         conn.execute("BEGIN IMMEDIATE")
         try:
             self._put_hour_bars(conn, entry.contract_id, entry.tick_type, entry.hour_start_us, minute_bars)
-            conn.execute(
-                "INSERT INTO tick_archives (contract_id, tick_type, hour_start_us, start_us, end_us, "
-                "file_path, tick_count, file_size_bytes, arrow_size_bytes, compression_ratio, row_group_start, "
-                "row_group_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    entry.contract_id, entry.tick_type, entry.hour_start_us, entry.start_us, entry.end_us,
-                    entry.file_path, entry.tick_count, entry.file_size_bytes, entry.arrow_size_bytes,
-                    entry.arrow_size_bytes / max(entry.file_size_bytes, 1), entry.row_group_start,
-                    entry.row_group_count,
-                ),
-            )
+            self._insert_archive(conn, entry)
             if statistics is not None:
                 self._put_statistics(conn, statistics)
             conn.executemany(
@@ -478,6 +510,20 @@ class Index:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    @staticmethod
+    def _insert_archive(conn: sqlite3.Connection, entry: ArchiveEntry) -> None:
+        conn.execute(
+            "INSERT INTO tick_archives (contract_id, tick_type, hour_start_us, start_us, end_us, "
+            "file_path, tick_count, file_size_bytes, arrow_size_bytes, compression_ratio, row_group_start, "
+            "row_group_count) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                entry.contract_id, entry.tick_type, entry.hour_start_us, entry.start_us, entry.end_us,
+                entry.file_path, entry.tick_count, entry.file_size_bytes, entry.arrow_size_bytes,
+                entry.arrow_size_bytes / max(entry.file_size_bytes, 1), entry.row_group_start,
+                entry.row_group_count,
+            ),
+        )
 
     def archives(self, contract_id: int, tick_type: str, start_us: int, end_us: int) -> list[ArchiveEntry]:
         """Archived hours of a stream whose hour overlaps [start_us, end_us), oldest first."""
@@ -694,6 +740,22 @@ class Index:
         row = self._connection().execute("SELECT * FROM contracts WHERE contract_id = ?", (contract_id,)).fetchone()
         return None if row is None else ContractDetails(*row)
 
+    # -- continuous futures --------------------------------------------------------------------
+
+    def record_roll(self, root: str, contract_id: int, active_from_us: int, at_us: int) -> None:
+        self._writable().execute("INSERT OR REPLACE INTO rolls VALUES (?, ?, ?, ?)",
+                                   (root, active_from_us, contract_id, at_us))
+
+    def rolls(self, root: str) -> list[RollPiece]:
+        """The front contract of ``root`` over time, oldest first: each piece ends where the next begins."""
+        rows = self._connection().execute(
+            "SELECT active_from_us, contract_id FROM rolls WHERE root = ? ORDER BY active_from_us", (root,)).fetchall()
+        return [RollPiece(root, contract_id, start, rows[i + 1][0] if i + 1 < len(rows) else None)
+                for i, (start, contract_id) in enumerate(rows)]
+
+    def roll_roots(self) -> list[str]:
+        return [row[0] for row in self._connection().execute("SELECT DISTINCT root FROM rolls ORDER BY root")]
+
     def contract_ids_with_details_or_coverage(self) -> set[int]:
         rows = self._connection().execute(
             "SELECT contract_id FROM contracts UNION SELECT DISTINCT contract_id FROM coverage")
@@ -755,12 +817,64 @@ class Index:
     def coverage(self, contract_id: int, tick_type: str, start_us: int, end_us: int) -> list[CoverageInterval]:
         """Coverage rows of a stream that overlap [start_us, end_us), oldest first."""
         rows = self._connection().execute(
-            "SELECT contract_id, tick_type, status, reason, start_us, end_us, is_open FROM coverage "
+            f"SELECT {_COVERAGE_COLUMNS} FROM coverage "
             "WHERE contract_id = ? AND tick_type = ? AND start_us < ? AND (end_us IS NULL OR end_us > ? "
             "OR (is_open = 1 AND status = 'recorded')) ORDER BY start_us, id",
             (contract_id, tick_type, end_us, start_us)).fetchall()
-        return [CoverageInterval(cid, tick, status, reason, start, end, bool(is_open))
-                for cid, tick, status, reason, start, end, is_open in rows]
+        return [_coverage_row(row) for row in rows]
+
+    def closed_coverage(self, statuses: Sequence[str]) -> list[CoverageInterval]:
+        """Every closed coverage row (of any stream) with one of these statuses, by stream and start."""
+        rows = self._connection().execute(
+            f"SELECT {_COVERAGE_COLUMNS} FROM coverage WHERE is_open = 0 AND end_us IS NOT NULL AND status IN "
+            f"({', '.join('?' * len(statuses))}) ORDER BY contract_id, tick_type, start_us, id", tuple(statuses))
+        return [_coverage_row(row) for row in rows]
+
+    def swap_backfilled(self, gap: CoverageInterval, filled: CoverageInterval, old: Sequence[ArchiveEntry],
+                        new: Sequence[ArchiveEntry], minute_bars: dict[int, bytes],
+                        statistics: Sequence[DailyStatistics], at_us: int) -> None:
+        """In one transaction (storage.backfill): the gap's coverage row becomes ``filled`` (refused with
+        :class:`StorageError` if it is no longer as read), the hours of ``old`` lose their rows and each hour
+        of ``new`` is answered by its new file, with its 1-minute bars, and the days' ``statistics`` are
+        replaced; files of ``old`` no hour names any more become superseded."""
+        conn = self._writable()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            updated = conn.execute(
+                "UPDATE coverage SET status = ?, backfilled_ticks = ?, backfill_note = ?, backfilled_at_us = ? "
+                "WHERE contract_id = ? AND tick_type = ? AND start_us = ? AND end_us = ? AND is_open = 0 "
+                "AND status = ? AND backfilled_at_us IS ?",
+                (filled.status, filled.backfilled_ticks, filled.backfill_note, filled.backfilled_at_us,
+                 gap.contract_id, gap.tick_type, gap.start_us, gap.end_us, gap.status, gap.backfilled_at_us)).rowcount
+            if updated != 1:
+                raise StorageError(f"backfill: the coverage row {gap.status} {gap.start_us}..{gap.end_us} of "
+                                   f"{gap.contract_id} {gap.tick_type} changed meanwhile; nothing was swapped")
+            for before in old:
+                hour = (before.contract_id, before.tick_type, before.hour_start_us)
+                if conn.execute("DELETE FROM tick_archives WHERE contract_id = ? AND tick_type = ? AND "
+                                "hour_start_us = ? AND file_path = ?", (*hour, before.file_path)).rowcount != 1:
+                    raise StorageError(f"backfill: hour {before.hour_start_us} of {before.contract_id} "
+                                       f"{before.tick_type} changed in the index meanwhile; nothing was swapped")
+                conn.execute("DELETE FROM hour_bars WHERE contract_id = ? AND tick_type = ? AND hour_start_us = ?", hour)
+            for entry in new:  # an hour archived meanwhile: UNIQUE refuses, nothing is swapped
+                self._insert_archive(conn, entry)
+                self._put_hour_bars(conn, entry.contract_id, entry.tick_type, entry.hour_start_us,
+                                    minute_bars[entry.hour_start_us])
+            for day in statistics:
+                if day.total_ticks:
+                    self._put_statistics(conn, day)
+                else:
+                    conn.execute("DELETE FROM data_statistics WHERE contract_id = ? AND tick_type = ? AND date = ?",
+                                 (day.contract_id, day.tick_type, day.date))
+            replaced_by = new[0].file_path if new else ""
+            for path in sorted({e.file_path for e in old}):
+                if conn.execute("SELECT 1 FROM tick_archives WHERE file_path = ?", (path,)).fetchone() is None:
+                    conn.execute("INSERT OR REPLACE INTO superseded_files VALUES (?, ?, ?)", (path, replaced_by, at_us))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     # -- damage ------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from ibstream.core.times import US_PER_HOUR, now_us, to_us
 from ibstream.storage.archive import Archiver, archive_files, locate
 from ibstream.storage.config import StorageSettings
 from ibstream.storage.failpoints import failpoint
-from ibstream.storage.index import Index
+from ibstream.storage.index import COVERED, Index
 from ibstream.storage.quarantine import Damage, quarantine_file
 from ibstream.storage.segments import SUFFIX, SegmentWriter, StreamKey, fsync_dir
 from ibstream.storage.store import Store, lock_data_root
@@ -140,11 +140,11 @@ def _readable_index(path: Path, report: Report) -> Index | None:
 def _carry_over(old: Index, new: Index) -> None:
     for details in old.contracts():
         new.upsert_contract(details)
-    rows = old._connection().execute(
-        "SELECT contract_id, tick_type, status, reason, start_us, end_us, is_open FROM coverage ORDER BY id")
-    new._connection().executemany(
-        "INSERT INTO coverage (contract_id, tick_type, status, reason, start_us, end_us, is_open) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)", rows.fetchall())
+    columns = ("contract_id, tick_type, status, reason, start_us, end_us, is_open, backfilled_ticks, backfill_note, "
+               "backfilled_at_us")
+    rows = old._connection().execute(f"SELECT {columns} FROM coverage ORDER BY id")
+    new._connection().executemany(f"INSERT INTO coverage ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                  rows.fetchall())
     for damage in old.damage():
         new.record_damage(damage)
     # what retention expired stays expired (a file in its grace period is not re-adopted), and what
@@ -312,7 +312,7 @@ def status(settings: StorageSettings, now: int | None = None) -> StoreStatus:
                 store.index.archived_until_of(key.contract_id, key.tick_type.value),
                 store.index.expired_until(key.contract_id, key.tick_type.value),
                 settings.ticks_days(key.contract_id, key.tick_type.value),
-                [(max(c.start_us, midnight), c.end_us, c.reason) for c in coverage if c.status != "recorded"]))
+                [(max(c.start_us, midnight), c.end_us, c.reason) for c in coverage if c.status not in COVERED]))
         last = store.index.last_publication() if settings.archive_url else None
         publication = None if last is None else (
             last[0], last[3], len(store.index.all_archive_paths() - set(store.index.published_files())))

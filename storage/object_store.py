@@ -601,8 +601,10 @@ class Replica:
         """The 1-minute pre-aggregates of the stream's hours in [start_us, end_us): from the sidecars of
         their files (downloaded into the cache like them), and expired hours' from the index."""
         found = self.index.hour_bars(contract_id, tick_type, start_us, end_us)
-        for relative in dict.fromkeys(e.file_path for e in self.index.archives(contract_id, tick_type, start_us,
-                                                                                end_us)):
+        hours_of: dict[str, set[int]] = {}  # a day file's sidecar may hold an hour a backfill moved out of it since
+        for entry in self.index.archives(contract_id, tick_type, start_us, end_us):
+            hours_of.setdefault(entry.file_path, set()).add(entry.hour_start_us)
+        for relative, hours in hours_of.items():
             published = self.index.published_file(relative)
             if published is None or published.bars_sha256 is None or published.bars_size is None:
                 continue
@@ -610,7 +612,7 @@ class Replica:
             with pa.memory_map(str(path)) as source:
                 table = pa.ipc.open_file(source).read_all()
             for hour, blob in zip(table["hour_start_us"].to_pylist(), table["bars"].to_pylist()):
-                if start_us <= hour < end_us:
+                if hour in hours and start_us <= hour < end_us:
                     found[hour] = blob
         return found
 

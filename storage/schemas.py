@@ -82,6 +82,17 @@ SESSIONS_SCHEMA = pa.schema([
 COVERAGE_SCHEMA = pa.schema([
     ("contract_id", pa.int64()), ("tick_type", pa.string()), ("status", pa.string()), ("reason", pa.string()),
     ("start", TIMESTAMP), ("end", TIMESTAMP), ("open", pa.bool_()),
+    ("backfilled_ticks", pa.int64()), ("backfill_note", pa.string()), ("backfilled_at", TIMESTAMP),  # null: not backfilled
+])
+
+# -- provenance of served ticks (storage.backfill.provenance) --------------------------------------
+
+SOURCES = ("live", "backfill", "fallback")  # recorded tick by tick; from reqHistoricalTicks; from reqMktData
+SOURCE_FIELD = pa.field("source", pa.string(), nullable=False)  # plain text: every reader and format takes it
+
+ROLLS_SCHEMA = pa.schema([
+    ("root", pa.string()), ("contract_id", pa.int64()), ("local_symbol", pa.string()), ("last_trade_date", pa.string()),
+    ("start", TIMESTAMP), ("end", TIMESTAMP),
 ])
 
 
@@ -92,3 +103,19 @@ def records_table(records: list, schema: pa.Schema, attributes: dict[str, str] |
     columns = {f.name: pa.array([getattr(r, attributes.get(f.name, f.name)) for r in records]).cast(f.type)
                for f in schema}
     return pa.table(columns, schema=schema)
+
+
+# -- columns a continuous contract's rows carry first: the expiry each row came from ---------------
+
+EXPIRY_FIELDS = [pa.field("contract_id", pa.int64(), nullable=False), pa.field("local_symbol", pa.string())]
+
+
+def with_expiry(data: pa.Table | pa.RecordBatch, contract_id: int, local_symbol: str | None):
+    """``data`` with :data:`EXPIRY_FIELDS` in front (constant columns)."""
+    n = data.num_rows
+    data = data.add_column(0, EXPIRY_FIELDS[1], pa.array([local_symbol] * n, pa.string()))
+    return data.add_column(0, EXPIRY_FIELDS[0], pa.array([contract_id] * n, pa.int64()))
+
+
+def expiry_schema(schema: pa.Schema) -> pa.Schema:
+    return pa.schema([*EXPIRY_FIELDS, *schema], metadata=schema.metadata)

@@ -17,14 +17,16 @@ from pathlib import Path
 import pyarrow as pa
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from ibstream.core.errors import InvalidConfigError, ServerUnavailableError, StorageError
-from ibstream.core.times import US_PER_HOUR, duration_us, from_us, to_us
+from ibstream.core.continuous import Continuous
+from ibstream.core.errors import InvalidConfigError, NotFoundError, ServerUnavailableError, StorageError
+from ibstream.core.times import US_PER_HOUR, duration_us, from_us, iso, now_us, to_us
+from ibstream.storage import backfill as backfilling
 from ibstream.storage.archive import Archiver
 from ibstream.storage.bar_query import read_bars
 from ibstream.storage.cache import ResultCache
 from ibstream.storage.compaction import CompactReport, compact
 from ibstream.storage.config import StorageSettings
-from ibstream.storage.index import ArchiveEntry, ContractDetails, CoverageInterval, DailyStatistics, Index
+from ibstream.storage.index import ArchiveEntry, ContractDetails, CoverageInterval, DailyStatistics, Index, RollPiece
 from ibstream.storage.object_store import Publisher, PublishReport, Replica, check_replica_root, parse_horizons
 from ibstream.storage.planner import Plan, Planner
 from ibstream.storage.retention import PruneReport, prune, refuse_expired
@@ -180,6 +182,23 @@ class Store:
         with self._rewriting:
             return compact(self.settings, self.index, self.writer, None if now is None else to_us(now, name="now"),
                            apply=apply, on_rewritten=self.cache.clear, **({"progress": progress} if progress else {}))
+
+    def backfill_candidates(self, now_us: int | None = None) -> list[CoverageInterval]:
+        """Closed coverage gaps (and partly backfilled ones, to retry) whose every hour can be written now:
+        archived, or without ticks and older than the buffer; most recent first (see :mod:`storage.backfill`)."""
+        return backfilling.candidates(self, now_us)
+
+    def backfill(self, contract_id: int, tick_type: TickType | str, gap_start_us: int, gap_end_us: int,
+                 historical: pa.Table, *, status: str, reason: str = "") -> backfilling.BackfillResult:
+        """Put IB's historical ticks for the coverage gap [gap_start_us, gap_end_us) into the archive, less
+        those the live ticks at its edges hold, and mark the gap ``status`` (see :mod:`storage.backfill`)."""
+        with self._rewriting:  # one at a time with compaction, retention and publication
+            return backfilling.backfill(self, contract_id, str(tick_type), gap_start_us, gap_end_us, historical,
+                                        status=status, reason=reason)
+
+    def provenance(self, contract_id: int, tick_type: TickType | str, table: pa.Table) -> pa.Table:
+        """``table`` with a ``source`` column: ``live``, ``backfill`` or ``fallback``, from coverage."""
+        return backfilling.provenance(self, contract_id, str(tick_type), table)
 
     def refuse_expired(self, key: StreamKey, start_us: int, end_us: int) -> None:
         """Raise :class:`~ibstream.core.errors.ExpiredDataError` if raw ticks of the range expired."""
@@ -376,6 +395,29 @@ class Store:
         """Contracts whose details the recorder received from IB."""
         return self.index.contracts()
 
+    def record_roll(self, root: str, contract_id: int, active_from_us: int) -> None:
+        """The recorder made (or will make) ``contract_id`` the front contract of ``root`` from ``active_from_us``
+        until the next roll; recording the same ``active_from_us`` again replaces it."""
+        self.index.record_roll(root, contract_id, active_from_us, now_us())
+
+    def rolls(self, root: str) -> list[RollPiece]:
+        """The front contract of ``root`` over time (the recorded roll schedule), oldest first."""
+        return self.index.rolls(root)
+
+    def continuous_pieces(self, continuous: Continuous, start_us: int, end_us: int) -> list[tuple[int, int, int]]:
+        """``(contract_id, start_us, end_us)`` that make up ``continuous`` (e.g. ``MNQ.c.0``) over the range."""
+        fronts = [(piece.start_us, piece.contract_id) for piece in self.index.rolls(continuous.root)]
+        if not fronts:
+            roots = ", ".join(self.index.roll_roots()) or "none yet"
+            raise NotFoundError(f"no roll schedule for {continuous.root!r} (roots with one: {roots}); the recorder "
+                                "records one for a future configured by symbol without an expiry")
+        pieces = continuous.pieces(fronts, start_us, end_us)
+        if not pieces:
+            raise NotFoundError(f"{continuous} has no contract over [{iso(start_us)}, {iso(end_us)}): the roll "
+                                f"schedule of {continuous.root} names {len(fronts)} expiries; rank {continuous.rank} "
+                                "is past the last one known")
+        return pieces
+
     def coverage(self, contract_id: int, tick_type: TickType | str, start: datetime, end: datetime) -> pa.Table:
         """When a stream was recorded and when not (and why) over [start, end): one row per interval.
 
@@ -392,7 +434,8 @@ class Store:
                                   d.start_us, d.end_us, False)
                  for d in self.index.damage(contract_id, tick_type, start_us, end_us - 1)]
         rows.sort(key=lambda r: r.start_us)
-        return records_table(rows, COVERAGE_SCHEMA, {"start": "start_us", "end": "end_us", "open": "is_open"})
+        return records_table(rows, COVERAGE_SCHEMA, {"start": "start_us", "end": "end_us", "open": "is_open",
+                                                     "backfilled_at": "backfilled_at_us"})
 
     def close(self) -> None:
         self._closing.set()

@@ -172,7 +172,7 @@ def test_actions_statistics_sessions_coverage(week):
     assert coverage.select("status", "reason").rows() == [("recorded", "subscribed"), ("gap", "disconnected")]
 
     names = [action.type for action in served.client._flight.list_actions()]
-    assert names == ["statistics", "sessions", "coverage", "scrub"]
+    assert names == ["statistics", "sessions", "coverage", "scrub", "rolls"]
 
 
 GOOD = {"version": 1, "contract_id": MNQ.contract_id, "tick_types": ["last"], "start": "2026-11-30T15:00:00Z",
@@ -202,7 +202,7 @@ GOOD = {"version": 1, "contract_id": MNQ.contract_id, "tick_types": ["last"], "s
     ({"fill": True}, pa.ArrowInvalid, "fill applies to bars; give a resolution such as '1m'"),
     ({"resolution": "5m", "daily_session": "regular"}, pa.ArrowInvalid, "daily_session applies to resolution '1d'"),
     ({"contract_id": None, "contract_ids": [MNQ.contract_id, 42]}, pa.ArrowKeyError, "contract_id 42 is not stored"),
-    ({"contract_ids": [MNQ.contract_id]}, pa.ArrowInvalid, "give exactly one of contract_id (one contract) or "
+    ({"contract_ids": [MNQ.contract_id]}, pa.ArrowInvalid, "give exactly one of contract_id (one contract), "
                                                            "contract_ids"),
     ({"resolution": "1s", "start": "2025-01-01T00:00:00Z", "end": "2025-12-31T00:00:00Z"}, pa.ArrowInvalid,
      "request too large: about 31,449,600 bars of 1s, over the limit of 10,000,000 (IBSTREAM_MAX_BARS)"),

@@ -63,7 +63,7 @@ def test_an_index_of_version_2_is_migrated_in_place_with_every_row(settings, rec
 
     assert snapshot(settings) == recorded
     with sqlite3.connect(settings.index_path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         assert {"hour_start_us", "start_us", "end_us", "row_group_start", "row_group_count"} <= columns(
             conn, "tick_archives")
         assert {"start_us", "end_us", "detected_at_us"} <= columns(conn, "damage")
