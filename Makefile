@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/ibstream demo
 
 test: $(STAMP)
-	$(BIN)/pytest -q  # not `python -m pytest`: the repo root on sys.path would hide a missed `ibstream.` import
+	$(BIN)/pytest -q -n 2 --dist loadscope  # not `python -m pytest`: the repo root on sys.path would hide a missed `ibstream.` import
 
 # The gate CI runs before the tests: ruff (rules in pyproject.toml), then mypy with the pydantic
 # plugin and the layer contracts (import-linter), both over the package as a wheel installs it
