@@ -12,7 +12,8 @@ import os
 import sqlite3
 import threading
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,6 +202,19 @@ _RENAMED_V3 = {  # table: {column before version 3: its name since}
 }
 
 
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` (the write lock up front) .. ``COMMIT``; any exception rolls back and goes on."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring an index written by an older ibstream up to :data:`SCHEMA_VERSION`, in one transaction
     (a crash leaves the old version whole). Runs before :data:`SCHEMA`, whose indexes name the new columns."""
@@ -208,8 +222,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
     tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if version >= SCHEMA_VERSION or not tables:
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(conn):
         sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'coverage'").fetchone()
         if sql is not None and "'unfillable'" not in sql[0]:  # widen the status CHECK (+ backfill columns): rebuild
             conn.execute("DROP INDEX IF EXISTS idx_coverage_stream")
@@ -230,11 +243,6 @@ def _migrate(conn: sqlite3.Connection) -> None:
             conn.execute("ALTER TABLE tick_archives ADD COLUMN row_group_start INTEGER NOT NULL DEFAULT 0")
             conn.execute("ALTER TABLE tick_archives ADD COLUMN row_group_count INTEGER")
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 @dataclass(frozen=True)
@@ -495,9 +503,7 @@ class Index:
                 coverage: Sequence[CoverageInterval] = ()) -> None:
         """Record an archived hour, its 1-minute partial bars, its day's statistics (None: left for the
         caller) and new closed ``coverage`` rows (an imported hour's) in one transaction."""
-        conn = self._writable()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(self._writable()) as conn:
             self._put_hour_bars(conn, entry.contract_id, entry.tick_type, entry.hour_start_us, minute_bars)
             self._insert_archive(conn, entry)
             if statistics is not None:
@@ -506,10 +512,6 @@ class Index:
                 "INSERT INTO coverage (contract_id, tick_type, status, reason, start_us, end_us, is_open) "
                 "VALUES (?, ?, ?, ?, ?, ?, 0)",
                 [(r.contract_id, r.tick_type, r.status, r.reason, r.start_us, r.end_us) for r in coverage])
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     @staticmethod
     def _insert_archive(conn: sqlite3.Connection, entry: ArchiveEntry) -> None:
@@ -551,9 +553,7 @@ class Index:
                        at_us: int, *, supersede: bool = True) -> None:
         """In one transaction: the hours of ``old`` are answered by ``new`` (rows of a day file) from now
         on, with the 1-minute bars computed from the new file; the files of ``old`` become superseded."""
-        conn = self._writable()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(self._writable()) as conn:
             for before, after in zip(old, new, strict=True):
                 updated = conn.execute(
                     "UPDATE tick_archives SET file_path = ?, file_size_bytes = ?, row_group_start = ?, "
@@ -570,11 +570,6 @@ class Index:
             replaced_by = new[0].file_path
             for path in sorted({e.file_path for e in old} - {replaced_by}) if supersede else ():
                 conn.execute("INSERT OR REPLACE INTO superseded_files VALUES (?, ?, ?)", (path, replaced_by, at_us))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
     def split_days(self, before_us: int) -> list[tuple[int, str, int]]:
         """(contract_id, tick_type, day start µs) of UTC days ending by ``before_us`` whose archived
@@ -769,14 +764,11 @@ class Index:
 
     def coverage_transition(self, contract_id: int, tick_type: str, at_us: int, status: str, reason: str) -> None:
         """Close the stream's open interval at ``at_us`` and open a new one (no-op if unchanged)."""
-        conn = self._writable()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(self._writable()) as conn:
             current = conn.execute(
                 "SELECT id, status, reason, start_us FROM coverage "
                 "WHERE contract_id = ? AND tick_type = ? AND is_open = 1", (contract_id, tick_type)).fetchone()
             if current is not None and (current[1], current[2]) == (status, reason):
-                conn.execute("COMMIT")
                 return
             if current is not None:
                 at_us = max(at_us, current[3])
@@ -785,10 +777,6 @@ class Index:
                 "INSERT INTO coverage (contract_id, tick_type, status, reason, start_us, end_us, is_open) "
                 "VALUES (?, ?, ?, ?, ?, ?, 1)",
                 (contract_id, tick_type, status, reason, at_us, at_us if status == "recorded" else None))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     def add_coverage(self, rows: list[CoverageInterval]) -> None:
         """Insert closed coverage rows as they are (rebuilding an index from archive files)."""
@@ -837,9 +825,7 @@ class Index:
         :class:`StorageError` if it is no longer as read), the hours of ``old`` lose their rows and each hour
         of ``new`` is answered by its new file, with its 1-minute bars, and the days' ``statistics`` are
         replaced; files of ``old`` no hour names any more become superseded."""
-        conn = self._writable()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(self._writable()) as conn:
             updated = conn.execute(
                 "UPDATE coverage SET status = ?, backfilled_ticks = ?, backfill_note = ?, backfilled_at_us = ? "
                 "WHERE contract_id = ? AND tick_type = ? AND start_us = ? AND end_us = ? AND is_open = 0 "
@@ -870,11 +856,6 @@ class Index:
             for path in sorted({e.file_path for e in old}):
                 if conn.execute("SELECT 1 FROM tick_archives WHERE file_path = ?", (path,)).fetchone() is None:
                     conn.execute("INSERT OR REPLACE INTO superseded_files VALUES (?, ?, ?)", (path, replaced_by, at_us))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
     # -- damage ------------------------------------------------------------------------------
 
@@ -896,35 +877,22 @@ class Index:
 
     def remove_archive(self, contract_id: int, tick_type: str, hour_start_us: int) -> None:
         """Take an archived hour out of service (its file was quarantined): its row and its bars."""
-        conn = self._writable()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(self._writable()) as conn:
             for table in ("tick_archives", "hour_bars"):
                 conn.execute(f"DELETE FROM {table} WHERE contract_id = ? AND tick_type = ? AND hour_start_us = ?",
                              (contract_id, tick_type, hour_start_us))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     # -- retention -----------------------------------------------------------------------------
 
     def expire(self, entries: list[ArchiveEntry], at_us: int) -> None:
         """In one transaction: these archived hours stop being served (their rows move from
         ``tick_archives`` to ``expired_hours``); pre-aggregates, statistics and coverage stay."""
-        conn = self._writable()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(self._writable()) as conn:
             for e in entries:
                 conn.execute("INSERT OR REPLACE INTO expired_hours VALUES (?, ?, ?, ?, ?, ?, 0)",
                              (e.contract_id, e.tick_type, e.hour_start_us, e.tick_count, e.file_path, at_us))
                 conn.execute("DELETE FROM tick_archives WHERE contract_id = ? AND tick_type = ? AND hour_start_us = ?",
                              (e.contract_id, e.tick_type, e.hour_start_us))
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
     def expired(self, contract_id: int | None = None, tick_type: str | None = None, start_us: int = 0,
                 end_us: int = 2**62, *, files_left_before_us: int | None = None) -> list[ExpiredHour]:
