@@ -4,7 +4,7 @@ The root is generated here in IB-Stream's own layout and encodings (v3 JSON line
 length-prefixed protobuf, one file per stream and hour of IB time, both copies of every tick):
 synthetic MNQ quotes and trades over 6 hours (--quick: 2), about 240k ticks (80k). The import
 reads both copies, cross-checks them record by record, converts sizes to exact decimals and
-publishes one archive file per stream and hour (zstd-9, fsync, one index transaction each).
+publishes one archive file per stream and hour (zstd-15, fsync, one index transaction each).
 A second run over the same root (everything imported before) is timed too.
 """
 

@@ -38,7 +38,7 @@ def parse_args(description: str) -> argparse.Namespace:
 
 
 def settings(root: Path, **overrides) -> Settings:
-    """Store settings under ``root``: defaults (fsync="batch", zstd-9, 15 min segments) unless overridden."""
+    """Store settings under ``root``: defaults (fsync="batch", zstd-15, 15 min segments) unless overridden."""
     return Settings(data_root=Path(root) / "data", flight_port=0, archive_delay=timedelta(0), **overrides)
 
 

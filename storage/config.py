@@ -68,7 +68,8 @@ class StorageSettings(BaseSettings):
         "zstd", description="Parquet codec for archived hours (see bench/bench_storage.py)."
     )
     parquet_compression_level: int | None = Field(
-        9, description="Codec level (zstd 1-22); None for the codec's default."
+        15, description="Codec level (zstd 1-22); None for the codec's default. Changing it changes the files "
+        "written from then on only; every level reads the same (see bench/bench_storage.py)."
     )
     cache_max_bytes: int = Field(
         1024 * 1024 * 1024, ge=0,
@@ -105,6 +106,10 @@ class StorageSettings(BaseSettings):
     compact_delay: timedelta = Field(
         timedelta(hours=1), description="A UTC day is compacted once it ended this long ago and every hour of it "
         "is archived.")
+    live_notify: bool = Field(
+        True, description="A server on a store another process records into wakes its live streams on each "
+        "acknowledged batch (inotify on the stream's folder) instead of waiting for live_poll_interval; it polls "
+        "where that is not available (not Linux, another host's NFS, an older recorder). False: poll only.")
 
     archive_url: str | None = Field(
         None, description="Object store the recorder publishes sealed hours and its index to, e.g. "

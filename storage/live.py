@@ -11,7 +11,8 @@ Seam between history and live
     In the recording process a :class:`Subscription` is registered under the same lock as the
     buffer snapshot the history is read from, so every batch acknowledged later reaches the
     subscription and no batch reaches both. A read-only store (another process) has no writer
-    to subscribe to; it polls the store from the cursor instead (``poll_interval``).
+    to subscribe to; it reads the store again from the cursor after each acknowledgement
+    (:class:`Acknowledgements`), and at least every ``poll_interval``.
 
 Slow subscribers
     A subscription holds at most ``max_rows`` ticks that its reader has not taken yet. Past that
@@ -25,6 +26,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -36,6 +38,12 @@ from ibstream.core.ticks import StreamKey
 from ibstream.core.times import FOREVER_US, now_us
 from ibstream.storage.bars import BAR_RESOLUTIONS, bar_schema, finish, partial_bars, rollup
 from ibstream.storage.schemas import schema_for
+from ibstream.storage.segments import stream_dir
+
+try:
+    import inotify_simple
+except ImportError:  # not Linux: live readers in another process poll
+    inotify_simple = None
 
 HEARTBEAT_SECONDS = 2.0  # an empty batch with the cursor is sent when nothing happened for this long
 
@@ -75,6 +83,54 @@ class Subscription:
             return batches
 
 
+class Acknowledgements:
+    """Wakes a reader in another process when the recorder acknowledges a batch of one stream.
+
+    The writer touches the open segment after each acknowledgement
+    (:func:`storage.segments.announce_acknowledged`), which inotify reports as ``IN_ATTRIB`` on
+    the stream's folder (rotation included). The kernel queues the events between two waits, so
+    an acknowledgement that lands while the reader reads the store wakes the next wait at once.
+    Where inotify is missing (not Linux, the per-user instance limit reached) or never fires
+    (another host's NFS, a recorder of an older version), :meth:`wait` returns after its timeout:
+    the reader polls.
+    """
+
+    def __init__(self, directory: Path, enabled: bool = True):
+        self.directory = directory
+        self._inotify = None
+        self._watching = False
+        if enabled and inotify_simple is not None:
+            try:
+                self._inotify = inotify_simple.INotify()
+            except OSError:  # e.g. fs.inotify.max_user_instances reached
+                pass
+        self._watch()
+
+    def _watch(self) -> None:
+        if self._inotify is None or self._watching:
+            return
+        try:
+            self._inotify.add_watch(self.directory, inotify_simple.flags.ATTRIB)
+            self._watching = True
+        except OSError:  # the folder does not exist yet (nothing recorded so far): tried again on the next wait
+            pass
+
+    def wait(self, timeout: float) -> bool:
+        """Until an acknowledgement newer than the last wait (True), or ``timeout`` seconds (False)."""
+        self._watch()
+        if self._inotify is None or not self._watching:
+            time.sleep(timeout)
+            return False
+        events = self._inotify.read(timeout=round(timeout * 1000))
+        if any(event.mask & inotify_simple.flags.IGNORED for event in events):
+            self._watching = False  # the folder was removed: watched again once it is back
+        return bool(events)
+
+    def close(self) -> None:
+        if self._inotify is not None:
+            self._inotify.close()
+
+
 class LiveFeed:
     """Ticks of one stream after a cursor: history first, then live, until ``end_us``.
 
@@ -97,9 +153,13 @@ class LiveFeed:
         self.max_rows = max_rows
         self.poll_interval = poll_interval
         self._reached_end = False
+        self._read_seconds = 0.0  # how long the last read of the store took (another process records)
 
     def batches(self, stopped: Callable[[], bool]) -> Iterator[tuple[pa.RecordBatch, Cursor, bool]]:
         subscription = Subscription(self.max_rows) if self.store.writer is not None else None
+        # watched before history is read, so an acknowledgement in between is not waited for
+        acknowledgements = Acknowledgements(stream_dir(self.store.settings.buffer_root, self.key),
+                                            enabled=subscription is None and self.store.settings.live_notify)
         try:
             plan = self.store.planner.plan(self.key, self.cursor.ts, self.end_us, self.store.settings.batch_rows,
                                            subscription=subscription)
@@ -107,9 +167,10 @@ class LiveFeed:
             if self._ended():
                 return
             yield self._empty(), self.cursor, True  # history caught up with: the seam
-            fresh = (lambda: self._taken(subscription)) if subscription else self._polled
+            fresh = (lambda: self._taken(subscription)) if subscription else (lambda: self._polled(acknowledgements))
             yield from self._emit(self._follow(fresh, stopped), live=True)
         finally:
+            acknowledgements.close()
             if subscription is not None:
                 self.store.writer.unsubscribe(self.key, subscription)
 
@@ -161,11 +222,19 @@ class LiveFeed:
                 "(the client does this itself)")
         return batches
 
-    def _polled(self) -> list[pa.RecordBatch]:
-        """Another process records: read the store again from the cursor after ``poll_interval``."""
-        time.sleep(self.poll_interval)
+    def _polled(self, acknowledgements: Acknowledgements) -> list[pa.RecordBatch]:
+        """Another process records: read the store again from the cursor after its next
+        acknowledgement, or after ``poll_interval``. The reader first rests as long as its last
+        read took (up to ``poll_interval``): woken by every acknowledgement, slow reads (a large
+        open segment is scanned whole) would otherwise follow each other back to back."""
+        rest = min(self._read_seconds, self.poll_interval)
+        time.sleep(rest)
+        acknowledgements.wait(self.poll_interval - rest)
+        started = time.monotonic()
         plan = self.store.planner.plan(self.key, self.cursor.ts, self.end_us, self.store.settings.batch_rows)
-        return list(self.cursor.unseen(plan.batches()))
+        batches = list(self.cursor.unseen(plan.batches()))
+        self._read_seconds = time.monotonic() - started
+        return batches
 
     def _empty(self) -> pa.RecordBatch:
         return pa.RecordBatch.from_pylist([], schema=self.schema)

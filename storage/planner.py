@@ -14,7 +14,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +27,11 @@ from ibstream.storage.archive import locate, open_archive_file, superseded_path
 from ibstream.storage.index import ArchiveEntry, Index
 from ibstream.storage.schemas import schema_for
 from ibstream.storage.segments import (
+    SegmentScan,
     SegmentWriter,
     StreamKey,
     list_segments,
+    resumes,
     scan_segment,
     segment_start_us,
     stream_dir,
@@ -68,7 +70,8 @@ class SegmentCache:
     (same ticks, a new file renamed over it, possibly of the same size)."""
 
     def __init__(self, max_entries: int = 4096):
-        self._entries: OrderedDict[tuple[Path, tuple[int, int, int]], pa.Table] = OrderedDict()
+        # (path, (size, inode, mtime)) -> (table, the scan that made it, without its batches)
+        self._entries: OrderedDict[tuple[Path, tuple[int, int, int]], tuple[pa.Table, SegmentScan]] = OrderedDict()
         self._lock = threading.Lock()
         self._max = max_entries
         self._reported: set[Path] = set()  # damaged segments already logged
@@ -77,21 +80,26 @@ class SegmentCache:
         mapped = os.fstat(source.fileno())
         key = (path, (source.size(), mapped.st_ino, mapped.st_mtime_ns))
         with self._lock:
-            table = self._entries.get(key)
-            if table is not None:
+            entry = self._entries.get(key)
+            if entry is not None:
                 self._entries.move_to_end(key)
-                return table
-        scan = scan_segment(path, source)
+                return entry[0]
+            # the same file, grown since (an open segment another process appends to): read on from there
+            earlier = next((v for k, v in reversed(self._entries.items())
+                            if k[0] == path and k[1][1] == mapped.st_ino and resumes(v[1], source.size())), None)
+        scan = scan_segment(path, source, after=earlier[1] if earlier else None)
         if scan.damaged and path not in self._reported:
             self._reported.add(path)
             log.error("segment %s has damaged bytes (%s); serving its %d good batches. The archiver or "
                       "`ibstream verify` quarantines it and reports the span in coverage", path,
                       ", ".join(f"{a}-{b}" for a, b, _ in scan.damaged), len(scan.batches))
         table = coalesce(scan.batches, schema, batch_rows)
+        if earlier is not None:
+            table = pa.concat_tables([earlier[0], table]) if table.num_rows else earlier[0]
         with self._lock:
             for older in [k for k in self._entries if k[0] == path]:  # a growing segment: keep its newest size only
                 del self._entries[older]
-            self._entries[key] = table
+            self._entries[key] = (table, replace(scan, batches=[]))
             while len(self._entries) > self._max:
                 self._entries.popitem(last=False)
         return table

@@ -14,7 +14,8 @@ reader tells a torn tail (an incomplete last message: a crash mid-write) from da
 message that fails its checksum, anywhere). Plain Arrow readers ignore the key.
 
 Group commit: :meth:`SegmentWriter.append` writes a whole batch, fsyncs it (policy
-``fsync="batch"``) and only then returns: the ticks are *acknowledged*. A failed write or fsync
+``fsync="batch"``) and only then returns: the ticks are *acknowledged*; the segment is then touched
+(its mtime), which wakes live readers in other processes (storage/live.py). A failed write or fsync
 (disk full, I/O error) is undone by truncating the segment back to its last acknowledged byte,
 and is raised as :class:`~ibstream.core.errors.StorageUnavailableError`; nothing of it is
 acknowledged. On start, :class:`SegmentWriter` checks every segment: a torn tail of a stream's
@@ -289,11 +290,13 @@ def _resync(data: memoryview, start: int, schema: pa.Schema, checksummed: bool) 
     return None
 
 
-def scan_segment(path: Path, source: pa.NativeFile | None = None) -> SegmentScan:
+def scan_segment(path: Path, source: pa.NativeFile | None = None, *, after: SegmentScan | None = None) -> SegmentScan:
     """Read and check a segment: every good batch, the torn tail, the damaged byte ranges.
 
     ``source`` is an already opened memory map of ``path``; a file another process is appending
-    to reads up to its last complete message (a message in flight reads as a torn tail).
+    to reads up to its last complete message (a message in flight reads as a torn tail). ``after``,
+    an earlier clean scan of the same growing file (see :func:`resumes`), makes this one read on from
+    where that one ended: its ``batches`` are then only the ones appended since.
     """
     tick_type = key_of(path).tick_type
     schema = schema_for(tick_type)
@@ -303,7 +306,11 @@ def scan_segment(path: Path, source: pa.NativeFile | None = None) -> SegmentScan
     scan = SegmentScan(path, len(data))
     if not data:
         return scan
-    pos = _header_end(data, tick_type, scan)
+    if after is not None and resumes(after, len(data)):
+        scan.checksummed = after.checksummed
+        pos: int | None = after.valid_end
+    else:
+        pos = _header_end(data, tick_type, scan)
     if pos is None:  # unreadable header: find the first batch with the schema we know
         scan.header_ok = False
         found = _resync(data, 0, schema, True)
@@ -336,6 +343,12 @@ def scan_segment(path: Path, source: pa.NativeFile | None = None) -> SegmentScan
         scan.batches.append(batch)
         scan.valid_end = pos
     return scan
+
+
+def resumes(scan: SegmentScan, size: int) -> bool:
+    """Whether a scan of a growing segment can be read on from its end once the file is ``size`` bytes: it
+    was clean (header, checksums, no damage, no end marker) and the file did not shrink below it."""
+    return scan.header_ok and not scan.damaged and not scan.ended and scan.valid_end <= size
 
 
 def _header_end(data: memoryview, tick_type: TickType, scan: SegmentScan) -> int | None:
@@ -382,6 +395,16 @@ def damage_of(scan: SegmentScan, data_root: Path, bucket_us: int, interval_us: i
         spans.append(Damage(key.contract_id, key.tick_type.value, before, following, relative, "",
                             f"{reason}: bytes {start}-{end} of {scan.size}", now_us(), end - start))
     return spans
+
+
+def announce_acknowledged(fd: int) -> None:
+    """Touch an open segment once its batch is acknowledged: readers in other processes wake on the
+    inode change (inotify ``IN_ATTRIB``, :class:`storage.live.Acknowledgements`) instead of polling.
+    Best effort: the batch is durable already, and a reader that misses it polls."""
+    try:
+        os.utime(fd)
+    except OSError:
+        pass
 
 
 def fsync_dir(directory: Path) -> None:
@@ -825,6 +848,7 @@ class SegmentWriter:
             self._undo(stream, segment)
             raise
         segment.offset += len(message)
+        announce_acknowledged(segment.fd)
         for listener in self.timing_listeners:
             listener(written - started, synced - written if self.settings.fsync == "batch" else 0.0)
         with stream.state_lock:
