@@ -152,7 +152,7 @@ class Settings(StorageSettings):
     live_poll_interval: timedelta = Field(
         timedelta(milliseconds=50),
         description="A server on a store another process records into reads new ticks for live streams at least "
-        "this often (woken sooner by each acknowledgement where inotify works: live_notify)."),
+        "this often (woken sooner by each acknowledgement where inotify works: live_notify).")
     ib_host: str = Field("127.0.0.1", description="Host of TWS / IB Gateway (or `ibstream simulate`).")
     ib_port: int = Field(
         4002, ge=1, le=65535,
