@@ -146,8 +146,7 @@ class IBConnection(EWrapper, EClient):
         self.reader_class = reader_class
         self.msg_queue: queue.Queue[bytes] = queue.Queue(maxsize=MAX_QUEUED_MESSAGES)
         self.ready = threading.Event()
-        self.last_message = time.monotonic()
-        self.last_decoded_us: int | None = None  # wall clock after the last message was handled
+        self.last_message = time.monotonic()  # after the last message was handled
         self.malformed = 0
         self.abandon = False
         self.pump_thread = threading.Thread(target=self.pump, name="ib-messages", daemon=True)
@@ -189,14 +188,13 @@ class IBConnection(EWrapper, EClient):
                 text = messages.get(timeout=0.02)  # short: a disconnect waits for this loop to drain
             except queue.Empty:
                 continue
-            self.last_message = time.monotonic()
             try:
                 self.decoder.interpret(comm.read_fields(text))
             except Exception as exc:  # ibapi raises ValueError, BadMessage, IndexError... on bad input
                 self.malformed += 1
                 log.warning("skipped a malformed message from the gateway (%s: %s): %r",
                             type(exc).__name__, exc, text[:120])
-            self.last_decoded_us = now_us()
+            self.last_message = time.monotonic()
 
     # -- EWrapper ----------------------------------------------------------------------------------
 
@@ -444,13 +442,14 @@ class IBFeed:
                 session.abandon = True
                 log.error("discarded %d received messages not decoded within %.0f s of disconnecting "
                           "(the recorder was behind the gateway)", session.msg_queue.qsize(), DRAIN_SECONDS)
+        last_message_us = now_us() - int((time.monotonic() - session.last_message) * 1e6)
         with self._lock:
             gap = ("recorder_stopped" if self._stop.is_set()
                    else "gateway_silent" if reason == "gateway silent" else "disconnected")
             self._market_data.clear()
             for stream in self._streams:  # nothing came after the last message handled: the gap starts there
                 stream.fallback = False
-                self._end(stream, gap, at_us=session.last_decoded_us)
+                self._end(stream, gap, at_us=last_message_us)
                 stream.refused = None
             self._by_request.clear()  # and those of expiries rolled off
             for spec, resolution in self._resolutions.items():

@@ -225,8 +225,8 @@ class LiveFeed:
     def _polled(self, acknowledgements: Acknowledgements) -> list[pa.RecordBatch]:
         """Another process records: read the store again from the cursor after its next
         acknowledgement, or after ``poll_interval``. The reader first rests as long as its last
-        read took (up to ``poll_interval``): woken by every acknowledgement, slow reads (a large
-        open segment is scanned whole) would otherwise follow each other back to back."""
+        read took (up to ``poll_interval``): woken by every acknowledgement (a recorder may commit
+        every millisecond), reads would otherwise follow each other back to back."""
         rest = min(self._read_seconds, self.poll_interval)
         time.sleep(rest)
         acknowledgements.wait(self.poll_interval - rest)
