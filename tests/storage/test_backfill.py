@@ -3,6 +3,7 @@ rule at both ends, identical ticks inside a second kept), atomically at every ki
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import subprocess
@@ -22,7 +23,7 @@ from ibstream.core.times import US_PER_HOUR, US_PER_SECOND, to_us
 from ibstream.settings import Settings
 from ibstream.storage import Store
 from ibstream.storage.archive import archive_files
-from ibstream.storage.failpoints import ENV, EXIT_CODE
+from ibstream.storage.failpoints import ENV, EXIT_CODE, io_faults
 from ibstream.storage.index import CoverageInterval
 from ibstream.storage.schemas import SOURCE_FIELD
 from ibstream.storage.synthetic import MNQ
@@ -446,3 +447,23 @@ def test_settings_changed_since_recording_apply_to_the_rewritten_files_only(one_
         assert codecs == {"ZSTD", "SNAPPY"}  # the rewritten hour in the new codec, the others as written
         assert store.read(CID, "bid_ask", *EVERYTHING).equals(merged(market, g0, g1))
         assert store.scrub(20) == []  # every file checks against the index
+
+
+def test_a_full_disk_during_the_rewrite_changes_nothing_and_a_retry_fills_the_gap(one_hour):
+    settings, market, g0, g1 = one_hour
+    historical = from_ib(market, g0, g1)
+    with Store(settings) as store:
+        before_files, before = files(settings), store.read(CID, "bid_ask", *EVERYTHING)
+        io_faults.arm("archive.write", errno.ENOSPC)
+        try:
+            with pytest.raises(OSError) as full:
+                store.backfill(CID, "bid_ask", g0, g1, historical, status="backfilled")
+        finally:
+            io_faults.disarm()
+        assert full.value.errno == errno.ENOSPC
+        assert files(settings) == before_files and not list(settings.archive_root.rglob("*.tmp"))
+        assert store.read(CID, "bid_ask", *EVERYTHING).equals(before)
+        assert [row[0] for row in coverage(store)] == ["recorded", "gap", "recorded"]
+        result = store.backfill(CID, "bid_ask", g0, g1, historical, status="backfilled")  # room again
+        assert result.added == 121
+        assert store.read(CID, "bid_ask", *EVERYTHING).equals(merged(market, g0, g1))
