@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -80,10 +81,20 @@ def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> Non
 
 
 def free_port() -> int:
-    """A loopback TCP port nothing listens on (yet)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A loopback TCP port nothing listens on (yet), for a server another process starts.
+
+    Taken below the kernel's ephemeral range (where port-0 servers of the other pytest-xdist worker
+    land) and from this worker's own block, so no other test binds it before that process does."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    low = 20_000 + 2_000 * (worker % 6)
+    for port in random.sample(range(low, low + 2_000), 2_000):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free loopback port in {low}..{low + 1_999}")
 
 
 def flight_answers(port: int) -> bool:
