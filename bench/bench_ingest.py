@@ -5,13 +5,16 @@ recorder's GIL; the recorder (``IBFeed`` + ``Recorder`` + ``Store``, fsync="batc
 
 1. Sustained ingest: the simulated market is sped up until it offers far more than the
    recorder can take (TCP back-pressure holds the simulator back); the figure is the rate of
-   acknowledged ticks over the measurement window. Target: >= 50,000 ticks/s.
+   acknowledged ticks over the measurement window. Target (issue 19): >= 150,000 ticks/s, i.e.
+   >= 40% of the decoder ceiling measured in the same run (the ratio is the figure that travels
+   between machines: the ceiling itself varies 100k-360k ticks/s here).
    The same overload is run once more with ibapi's stock EReader (quadratic buffer handling)
    instead of ours, as the in-process baseline.
 2. The ``ibapi`` decoder alone, on the same kind of frames in memory (read_fields + Decoder
    .interpret into a do-nothing wrapper): the ceiling the official client puts on any recorder.
 3. Tick-to-acknowledged latency at ~5,000 ticks/s: from the callback's receive stamp (``ts``)
-   to the moment ``Store.append`` returned (fsync'ed). Target: p99 < 50 ms. Measured first:
+   to the moment ``Store.append`` returned (fsync'ed), with the group commit's duration beside it.
+   Baseline: the same run with the old fixed 20 ms flush cadence. Target: p99 <= 15 ms. Measured first:
    after an overload run, ibapi's stock reader thread may still be draining its backlog (in a
    full bench/run_all.py process this pushed p99 to ~700 ms).
 """
@@ -34,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import header, parse_args, target  # noqa: E402
 
 from ibstream.app import RecordingService  # noqa: E402
-from ibstream.core.times import now_us  # noqa: E402
+from ibstream.core.times import as_micros, now_us  # noqa: E402
 from ibstream.recorder.ib import IBFeed  # noqa: E402
 from ibstream.settings import ContractSpec, Settings  # noqa: E402
 from ibstream.simulator.market import SIM_AAPL, SIM_MNQ  # noqa: E402
@@ -67,35 +70,41 @@ def start_simulator(speed: float) -> tuple[subprocess.Popen, int]:
             time.sleep(0.1)
 
 
-def record(speed: float, seconds: float, warmup: float = 2.0, latency: bool = False, stock_reader: bool = False) -> dict:
+def record(speed: float, seconds: float, warmup: float = 2.0, latency: bool = False, stock_reader: bool = False,
+           flush_interval: timedelta = Settings.model_fields["flush_interval"].default) -> dict:
     """Run the recorder against a simulator at ``speed``; ticks/s acknowledged and ack latencies."""
     import ibapi.reader
 
     simulator, port = start_simulator(speed)
     delays: list[np.ndarray] = []
+    flushes: list[float] = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
             settings = Settings(data_root=Path(tmp) / "data", flight_port=0, ib_port=port, contracts=CONTRACTS,
-                                ib_resubscribe_pause=timedelta(0))
+                                ib_resubscribe_pause=timedelta(0), flush_interval=flush_interval)
             feed = IBFeed(settings, reader_class=ibapi.reader.EReader) if stock_reader else IBFeed(settings)
             with RecordingService(settings, feed) as service:
                 recorder = service.recorder
                 if latency:
-                    recorder.ack_listeners.append(lambda key, batch: delays.append(
-                        now_us() - batch.column("ts").cast("int64").to_numpy()))
+                    recorder.ack_listeners.append(lambda key, batch: delays.append(now_us() - as_micros(batch.column("ts"))))
+                    recorder.flush_listeners.append(lambda took, acked: flushes.append(took))
                 time.sleep(warmup)
                 delays.clear()
-                start_count, started = sum(recorder.acknowledged.values()), time.perf_counter()
+                flushes.clear()
+                start_count, started, cpu = sum(recorder.acknowledged.values()), time.perf_counter(), time.process_time()
                 time.sleep(seconds)
                 count, elapsed = sum(recorder.acknowledged.values()) - start_count, time.perf_counter() - started
+                cpu = time.process_time() - cpu
                 malformed = service.feed.malformed
     finally:
         simulator.terminate()
         simulator.wait()
-    result = {"rate": count / elapsed, "ticks": count, "malformed": malformed}
+    result = {"rate": count / elapsed, "ticks": count, "malformed": malformed, "cpu": cpu / elapsed}
     if latency and delays:
         all_delays = np.concatenate(delays) / 1e3
         result |= {f"p{q}": float(np.percentile(all_delays, q)) for q in (50, 90, 99)} | {"max": float(all_delays.max())}
+        result |= {"flushes": len(flushes), "flush_p50": float(np.percentile(flushes, 50)) * 1e3,
+                   "flush_p99": float(np.percentile(flushes, 99)) * 1e3}
     return result
 
 
@@ -128,11 +137,15 @@ def main(quick: bool = False) -> dict:
     results = {"decoder_ceiling": ceiling}
     # latency first: the overload runs below leave ibapi's stock reader thread draining a backlog for a while
     speed = 5_000 / TICKS_PER_SPEED
-    run = record(speed, seconds, latency=True)
-    results["latency"] = run
-    print(f"tick -> acknowledged at {run['rate']:,.0f} ticks/s ({run['ticks']:,} ticks; flush every 20 ms, fsync):"
-          f" p50 {run['p50']:.1f} ms, p90 {run['p90']:.1f} ms, p99 {run['p99']:.1f} ms, max {run['max']:.1f} ms")
-    target("p99 < 50 ms at 5,000 ticks/s", run["p99"] < 50)
+    for name, interval in (("latency_20ms", timedelta(milliseconds=20)), ("latency", None)):
+        run = record(speed, seconds, latency=True, **({"flush_interval": interval} if interval else {}))
+        results[name] = run
+        cadence = "baseline: flushes at most every 20 ms" if interval else "default flush_interval"
+        print(f"tick -> acknowledged at {run['rate']:,.0f} ticks/s ({cadence}, fsync): p50 {run['p50']:.1f} ms, "
+              f"p90 {run['p90']:.1f} ms, p99 {run['p99']:.1f} ms, max {run['max']:.1f} ms; {run['flushes']:,} "
+              f"flushes, each p50 {run['flush_p50']:.1f} ms, p99 {run['flush_p99']:.1f} ms; recorder CPU {run['cpu']:.0%}")
+    target(f"p99 <= 15 ms at 5,000 ticks/s ({run['p99']:.1f} ms; {results['latency_20ms']['p99'] / run['p99']:.1f}x "
+           "better than the 20 ms cadence)", run["p99"] <= 15)
 
     print(f"{'offered (nominal)':>18} {'acknowledged/s':>15} {'of offered':>11} {'of decoder ceiling':>19}")
     for speed in ((3_000, 9_000) if quick else (3_000, 6_000, 12_000)):
@@ -146,7 +159,9 @@ def main(quick: bool = False) -> dict:
           f"   <- ibapi's stock EReader" + (f": ours is {run['rate'] / stock['rate']:.1f}x" if stock["rate"]
                                              else " acknowledged nothing (quadratic reader, gateway dropped as silent)"))
     best = max(r["rate"] for k, r in results.items() if k.startswith("speed_"))
-    target(f">= 50,000 ticks/s sustained (best {best:,.0f})", best >= 50_000)
+    target(f">= 40% of the decoder ceiling sustained (best {best:,.0f} ticks/s = {best / ceiling:.0%})",
+           best >= 0.4 * ceiling)
+    target(f">= 150,000 ticks/s sustained (best {best:,.0f})", best >= 150_000)
 
     return results
 

@@ -55,7 +55,7 @@ from ibstream.core.errors import (
     UnauthenticatedError,
     shown,
 )
-from ibstream.core.times import iso, now_us
+from ibstream.core.times import as_micros, iso, now_us
 from ibstream.flight_server.auth import Caller
 from ibstream.flight_server.commands import QueryCommand, Ticket
 from ibstream.flight_server.queries import Answer, QueryService
@@ -507,7 +507,7 @@ class _Streams:
                     continue
                 for offset in range(0, batch.num_rows, SSE_EVENT_ROWS):
                     part = batch.slice(offset, SSE_EVENT_ROWS)
-                    ts = part.column("ts").cast(pa.int64()).to_numpy()
+                    ts = as_micros(part.column("ts"))
                     cursors = _row_cursors(cursor, ts)
                     cursor = Cursor.parse(cursors[-1])
                     bodies = _tick_bodies(part, feed.ticket.contract_id, feed.tick_type, feed.stream_id, not live)

@@ -62,7 +62,9 @@ log = logging.getLogger(__name__)
 
 INFO_CODES = {2104, 2106, 2107, 2108, 2119, 2158}
 CONNECTION_CODES = {502, 504, 509}  # ibapi's own: cannot connect / not connected / socket error
-MAX_QUEUED_MESSAGES = 200_000  # received, not yet decoded; when full the socket stops being read
+READ_BYTES = 1 << 18  # one socket read: ~4,000 tick messages
+MAX_QUEUED_READS = 32  # reads (<= 8 MiB, ~130k messages) received, not yet decoded; when full the socket stops
+#                        being read and TCP holds the gateway back
 DRAIN_SECONDS = 5.0  # on our own disconnect, decode what was already received for up to this long
 LIMITED = ("tick_by_tick_limit", "market_data_fallback")  # states of a stream IB refused tick-by-tick
 BID, ASK, LAST, BID_SIZE, ASK_SIZE, LAST_SIZE = 1, 2, 4, 0, 3, 5  # reqMktData tick types (ibapi TickTypeEnum)
@@ -73,9 +75,10 @@ class _Reader(EReader):
 
     ibapi 9.81's EReader concatenates ``bytes`` per 4 KiB read and re-slices the whole rest of
     the buffer for every message, which turns quadratic once the recorder falls behind (bench:
-    9k ticks/s acknowledged when 150k/s were offered). This one reads up to 1 MiB at a time into
-    a bytearray and cuts frames by offset. The queue is bounded, so a recorder that cannot keep
-    up stops reading and TCP pushes back on the gateway instead of memory growing.
+    9k ticks/s acknowledged when 150k/s were offered). This one reads up to 256 KiB at a time into
+    a bytearray and cuts frames by offset, and queues the frames of each read as one list (one
+    queue hand-over per read, not per message). The queue is bounded, so a recorder that cannot
+    keep up stops reading and TCP pushes back on the gateway instead of memory growing.
     """
 
     def run(self) -> None:
@@ -84,7 +87,7 @@ class _Reader(EReader):
             while self.conn.isConnected():
                 sock = self.conn.socket
                 try:
-                    data = sock.recv(1 << 20) if sock is not None else b""
+                    data = sock.recv(READ_BYTES) if sock is not None else b""
                 except socket.timeout:
                     continue
                 except OSError:
@@ -99,8 +102,8 @@ class _Reader(EReader):
                     log.error("the gateway sent a %s: the stream is out of step; reconnecting", exc)
                     self.conn.disconnect()
                     return
-                for message in messages:
-                    self.msg_queue.put(message)
+                if messages:
+                    self.msg_queue.put(messages)
         except Exception:
             log.exception("the IB socket reader failed; the connection will be re-established")
 
@@ -144,7 +147,7 @@ class IBConnection(EWrapper, EClient):
     def __init__(self, reader_class: type = _Reader):
         EClient.__init__(self, self)
         self.reader_class = reader_class
-        self.msg_queue: queue.Queue[bytes] = queue.Queue(maxsize=MAX_QUEUED_MESSAGES)
+        self.msg_queue: queue.Queue[list[bytes] | bytes] = queue.Queue(maxsize=MAX_QUEUED_READS)  # ibapi's reader: bytes
         self.ready = threading.Event()
         self.last_message = time.monotonic()  # after the last message was handled
         self.malformed = 0
@@ -182,19 +185,27 @@ class IBConnection(EWrapper, EClient):
 
     def pump(self) -> None:
         """The message loop (instead of ``EClient.run``): one bad message never ends the session."""
-        messages = self.msg_queue
+        messages, interpret, read_fields, clock = self.msg_queue, self.decoder.interpret, comm.read_fields, time.monotonic
         while (self.isConnected() or not messages.empty()) and not self.abandon:
             try:
-                text = messages.get(timeout=0.02)  # short: a disconnect waits for this loop to drain
+                read = messages.get(timeout=0.02)  # short: a disconnect waits for this loop to drain
             except queue.Empty:
                 continue
-            try:
-                self.decoder.interpret(comm.read_fields(text))
-            except Exception as exc:  # ibapi raises ValueError, BadMessage, IndexError... on bad input
-                self.malformed += 1
-                log.warning("skipped a malformed message from the gateway (%s: %s): %r",
-                            type(exc).__name__, exc, text[:120])
-            self.last_message = time.monotonic()
+            for text in (read,) if isinstance(read, bytes) else read:
+                if self.abandon:
+                    break
+                try:
+                    interpret(read_fields(text))
+                except Exception as exc:  # ibapi raises ValueError, BadMessage, IndexError... on bad input
+                    self.malformed += 1
+                    log.warning("skipped a malformed message from the gateway (%s: %s): %r",
+                                type(exc).__name__, exc, text[:120])
+                self.last_message = clock()
+
+    def queued_messages(self) -> int:
+        """Messages received and not yet decoded."""
+        with self.msg_queue.mutex:
+            return sum(1 if isinstance(read, bytes) else len(read) for read in self.msg_queue.queue)
 
     # -- EWrapper ----------------------------------------------------------------------------------
 
@@ -441,7 +452,7 @@ class IBFeed:
             if session.pump_thread.is_alive():
                 session.abandon = True
                 log.error("discarded %d received messages not decoded within %.0f s of disconnecting "
-                          "(the recorder was behind the gateway)", session.msg_queue.qsize(), DRAIN_SECONDS)
+                          "(the recorder was behind the gateway)", session.queued_messages(), DRAIN_SECONDS)
         last_message_us = now_us() - int((time.monotonic() - session.last_message) * 1e6)
         with self._lock:
             gap = ("recorder_stopped" if self._stop.is_set()

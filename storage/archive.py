@@ -47,7 +47,7 @@ from cachetools import LRUCache
 
 from ibstream.core.errors import DamagedDataError
 from ibstream.core.ticks import TickFamily
-from ibstream.core.times import US_PER_HOUR, duration_us, from_us, hour_floor, iso, now_us
+from ibstream.core.times import US_PER_HOUR, as_micros, duration_us, from_us, hour_floor, iso, now_us
 from ibstream.storage.bars import PREAGGREGATE_US, partial_table, tick_price
 from ibstream.storage.config import StorageSettings
 from ibstream.storage.failpoints import failpoint, io_faults
@@ -306,7 +306,7 @@ def check_archive_file(root: Path, path: Path, expected: ArchiveEntry | None = N
     problems = []
     if table.schema.metadata[b"ibstream.tick_type"].decode() != facts.key.tick_type.value:
         problems.append(f"holds {table.schema.metadata[b'ibstream.tick_type'].decode()} ticks, not {facts.key.tick_type}")
-    ts = table.column("ts").cast(pa.int64()).to_numpy()
+    ts = as_micros(table.column("ts"))
     if table.num_rows != facts.tick_count:
         problems.append(f"{table.num_rows} ticks where its metadata says {facts.tick_count}")
     if len(ts) and bool(np.any(ts[1:] < ts[:-1])):
@@ -344,7 +344,7 @@ def contains(whole: pa.Table, part: pa.Table) -> bool:
     """Whether ``part`` (ts-sorted ticks) stands in ``whole`` (ts-sorted) as one run, row for row."""
     if part.num_rows == 0:
         return True
-    ts = whole.column("ts").cast(pa.int64()).to_numpy()
+    ts = as_micros(whole.column("ts"))
     first = part.column("ts").cast(pa.int64())[0].as_py()
     lo, hi = np.searchsorted(ts, [first, first], side="left")[0], np.searchsorted(ts, first, side="right")
     part = part.combine_chunks()
@@ -823,7 +823,7 @@ def coverage_facts(rows: list[CoverageInterval], start: int, end: int) -> list:
 
 
 def _sorted_by_ts(table: pa.Table) -> pa.Table:
-    ts = table.column("ts").cast(pa.int64()).to_numpy()
+    ts = as_micros(table.column("ts"))
     if len(ts) > 1 and (ts[1:] < ts[:-1]).any():
         log.warning("segments were out of ts order; sorting before archival")
         return table.sort_by("ts")

@@ -49,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 
 from ibstream.core.errors import DamagedDataError, InvalidRequestError, StorageError, shown
-from ibstream.core.times import FOREVER_US, US_PER_HOUR, US_PER_SECOND, duration_us, hour_floor, iso, now_us
+from ibstream.core.times import FOREVER_US, US_PER_HOUR, US_PER_SECOND, as_micros, duration_us, hour_floor, iso, now_us
 from ibstream.storage.archive import (
     BACKFILL_SOURCE,
     FileFacts,
@@ -96,7 +96,7 @@ def _key(contract_id: int, tick_type: str) -> StreamKey:
 
 
 def _ts(table: pa.Table, column: str = "ts") -> np.ndarray:
-    return table.column(column).cast(pa.int64()).to_numpy()
+    return as_micros(table.column(column))
 
 
 def _span(start_us: int, end_us: int | None) -> str:

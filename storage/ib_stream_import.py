@@ -63,7 +63,7 @@ import pyarrow as pa
 
 from ibstream.core.errors import DamagedDataError, InvalidRequestError
 from ibstream.core.ticks import TickFamily
-from ibstream.core.times import MAX_US, US_PER_HOUR, duration_us, hour_floor, iso, now_us
+from ibstream.core.times import MAX_US, US_PER_HOUR, as_micros, duration_us, hour_floor, iso, now_us
 from ibstream.storage.archive import Archiver, file_facts
 from ibstream.storage.failpoints import failpoint
 from ibstream.storage.index import ArchiveEntry, CoverageInterval, Index
@@ -706,7 +706,7 @@ class _Importer:
     def _bucket(self, key: StreamKey, table: pa.Table, buckets: dict[int, list[pa.Table]], flushed: set[int]) -> None:
         if not table.num_rows:
             return
-        ts = table.column("ts").cast(pa.int64()).to_numpy()
+        ts = as_micros(table.column("ts"))
         hours = ts - ts % US_PER_HOUR
         for hour in np.unique(hours):
             hour = int(hour)
@@ -736,7 +736,7 @@ class _Importer:
 
     def _hour(self, key: StreamKey, state: _StreamState, hour: int, table: pa.Table) -> None:
         stream = self.report.stream(key)
-        ts = table.column("ts").cast(pa.int64()).to_numpy()
+        ts = as_micros(table.column("ts"))
         order = np.argsort(ts, kind="stable")  # by receive time; file order, then line order, for ties
         if len(ts) > 1 and bool((ts[1:] < ts[:-1]).any()):
             stream.reordered += int((ts[1:] < np.maximum.accumulate(ts)[:-1]).sum())

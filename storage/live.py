@@ -35,7 +35,7 @@ import pyarrow as pa
 from ibstream.core.cursors import Cursor
 from ibstream.core.errors import InvalidRequestError, SubscriberTooSlowError
 from ibstream.core.ticks import StreamKey
-from ibstream.core.times import FOREVER_US, now_us
+from ibstream.core.times import FOREVER_US, as_micros, now_us
 from ibstream.storage.bars import BAR_RESOLUTIONS, bar_schema, finish, partial_bars, rollup
 from ibstream.storage.schemas import schema_for
 from ibstream.storage.segments import stream_dir
@@ -189,7 +189,7 @@ class LiveFeed:
     def _clip(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """``batch`` from the cursor's time (a start in the future) up to ``end``; reaching a tick at
         or after ``end`` ends the stream."""
-        ts = batch.column("ts").cast(pa.int64()).to_numpy()
+        ts = as_micros(batch.column("ts"))
         first = int(np.searchsorted(ts, self.cursor.ts, side="left"))
         keep = int(np.searchsorted(ts, self.end_us, side="left"))
         self._reached_end = self._reached_end or keep < len(ts)

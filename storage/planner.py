@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ibstream.core.errors import DamagedDataError, IbstreamError
-from ibstream.core.times import hour_floor, iso
+from ibstream.core.times import as_micros, hour_floor, iso
 from ibstream.storage.archive import locate, open_archive_file, superseded_path
 from ibstream.storage.index import ArchiveEntry, Index
 from ibstream.storage.schemas import schema_for
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 def ts_bounds(ts: pa.Array | pa.ChunkedArray, start_us: int, end_us: int) -> tuple[int, int]:
     """Row positions [lo, hi) of sorted ``ts`` that fall in [start_us, end_us)."""
-    values = ts.cast(pa.int64()).to_numpy()
+    values = as_micros(ts)
     lo, hi = np.searchsorted(values, [start_us, end_us], side="left")
     return int(lo), int(hi)
 

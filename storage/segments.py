@@ -25,7 +25,7 @@ reported (coverage ``damaged``).
 
 Coalescing: a group commit is one IPC message, and each message carries ~550 B of flatbuffer
 metadata (a field node and two buffer descriptors per column, the CRC key-value) whatever its
-row count; at the recorder's 20 ms flushes a stream's commits hold one to a few dozen ticks, so
+row count; at the recorder's 5 ms flushes a stream's commits hold one to a few dozen ticks, so
 the open segment costs 70-570 B/tick against ~64 B/tick of column data (bench/bench_buffer.py).
 Once a segment is closed, :meth:`SegmentWriter.coalesce_closed` (the archiver runs it after each
 pass, off the ingest path) rewrites it as batches of ``batch_rows`` rows with ZSTD IPC body
@@ -58,7 +58,7 @@ import pyarrow as pa
 
 from ibstream.core.errors import SealedHourError, StorageUnavailableError, TickOrderError
 from ibstream.core.ticks import StreamKey, TickType
-from ibstream.core.times import US_PER_SECOND, duration_us, iso, now_us
+from ibstream.core.times import US_PER_SECOND, as_micros, duration_us, iso, now_us
 from ibstream.storage.config import StorageSettings
 from ibstream.storage.failpoints import failpoint, fsync, io_faults, write_all
 from ibstream.storage.quarantine import Damage, damage_note, quarantine_file
@@ -641,7 +641,7 @@ class SegmentWriter:
         batch = _as_batch(data, stream.schema)
         if batch.num_rows == 0:
             return 0
-        ts = batch.column("ts").cast(pa.int64()).to_numpy()
+        ts = as_micros(batch.column("ts"))
         with stream.write_lock:
             self._check_order(stream, ts)
             done = 0

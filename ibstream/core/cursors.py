@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from ibstream.core.errors import InvalidRequestError, shown
-from ibstream.core.times import in_range_us
+from ibstream.core.times import as_micros, in_range_us
 
 MAX_CURSOR_N = 2**31  # ticks with one time a cursor can count
 
@@ -44,7 +44,7 @@ class Cursor:
         """The cursor after ``batch`` (ts-ordered ticks that follow this cursor)."""
         if batch.num_rows == 0:
             return self
-        ts = batch.column("ts").cast(pa.int64()).to_numpy()
+        ts = as_micros(batch.column("ts"))
         last = int(ts[-1])
         run = int(len(ts) - np.searchsorted(ts, last, side="left"))
         return Cursor(last, self.n + run if last == self.ts else run)
@@ -54,7 +54,7 @@ class Cursor:
         ``n`` ticks with that time are the ones already seen)."""
         skip = self.n
         for batch in batches:
-            ts = batch.column("ts").cast(pa.int64()).to_numpy()
+            ts = as_micros(batch.column("ts"))
             first = int(np.searchsorted(ts, self.ts, side="left"))
             equal = int(np.searchsorted(ts, self.ts, side="right")) - first
             taken = min(skip, equal)

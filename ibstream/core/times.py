@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 US_PER_SECOND = 1_000_000
@@ -47,7 +48,14 @@ def hour_floor(micros: int) -> int:
 
 
 def now_us() -> int:
-    return to_us(datetime.now(UTC))
+    """The wall clock in microseconds since the epoch (the clock ``datetime.now`` reads; 10x cheaper)."""
+    return time.time_ns() // 1_000
+
+
+def as_micros(column):  # -> numpy.ndarray (this module imports neither numpy nor pyarrow)
+    """A ``ts``-like Arrow column (timestamp[us] or int64, array or chunked, no nulls) as int64
+    microseconds in numpy: a view of Arrow's buffer for an array (3-4x cheaper than a cast)."""
+    return column.to_numpy().view("int64")
 
 
 def iso(micros: int) -> str:
