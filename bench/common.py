@@ -102,6 +102,11 @@ class BareServer(flight.FlightServerBase):
         super().__init__("grpc://127.0.0.1:0")
         self.table = table
 
+    def get_flight_info(self, context, descriptor):
+        """One endpoint over the table: what a Flight query's first call costs at the floor."""
+        return flight.FlightInfo(self.table.schema, descriptor, [flight.FlightEndpoint(b"table", [])],
+                                 self.table.num_rows, self.table.nbytes)
+
     def do_get(self, context, ticket):
         return flight.RecordBatchStream(self.table)
 

@@ -73,8 +73,6 @@ from ibstream.storage.store import Store
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH_BYTES = 2 * 1024 * 1024  # bar batches: well under gRPC's default 4 MiB message limit
-
 ACTIONS = {
     "statistics": "Daily statistics of a contract from the index (data_statistics), one row per tick type and "
                   "UTC date. Body: {\"contract_id\": int, \"tick_type\": optional}. Result: one Arrow IPC stream.",
@@ -311,7 +309,7 @@ class QueryService:
                 ticket.daily_session or "extended", ticket.start_us, ticket.end_us)
         bars = self.store.bars(ticket.contract_id, ticket.tick_type, ticket.start_us, ticket.end_us,
                                ticket.resolution, fill=ticket.fill, sessions=sessions)
-        table = with_metadata(_chunked(decorate(bars), self.settings.batch_rows), metadata)
+        table = with_metadata(decorate(bars), metadata)  # in batches of batch_rows rows and ~2 MiB already
         return Answer(ticket, table.schema, table=table)
 
     def _decorator(self, ticket: Ticket) -> Callable:
@@ -445,8 +443,7 @@ class QueryService:
                                 "are stored for it; list_flights shows the stored contracts")
 
     def _check_stored(self, contract_ids: list[int]) -> None:
-        stored = self.store.contract_ids()
-        missing = [c for c in contract_ids if c not in stored]
+        missing = [c for c in contract_ids if not self.store.stores(c)]
         if missing:
             raise NotFoundError(
                 f"contract_id {', '.join(map(str, missing))} is not stored; list_flights shows the stored contracts"
@@ -610,10 +607,3 @@ def with_metadata(value, extra: dict[str, str]):
     merged = {**(schema.metadata or {}), **{k.encode(): v.encode() for k, v in extra.items()}}
     return value.with_metadata(merged) if isinstance(value, pa.Schema) else value.replace_schema_metadata(merged)
 
-
-def _chunked(table: pa.Table, batch_rows: int) -> pa.Table:
-    """``table`` in batches of at most ``batch_rows`` rows and about 2 MiB (under gRPC's 4 MiB)."""
-    if table.num_rows == 0:
-        return table
-    rows = max(1, min(batch_rows, int(MAX_BATCH_BYTES * table.num_rows / max(table.nbytes, 1))))
-    return pa.Table.from_batches(table.to_batches(max_chunksize=rows), schema=table.schema)

@@ -67,6 +67,7 @@ MAX_QUEUED_READS = 32  # reads (<= 8 MiB, ~130k messages) received, not yet deco
 #                        being read and TCP holds the gateway back
 DRAIN_SECONDS = 5.0  # on our own disconnect, decode what was already received for up to this long
 LIMITED = ("tick_by_tick_limit", "market_data_fallback")  # states of a stream IB refused tick-by-tick
+LIMIT_SETTLE = 0.25  # s without a new refusal before the limit's error line names every stream refused
 BID, ASK, LAST, BID_SIZE, ASK_SIZE, LAST_SIZE = 1, 2, 4, 0, 3, 5  # reqMktData tick types (ibapi TickTypeEnum)
 
 
@@ -306,6 +307,7 @@ class IBFeed:
         self._market_data: dict[int, _MarketData] = {}  # reqMktData request id -> line
         self._limited_logged: set[str] = set()  # streams the last limit line named
         self._limit_message = ""
+        self._newly_limited_at = 0.0  # monotonic time IB last refused a stream not already limited
         self._next_req_id = 1_000
         self._farm_broken = False
         self._lock = threading.RLock()
@@ -719,6 +721,8 @@ class IBFeed:
             self._by_request.pop(stream.req_id or 0, None)
             stream.req_id, stream.unconfirmed = None, False
             return
+        if stream.state not in LIMITED:
+            self._newly_limited_at = time.monotonic()
         self._end(stream, "tick_by_tick_limit")
         if self.settings.market_data_fallback:
             self._start_fallback(session, stream)
@@ -744,12 +748,13 @@ class IBFeed:
                         session.cancelMktData(req_id)
 
     def _report_limits(self) -> None:
-        """One error line when streams are newly left out by the tick-by-tick limit, one info line when
+        """One error line when streams are newly left out by the tick-by-tick limit (once IB's refusals of one
+        round of requests have settled: each request is refused in a message of its own), one info line when
         they are recorded tick-by-tick again."""
         limited = {f"{s.spec.describe()} {s.tick_type.value}" for s in self._streams if s.state in LIMITED}
         back = {f"{s.spec.describe()} {s.tick_type.value}" for s in self._streams if s.state == "recording"}
         back &= self._limited_logged
-        if limited - self._limited_logged:
+        if limited - self._limited_logged and time.monotonic() - self._newly_limited_at >= LIMIT_SETTLE:
             rolling = sorted({s.chain.describe() for s in self._streams if s.chain is not None and s.state in LIMITED})
             log.error("not recorded tick-by-tick: %s (%s). IB limits simultaneous tick-by-tick subscriptions (3 on a "
                       "base account, 1 per 100 market data lines, at most 60)%s; %s; retrying every %g s. Record "
@@ -758,9 +763,10 @@ class IBFeed:
                       "recording them from market data (reqMktData) meanwhile" if self.settings.market_data_fallback
                       else "they are gaps in coverage (tick_by_tick_limit)",
                       self.settings.ib_limit_retry.total_seconds())
+            self._limited_logged |= limited
         if back:
             log.info("recorded tick-by-tick again: %s", ", ".join(sorted(back)))
-        self._limited_logged = (self._limited_logged - back) | limited
+        self._limited_logged -= back
 
     def _on_market_price(self, req_id: int, tick: int, price: float, past_limit: bool) -> None:
         line = self._market_data.get(req_id)

@@ -52,12 +52,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHUNK_ROWS = 1 << 20  # raw ticks aggregated at a time
+MAX_BATCH_BYTES = 2 * 1024 * 1024  # batches of bars handed out: well under gRPC's default 4 MiB message limit
 
 
 def read_bars(store: "Store", key: StreamKey, start_us: int, end_us: int, resolution: str, *,
               fill: bool = False, sessions: list["Session"] | None = None) -> pa.Table:
-    """Bars of one stream over ``[start_us, end_us)``; ``sessions`` (required for ``1d``) are
-    the trading sessions whose bars are wanted, oldest first."""
+    """Bars of one stream over ``[start_us, end_us)`` in batches of at most ``batch_rows`` rows and
+    about 2 MiB (so a cached result is sent as it is); ``sessions`` (required for ``1d``) are the
+    trading sessions whose bars are wanted, oldest first."""
+    return chunked(_read_bars(store, key, start_us, end_us, resolution, fill=fill, sessions=sessions),
+                   store.settings.batch_rows)
+
+
+def chunked(table: pa.Table, batch_rows: int) -> pa.Table:
+    """``table`` in batches of at most ``batch_rows`` rows and about :data:`MAX_BATCH_BYTES`."""
+    if table.num_rows == 0:
+        return table
+    rows = max(1, min(batch_rows, int(MAX_BATCH_BYTES * table.num_rows / max(table.nbytes, 1))))
+    return pa.Table.from_batches(table.to_batches(max_chunksize=rows), schema=table.schema)
+
+
+def _read_bars(store: "Store", key: StreamKey, start_us: int, end_us: int, resolution: str, *,
+               fill: bool, sessions: list["Session"] | None) -> pa.Table:
     step = partial_step_us(resolution)
     if resolution == DAILY:
         if not sessions:  # a weekend or holiday range: no daily bar

@@ -640,6 +640,11 @@ class Index:
     def contract_ids(self) -> set[int]:
         return {row[0] for row in self._connection().execute("SELECT DISTINCT contract_id FROM tick_archives")}
 
+    def archives_contract(self, contract_id: int) -> bool:
+        """Whether any hour of ``contract_id`` is archived (one seek in idx_archives_contract_time)."""
+        return self._connection().execute("SELECT 1 FROM tick_archives WHERE contract_id = ? LIMIT 1",
+                                          (contract_id,)).fetchone() is not None
+
     # -- publication (storage.object_store) ---------------------------------------------------
 
     def published_files(self) -> dict[str, PublishedFile]:

@@ -384,6 +384,14 @@ class Store:
     def contract_ids(self) -> set[int]:
         return {k.contract_id for k in list_streams(self.settings.buffer_root)} | self.index.contract_ids()
 
+    def stores(self, contract_id: int) -> bool:
+        """Whether ``contract_id`` has ticks stored: in ``contract_ids()``, looked up for one contract
+        (an index seek and one folder, however many hours the archive holds)."""
+        folder = self.settings.buffer_root / str(contract_id)
+        if contract_id >= 0 and folder.is_dir() and any(p.name in TickType._value2member_map_ for p in folder.iterdir()):
+            return True
+        return self.index.archives_contract(contract_id)
+
     def known_contract_ids(self) -> set[int]:
         """Contracts with ticks, contract details or coverage rows (say, one IB refused)."""
         return self.contract_ids() | self.index.contract_ids_with_details_or_coverage()
