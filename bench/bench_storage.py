@@ -44,8 +44,11 @@ def json_lines(table: pa.Table) -> pl.DataFrame:
     )
 
 
-def variants(ours: dict, schema: pa.Schema) -> dict[str, dict | None]:
-    """Writer options per variant; None marks the JSON lines baseline."""
+def variants(settings, table: pa.Table) -> dict[str, dict | None]:
+    """Writer options per variant for one hour's ``table`` (ours depends on its prices); None marks the JSON
+    lines baseline."""
+    schema = table.schema
+    ours = parquet_options(settings, schema, table)
     prices = [f.name for f in schema if pa.types.is_floating(f.type)]
 
     def encoded(encoding: str, names: list[str]) -> dict:
@@ -57,26 +60,29 @@ def variants(ours: dict, schema: pa.Schema) -> dict[str, dict | None]:
         "pyarrow default (snappy)": {},
         "zstd-9, default encodings": {"compression": "zstd", "compression_level": 9},
         "zstd-15, default encodings": {"compression": "zstd", "compression_level": 15},
-        "before issue 19 (all stats, zstd-9)": dict(ours, write_statistics=True, compression_level=9),
+        "before issue 19 (all stats, zstd-9)": dict(parquet_options(settings, schema), write_statistics=True,
+                                                    compression_level=9),
         "ours = parquet_options": ours,
         "ours, zstd-9": dict(ours, compression_level=9),
         "ours, zstd-19": dict(ours, compression_level=19),
         "ours, statistics on every column": dict(ours, write_statistics=True),
         "ours, PLAIN clocks (no DELTA)": {k: v for k, v in ours.items() if k != "column_encoding"},
+        "ours, dictionary prices on every grid": parquet_options(settings, schema),
+        "ours, BYTE_STREAM_SPLIT on every grid": encoded("BYTE_STREAM_SPLIT", prices),
         "ours, PLAIN prices (no dictionary)": encoded("PLAIN", prices),
-        "ours + BYTE_STREAM_SPLIT prices": encoded("BYTE_STREAM_SPLIT", prices),
         "ours + BYTE_STREAM_SPLIT ib_time": encoded("BYTE_STREAM_SPLIT", ["ib_time"]),
         "ours, decimals as FIXED_LEN_BYTE_ARRAY": dict(ours, store_decimal_as_integer=False),
         "ours, no compression": dict(ours, compression=None, compression_level=None),
     }
 
 
-def write_hours(hours: list[pa.Table], options: dict | None, folder: Path) -> tuple[int, float, list[Path]]:
+def write_hours(hours: list[pa.Table], settings, variant: str, folder: Path) -> tuple[int, float, list[Path]]:
     """Total bytes and write seconds of one file per hour, and the files."""
     folder.mkdir(parents=True)
-    paths = [folder / f"{i:02d}.{'jsonl' if options is None else 'parquet'}" for i in range(len(hours))]
+    per_hour = [variants(settings, table)[variant] for table in hours]
+    paths = [folder / f"{i:02d}.{'jsonl' if options is None else 'parquet'}" for i, options in enumerate(per_hour)]
     started = time.perf_counter()
-    for table, path in zip(hours, paths):
+    for table, path, options in zip(hours, paths, per_hour):
         if options is None:
             json_lines(table).write_ndjson(path)
         else:
@@ -172,11 +178,10 @@ def main(quick: bool = False) -> dict:
               f"{'vs JSON':>8}")
         print(f"{'Store.archive, actual files (*)':<40} {ours_bytes['bid_ask'] / counts['bid_ask']:>9.2f} "
               f"{ours_bytes['last'] / counts['last']:>9.2f} {'':>17} {archive_seconds:>8.2f}")
-        options = {t: variants(parquet_options(settings, day[t].schema), day[t].schema) for t in day}
         results, json_bytes = {}, None
-        for i, name in enumerate(options["bid_ask"]):
-            per_type = {t: write_hours(hourly[t], options[t][name], Path(tmp) / f"v{i}" / t) for t in day}
-            on_fixture = {t: write_hours(fixture[t], options[t][name], Path(tmp) / f"f{i}" / t)[0] for t in day}
+        for i, name in enumerate(variants(settings, hourly["bid_ask"][0])):
+            per_type = {t: write_hours(hourly[t], settings, name, Path(tmp) / f"v{i}" / t) for t in day}
+            on_fixture = {t: write_hours(fixture[t], settings, name, Path(tmp) / f"f{i}" / t)[0] for t in day}
             bytes_per_tick = {t: per_type[t][0] / counts[t] for t in day}
             fixture_per_tick = {t: on_fixture[t] / max(1, fixture_counts[t]) for t in day}
             json_bytes = json_bytes or bytes_per_tick["bid_ask"]

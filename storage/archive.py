@@ -141,28 +141,44 @@ def remove_empty_dirs(folder: Path, root: Path) -> None:
         folder = folder.parent
 
 
-def parquet_options(settings: StorageSettings, schema: pa.Schema) -> dict:
+PRICE_GRID = 256  # prices that are all multiples of 1/256 (futures' 0.25, 1/8, 1/32...) are stored BYTE_STREAM_SPLIT
+
+
+def parquet_options(settings: StorageSettings, schema: pa.Schema, sample: pa.Table | None = None) -> dict:
     """Writer options for tick data; the choice is measured in bench/bench_storage.py, on the bench
     day and on the IB-Stream fixture.
 
-    Sorted microsecond clocks take DELTA_BINARY_PACKED (a few bits per tick); prices, sizes and
-    flags on a price grid take dictionary + RLE; zstd compresses what is left. Only the clocks get
-    min/max statistics: ``ts`` prunes row groups; the others' cost 3% on the fixture's small hours.
-    (BYTE_STREAM_SPLIT prices: 4% smaller on the bench day, 9% larger on the IB-shaped fixture.)
+    Sorted microsecond clocks take DELTA_BINARY_PACKED (a few bits per tick); sizes and flags take
+    dictionary + RLE; zstd compresses what is left. Prices take dictionary + RLE too, unless every
+    price of ``sample`` (the data to be written, or its first hour) is a multiple of 1/PRICE_GRID:
+    such a double's low mantissa bytes are zero, and BYTE_STREAM_SPLIT lets zstd drop them (31%
+    smaller prices on the bench day's 0.25 grid; a 0.01 grid's doubles have no zero bytes, and
+    BYTE_STREAM_SPLIT made the IB-shaped fixture's 9% larger). Either encoding is lossless for
+    any double. Only the clocks get min/max statistics: ``ts`` prunes row groups; the others' cost
+    3% on the fixture's small hours.
     """
     clocks = ["ts", "ib_time"]
+    split = [f.name for f in schema if pa.types.is_floating(f.type)] if sample is not None and all(
+        on_binary_grid(sample.column(f.name)) for f in schema if pa.types.is_floating(f.type)) else []
     codec = settings.parquet_compression
     return dict(
         compression=None if codec == "none" else codec,
         compression_level=settings.parquet_compression_level if codec in ("zstd", "gzip") else None,
-        use_dictionary=[name for name in schema.names if name not in clocks],
-        column_encoding={name: "DELTA_BINARY_PACKED" for name in clocks},
+        use_dictionary=[name for name in schema.names if name not in clocks and name not in split],
+        column_encoding={name: "DELTA_BINARY_PACKED" for name in clocks} | {name: "BYTE_STREAM_SPLIT" for name in split},
         store_decimal_as_integer=True,
         write_statistics=clocks,
         row_group_size=1 << 20,
         sorting_columns=[pq.SortingColumn(schema.get_field_index("ts"))],
         write_page_checksum=True,
     )
+
+
+def on_binary_grid(column: pa.ChunkedArray) -> bool:
+    """Whether ``column`` has values and every one is a finite multiple of 1/PRICE_GRID."""
+    with np.errstate(over="ignore", invalid="ignore"):  # the largest doubles overflow: not on the grid
+        scaled = column.to_numpy() * PRICE_GRID  # exact: a power of two
+        return len(scaled) > 0 and bool(np.isfinite(scaled).all() and (scaled == np.floor(scaled)).all())
 
 
 # parsed footers by (path, inode, size, mtime), as archive files never change; bounded at ~32 MB (a footer
@@ -545,7 +561,7 @@ class Archiver:
             **({"source": facts.source} if facts.source is not None else {})})}
         try:
             io_faults.raise_if_armed("archive.write")
-            options = parquet_options(self.settings, table.schema)
+            options = parquet_options(self.settings, table.schema, table)
             row_group_size = options.pop("row_group_size")
             with pq.ParquetWriter(tmp, table.schema, **options) as writer:
                 writer.write_table(table, row_group_size=row_group_size)

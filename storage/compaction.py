@@ -164,15 +164,16 @@ def compact_day(settings: StorageSettings, index: Index, day: DayPlan, now: int)
     tmp = path.with_name(path.name + TMP_SUFFIX)
     path.parent.mkdir(parents=True, exist_ok=True)
     schema = schema_for(key.tick_type)
-    options = parquet_options(settings, schema)
+    first_hour = _source(root, day.entries[0])  # read before the day file exists: its prices choose the encoding
+    options = parquet_options(settings, schema, first_hour)
     row_group_size = options.pop("row_group_size")
     layout: list[tuple[ArchiveEntry, int, int]] = []  # (entry, first row group, row groups)
     hours_meta = []
     try:
         with pq.ParquetWriter(tmp, schema, **options) as out:
             groups = 0
-            for entry in day.entries:
-                table = _source(root, entry)
+            for i, entry in enumerate(day.entries):
+                table = first_hour if i == 0 else _source(root, entry)
                 origin = next((f.source for f in file_facts(root, locate(root, entry.file_path))
                                if f.hour_start_us == entry.hour_start_us), None)
                 count = -(-table.num_rows // row_group_size)
