@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from ibstream.core.errors import DamagedDataError, InvalidRequestError, StorageError, shown
+from ibstream.core.errors import DamagedDataError, InvalidRequestError, StorageError, StorageUnavailableError, shown
 from ibstream.core.times import FOREVER_US, US_PER_HOUR, US_PER_SECOND, as_micros, duration_us, hour_floor, iso, now_us
 from ibstream.storage.archive import (
     BACKFILL_SOURCE,
@@ -246,7 +246,14 @@ def backfill(store: Store, contract_id: int, tick_type: str, gap_start_us: int, 
     made = now_us()
     filled = CoverageInterval(key.contract_id, key.tick_type.value, status, gap.reason, start, end, False,
                               kept.num_rows, reason, made)
-    written = _write_hours(store, key, gap, filled, kept, _ts(inside), entries, archived)
+    try:
+        written = _write_hours(store, key, gap, filled, kept, _ts(inside), entries, archived)
+    except StorageUnavailableError:
+        raise
+    except OSError as exc:  # a full or failing disk: nothing was swapped in, the files written are gone again
+        raise StorageUnavailableError(
+            f"backfilling {key} {_span(start, end)}: the disk refused the hour's new file ({exc}); nothing was "
+            "changed and the gap is still a gap; free space and backfill again", errno=exc.errno) from exc
     store.cache.clear()  # ticks and bars cached over these hours are stale
     result = BackfillResult(kept.num_rows, head + tail, written[0], written[1], inside.num_rows)
     log.info("backfilled %s %s (%s): %s, %d ticks added, %d already held at the edges, %d hours written (%d "

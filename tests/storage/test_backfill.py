@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from ibstream.core.errors import DamagedDataError, InvalidRequestError
+from ibstream.core.errors import DamagedDataError, InvalidRequestError, StorageUnavailableError
 from ibstream.core.times import US_PER_HOUR, US_PER_SECOND, to_us
 from ibstream.settings import Settings
 from ibstream.storage import Store
@@ -456,11 +456,13 @@ def test_a_full_disk_during_the_rewrite_changes_nothing_and_a_retry_fills_the_ga
         before_files, before = files(settings), store.read(CID, "bid_ask", *EVERYTHING)
         io_faults.arm("archive.write", errno.ENOSPC)
         try:
-            with pytest.raises(OSError) as full:
+            with pytest.raises(StorageUnavailableError) as full:
                 store.backfill(CID, "bid_ask", g0, g1, historical, status="backfilled")
         finally:
             io_faults.disarm()
         assert full.value.errno == errno.ENOSPC
+        assert str(full.value).startswith(f"backfilling {CID}/bid_ask ") and str(full.value).endswith(
+            "nothing was changed and the gap is still a gap; free space and backfill again")
         assert files(settings) == before_files and not list(settings.archive_root.rglob("*.tmp"))
         assert store.read(CID, "bid_ask", *EVERYTHING).equals(before)
         assert [row[0] for row in coverage(store)] == ["recorded", "gap", "recorded"]
