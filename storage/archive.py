@@ -241,7 +241,7 @@ class FileFacts:
     start_us: int | None = None
     end_us: int | None = None
     contract: dict | None = None
-    coverage: list = field(default_factory=list)  # [status, reason, start, end] clipped to the hour
+    coverage: list = field(default_factory=list)  # [status, reason, start, end(, backfill)] clipped to the hour
     row_group_start: int = 0
     row_group_count: int | None = None  # a day file: the hour's row groups; None: an hourly file
     source: dict | None = None  # where an imported hour's ticks came from (storage.ib_stream_import); None: recorded
@@ -769,9 +769,8 @@ class Archiver:
             self.index.upsert_contract(ContractDetails(**facts.contract))
         hour_end = facts.hour_start_us + US_PER_HOUR
         if not self.index.coverage(key.contract_id, key.tick_type.value, facts.hour_start_us, hour_end):
-            rows = facts.coverage or [["unknown", "index_rebuilt", entry.start_us, entry.end_us]]
-            self.index.add_coverage([CoverageInterval(key.contract_id, key.tick_type.value, status, reason, start, end,
-                                                      False) for status, reason, start, end in rows])
+            self.index.add_coverage(coverage_rows(key, facts.coverage or [
+                ["unknown", "index_rebuilt", entry.start_us, entry.end_us]]))
         minute_bars = ipc_bytes(partial_table(table, key.tick_type, PREAGGREGATE_US))
         self.index.publish(entry, self.statistics_with(key, facts.hour_start_us, path) if statistics else None,
                            minute_bars)
@@ -830,12 +829,28 @@ class Archiver:
 
 
 def coverage_facts(rows: list[CoverageInterval], start: int, end: int) -> list:
-    """Coverage rows clipped to [start, end), as kept in an archive file's metadata."""
+    """Coverage rows clipped to [start, end), as kept in an archive file's metadata: ``[status, reason, start_us,
+    end_us]``, and for a backfilled gap a fifth item, what the backfill said of the whole gap (so a lost index
+    gets it back: :func:`coverage_rows`)."""
     clipped = []
-    for row in rows:
-        row_end = end if row.end_us is None else min(row.end_us, end)
-        clipped.append([row.status, row.reason, max(row.start_us, start), row_end])
+    for row in rows:  # a row still open goes on past the hour (its end_us is only as far as confirmed yet)
+        row_start = max(row.start_us, start)
+        row_end = end if row.end_us is None or row.is_open else max(row_start, min(row.end_us, end))
+        fact: list = [row.status, row.reason, row_start, row_end]
+        if row.backfilled_at_us is not None:
+            fact.append({"ticks": row.backfilled_ticks, "note": row.backfill_note, "at_us": row.backfilled_at_us})
+        clipped.append(fact)
     return clipped
+
+
+def coverage_rows(key: StreamKey, facts: list) -> list[CoverageInterval]:
+    """The closed coverage rows an archive file's :func:`coverage_facts` describe."""
+    rows = []
+    for status, reason, start, end, *backfill in facts:
+        said = backfill[0] if backfill else {}
+        rows.append(CoverageInterval(key.contract_id, key.tick_type.value, status, reason, start, end, False,
+                                     said.get("ticks"), said.get("note"), said.get("at_us")))
+    return rows
 
 
 def _sorted_by_ts(table: pa.Table) -> pa.Table:

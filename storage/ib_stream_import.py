@@ -64,7 +64,7 @@ import pyarrow as pa
 from ibstream.core.errors import DamagedDataError, InvalidRequestError
 from ibstream.core.ticks import TickFamily
 from ibstream.core.times import MAX_US, US_PER_HOUR, as_micros, duration_us, hour_floor, iso, now_us
-from ibstream.storage.archive import Archiver, file_facts
+from ibstream.storage.archive import Archiver, coverage_rows, file_facts
 from ibstream.storage.failpoints import failpoint
 from ibstream.storage.index import ArchiveEntry, CoverageInterval, Index
 from ibstream.storage.schemas import SIZE, TIMESTAMP, TickType, schema_for
@@ -794,8 +794,7 @@ class _Importer:
             return False
         if not facts or not isinstance(facts[0].source, dict) or facts[0].source.get("kind") != SOURCE_KIND:
             return False
-        rows = [CoverageInterval(key.contract_id, key.tick_type.value, status, reason, start, end, False)
-                for status, reason, start, end in facts[0].coverage if reason == IMPORT_REASON]
+        rows = [row for row in coverage_rows(key, facts[0].coverage) if row.reason == IMPORT_REASON]
         if self.archiver is not None and rows:
             self.index.add_coverage(rows)
             log.warning("%s hour %s: added the coverage rows of its imported file (adopted after an interrupted "

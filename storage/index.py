@@ -784,11 +784,20 @@ class Index:
                 (contract_id, tick_type, status, reason, at_us, at_us if status == "recorded" else None))
 
     def add_coverage(self, rows: list[CoverageInterval]) -> None:
-        """Insert closed coverage rows as they are (rebuilding an index from archive files)."""
-        self._writable().executemany(
-            "INSERT INTO coverage (contract_id, tick_type, status, reason, start_us, end_us, is_open) "
-            "VALUES (?, ?, ?, ?, ?, ?, 0)",
-            [(r.contract_id, r.tick_type, r.status, r.reason, r.start_us, r.end_us) for r in rows])
+        """Add closed coverage rows (rebuilding an index from archive files, an hour's clip of each at a time):
+        a row that goes on where an equal one (status, reason, what a backfill said) ends extends it."""
+        with _transaction(self._writable()) as conn:
+            for r in rows:
+                said = (r.status, r.reason, r.backfilled_ticks, r.backfill_note, r.backfilled_at_us)
+                if conn.execute(
+                        "UPDATE coverage SET end_us = ? WHERE contract_id = ? AND tick_type = ? AND end_us = ? "
+                        "AND is_open = 0 AND status = ? AND reason = ? AND backfilled_ticks IS ? AND backfill_note IS ? "
+                        "AND backfilled_at_us IS ?", (r.end_us, r.contract_id, r.tick_type, r.start_us, *said)
+                        ).rowcount == 0:
+                    conn.execute(
+                        "INSERT INTO coverage (contract_id, tick_type, status, reason, start_us, end_us, is_open, "
+                        "backfilled_ticks, backfill_note, backfilled_at_us) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+                        (r.contract_id, r.tick_type, r.status, r.reason, r.start_us, r.end_us, *said[2:]))
 
     def coverage_confirm(self, streams: list[tuple[int, str]], at_us: int) -> None:
         """Advance the open 'recorded' intervals of ``streams`` to ``at_us`` (all received is acknowledged)."""

@@ -25,6 +25,7 @@ from ibstream.storage import Store
 from ibstream.storage.archive import archive_files
 from ibstream.storage.failpoints import ENV, EXIT_CODE, io_faults
 from ibstream.storage.index import CoverageInterval
+from ibstream.storage.maintenance import reindex
 from ibstream.storage.schemas import SOURCE_FIELD
 from ibstream.storage.synthetic import MNQ
 from tests.helpers import ROOT, append_in_batches, ticks, utc
@@ -469,3 +470,30 @@ def test_a_full_disk_during_the_rewrite_changes_nothing_and_a_retry_fills_the_ga
         result = store.backfill(CID, "bid_ask", g0, g1, historical, status="backfilled")  # room again
         assert result.added == 121
         assert store.read(CID, "bid_ask", *EVERYTHING).equals(merged(market, g0, g1))
+
+
+@pytest.mark.parametrize("rebuild", ["adopted on open", "ibstream reindex"])
+def test_a_lost_index_gets_the_backfilled_gap_back_from_the_files(tmp_path, rebuild):
+    """A gap backfilled over three hours: each rewritten file says what the backfill did, so a lost index comes
+    back with the gap's one row, its status, ticks added, note and time (provenance then marks the same rows)."""
+    settings = settings_at(tmp_path / "data")
+    market, g0, g1 = scenario(utc(2025, 1, 11, 0, 50), utc(2025, 1, 11, 2, 5))
+    record(settings, market, g0, g1)
+    with Store(settings) as store:
+        store.backfill(CID, "bid_ask", g0, g1, from_ib(market, g0, g1), status="partly_backfilled",
+                       reason="IB returned part of the gap")
+        before = store.coverage(CID, "bid_ask", *EVERYTHING).to_pylist()
+        sources = store.provenance(CID, "bid_ask", store.read(CID, "bid_ask", *EVERYTHING))[SOURCE_FIELD.name]
+    for path in settings.data_root.glob("index.sqlite*"):
+        path.unlink()
+    if rebuild == "ibstream reindex":
+        reindex(settings)
+    with Store(settings) as store:
+        after = store.coverage(CID, "bid_ask", *EVERYTHING).to_pylist()
+        assert after[:2] == before[:2]  # recorded from 22:00 (one row again, from three hours' files), the gap
+        assert after[1]["status"] == "partly_backfilled" and after[1]["backfill_note"] == "IB returned part of the gap"
+        assert after[1]["backfilled_ticks"] == before[1]["backfilled_ticks"] > 0
+        assert [(r["status"], r["start"]) for r in after[2:]] == [("recorded", before[2]["start"])]  # closed now
+        assert store.read(CID, "bid_ask", *EVERYTHING).equals(merged(market, g0, g1))
+        assert store.provenance(CID, "bid_ask", store.read(CID, "bid_ask", *EVERYTHING))[SOURCE_FIELD.name].equals(
+            sources)
