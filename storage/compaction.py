@@ -159,7 +159,10 @@ def compact_day(settings: StorageSettings, index: Index, day: DayPlan, now: int)
     """Steps 1-4 for one stream's day; returns the day file's index rows."""
     root = settings.archive_root
     key = day.key
-    relpath = day_relpath(key, day.day_start_us, now)
+    made = now
+    while (root / day_relpath(key, day.day_start_us, made)).exists():  # the day compacted again at the same `now`:
+        made += 1  # never replace the day file this one is read from
+    relpath = day_relpath(key, day.day_start_us, made)
     path = root / relpath
     tmp = path.with_name(path.name + TMP_SUFFIX)
     path.parent.mkdir(parents=True, exist_ok=True)

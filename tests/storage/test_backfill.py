@@ -236,8 +236,11 @@ def test_a_gap_across_two_hours_and_a_day_boundary(tmp_path, compacted):
         derived_after = derived(store)
         replica_sees(tmp_path / "reader", tmp_path / "bucket", merged(market, g0, g1), derived_after["bars_1m"])
         if compacted:  # the day files take the rewritten hours back
-            assert store.compact(utc(2025, 1, 13, 1)).files_written == 2  # (a later run: day files of a new name)
+            assert store.compact(utc(2025, 1, 13)).files_written == 2  # at the same `now`: new day files beside
             assert store.read(CID, "bid_ask", *EVERYTHING).equals(merged(market, g0, g1))
+            store.compact(utc(2025, 1, 14))  # the replaced files deleted (retention_grace past)
+            assert store.read(CID, "bid_ask", *EVERYTHING).equals(merged(market, g0, g1))
+            assert store.scrub(50) == []
             assert derived(store) == derived_after
             store.publish(utc(2025, 1, 12, 3))
     assert derived_after == reference(tmp_path, merged(market, g0, g1))
