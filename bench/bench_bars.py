@@ -37,6 +37,7 @@ from common import (  # noqa: E402
     DAY_START_US,
     MEASURE_HEADER,
     BareServer,
+    alternately,
     append_batches,
     day_ticks,
     header,
@@ -111,28 +112,31 @@ def main(quick: bool = False) -> dict:
 
     store, running = served(root)
     with running as location, Client(location) as client:
-        results["hit"] = measure(f"{days} days of 1m bars, result cache hit", repeats * 4, lambda: month(client))
-        results["session_hit"] = measure("session ticks, result cache hit", repeats, lambda: session(client))
-        print(f"  cache: {store.cache.current_bytes / 2**20:.1f} MiB held, {store.cache.hits} hits, "
-              f"{store.cache.misses} misses")
+        month(client)  # computed once, then a cache hit
         same_bars = client.tables(MNQ.contract_id, "bid_ask", start, end, resolution="1m")["bid_ask"]
         same_session = client.session_ticks(MNQ.contract_id, session_day, kind="extended", tick_types="bid_ask")
+        with serving(BareServer(same_bars)) as bare_location:
+            bare = flight.connect(bare_location)
+            descriptor = flight.FlightDescriptor.for_command(b"bars")
+            hits = alternately({
+                f"{days} days of 1m bars, result cache hit": lambda: month(client),
+                "  floor: bare pyarrow.flight do_get of the same bars": lambda: len(
+                    pl.from_arrow(bare.do_get(flight.Ticket(b"bars")).read_all(), rechunk=False)),
+                "  floor: bare get_flight_info + do_get (a whole Flight query)": lambda: len(pl.from_arrow(
+                    bare.do_get(bare.get_flight_info(descriptor).endpoints[0].ticket).read_all(), rechunk=False)),
+            }, repeats * 4)
+            results["hit"], results["bare"], results["bare_query"] = hits.values()
+        with serving(BareServer(same_session.to_arrow())) as bare_location:
+            bare = flight.connect(bare_location)
+            sessions = alternately({
+                "session ticks, result cache hit": lambda: session(client),
+                "  floor: bare pyarrow.flight do_get of the same session ticks": lambda: len(
+                    pl.from_arrow(bare.do_get(flight.Ticket(b"s")).read_all(), rechunk=False)),
+            }, repeats)
+            results["session_hit"], results["bare_session"] = sessions.values()
+        print(f"  cache: {store.cache.current_bytes / 2**20:.1f} MiB held, {store.cache.hits} hits, "
+              f"{store.cache.misses} misses; each floor above ran in turn with the line before it")
     store.close()
-    with serving(BareServer(same_session.to_arrow())) as location:
-        bare = flight.connect(location)
-        results["bare_session"] = measure("  floor: bare pyarrow.flight do_get of the same session ticks", repeats,
-                                          lambda: len(pl.from_arrow(bare.do_get(flight.Ticket(b"s")).read_all(),
-                                                                    rechunk=False)))
-    with serving(BareServer(same_bars)) as location:
-        bare = flight.connect(location)
-        ticket = flight.Ticket(b"bars")
-        results["bare"] = measure("  floor: bare pyarrow.flight do_get of the same bars", repeats * 4, lambda: len(
-            pl.from_arrow(bare.do_get(ticket).read_all(), rechunk=False)))
-        descriptor = flight.FlightDescriptor.for_command(b"bars")
-        results["bare_query"] = measure("  floor: bare get_flight_info + do_get (a whole Flight query)", repeats * 4,
-                                        lambda: len(pl.from_arrow(bare.do_get(
-                                            bare.get_flight_info(descriptor).endpoints[0].ticket).read_all(),
-                                            rechunk=False)))
 
     def raw_month() -> int:
         ticks = pl.scan_parquet(root / "data/archive/tick_type=bid_ask/", hive_partitioning=True)

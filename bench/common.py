@@ -122,15 +122,25 @@ MEASURE_HEADER = f"{'query':<60} {'reps':>4} {'rows':>10} {'p50 ms':>9} {'p90 ms
 
 def measure(name: str, repeats: int, query, *, warm_up: bool = True) -> dict[str, float]:
     """Run ``query`` (returning a row count) ``repeats`` times; print and return its percentiles."""
+    return alternately({name: query}, repeats, warm_up=warm_up)[name]
+
+
+def alternately(queries: dict, repeats: int, *, warm_up: bool = True) -> dict[str, dict[str, float]]:
+    """:func:`measure` for several queries, run in turn within each repeat (what this noisy host does to one
+    it does to the others: their ratio is the figure to trust); printed in the order given."""
     if warm_up:
-        query()
-    samples, rows = [], 0
+        for query in queries.values():
+            query()
+    samples: dict[str, list[float]] = {name: [] for name in queries}
+    rows = dict.fromkeys(queries, 0)
     for _ in range(repeats):
-        seconds, rows = timed(query)
-        samples.append(seconds)
-    stats = percentiles(samples)
-    print(f"{name:<60} {repeats:>4} {rows:>10,} {stats['p50']:>9.2f} {stats['p90']:>9.2f} {stats['max']:>9.2f}")
-    return stats
+        for name, query in queries.items():
+            seconds, rows[name] = timed(query)
+            samples[name].append(seconds)
+    results = {name: percentiles(samples[name]) for name in queries}
+    for name, stats in results.items():
+        print(f"{name:<60} {repeats:>4} {rows[name]:>10,} {stats['p50']:>9.2f} {stats['p90']:>9.2f} {stats['max']:>9.2f}")
+    return results
 
 
 def percentiles(seconds: list[float]) -> dict[str, float]:

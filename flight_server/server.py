@@ -74,10 +74,15 @@ _KINDS = {"get_flight_info": "flight_info", "get_schema": "schema", "list_flight
 _calls = threading.local()  # the _Query of the call a handler thread is serving
 
 
+# a do_get's ticket is parsed for its stats kind and again to be read, and a client may ask for the same
+# ticket many times: valid tickets are kept parsed (frozen; errors are not kept)
+_parse_ticket = functools.lru_cache(maxsize=1024)(Ticket.parse)
+
+
 def _kind(handler_name: str, args: tuple) -> str:
     if handler_name == "do_get":
         try:
-            parsed = Ticket.parse(args[0].ticket)
+            parsed = _parse_ticket(args[0].ticket)
         except Exception:
             return "invalid"
         return ticket_kind(parsed)
@@ -195,7 +200,7 @@ class FlightServer(flight.FlightServerBase):
 
     @_flight_errors
     def do_get(self, context, ticket: flight.Ticket) -> flight.FlightDataStream:
-        parsed = Ticket.parse(ticket.ticket)
+        parsed = _parse_ticket(ticket.ticket)
         self.store.require_index(parsed.index_seq)  # a read server behind catches up, or says UNAVAILABLE
         query: _Query | None = getattr(_calls, "query", None)
         answer = self.queries.read(parsed, caller_of(context), cancelled=context.is_cancelled, query=query)
