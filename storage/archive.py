@@ -158,8 +158,8 @@ def parquet_options(settings: StorageSettings, schema: pa.Schema, sample: pa.Tab
     3% on the fixture's small hours.
     """
     clocks = ["ts", "ib_time"]
-    split = [f.name for f in schema if pa.types.is_floating(f.type)] if sample is not None and all(
-        on_binary_grid(sample.column(f.name)) for f in schema if pa.types.is_floating(f.type)) else []
+    prices = [f.name for f in schema if pa.types.is_floating(f.type)]
+    split = prices if sample is not None and all(on_binary_grid(sample.column(name)) for name in prices) else []
     codec = settings.parquet_compression
     return dict(
         compression=None if codec == "none" else codec,

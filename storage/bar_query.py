@@ -60,11 +60,11 @@ def read_bars(store: "Store", key: StreamKey, start_us: int, end_us: int, resolu
     """Bars of one stream over ``[start_us, end_us)`` in batches of at most ``batch_rows`` rows and
     about 2 MiB (so a cached result is sent as it is); ``sessions`` (required for ``1d``) are the
     trading sessions whose bars are wanted, oldest first."""
-    return chunked(_read_bars(store, key, start_us, end_us, resolution, fill=fill, sessions=sessions),
+    return _chunked(_read_bars(store, key, start_us, end_us, resolution, fill=fill, sessions=sessions),
                    store.settings.batch_rows)
 
 
-def chunked(table: pa.Table, batch_rows: int) -> pa.Table:
+def _chunked(table: pa.Table, batch_rows: int) -> pa.Table:
     """``table`` in batches of at most ``batch_rows`` rows and about :data:`MAX_BATCH_BYTES`."""
     if table.num_rows == 0:
         return table

@@ -122,12 +122,14 @@ def foreign_files(directory: Path) -> list[Path]:
                   if not _SEGMENT_NAME.fullmatch(p.name) and not p.name.endswith(SUFFIX + TMP_SUFFIX))
 
 
-def list_streams(buffer_root: Path) -> list[StreamKey]:
+def list_streams(buffer_root: Path, contract_id: int | None = None) -> list[StreamKey]:
+    """The streams with a buffer folder (only ``contract_id``'s, if given: one folder listed)."""
     keys: list[StreamKey] = []
     if not buffer_root.is_dir():
         return keys
-    for contract in buffer_root.iterdir():
-        if not contract.name.isdigit():
+    contracts = buffer_root.iterdir() if contract_id is None else [buffer_root / str(contract_id)]
+    for contract in contracts:
+        if not contract.name.isdigit() or not contract.is_dir():
             continue
         for tick_dir in contract.iterdir():
             if tick_dir.name in TickType._value2member_map_:

@@ -387,11 +387,7 @@ class Store:
     def stores(self, contract_id: int) -> bool:
         """Whether ``contract_id`` has ticks stored: in ``contract_ids()``, looked up for one contract
         (an index seek and one folder, however many hours the archive holds)."""
-        if self.index.archives_contract(contract_id):
-            return True
-        folder = self.settings.buffer_root / str(contract_id)
-        return contract_id >= 0 and folder.is_dir() and any(p.name in TickType._value2member_map_
-                                                            for p in folder.iterdir())
+        return self.index.archives_contract(contract_id) or bool(list_streams(self.settings.buffer_root, contract_id))
 
     def known_contract_ids(self) -> set[int]:
         """Contracts with ticks, contract details or coverage rows (say, one IB refused)."""
