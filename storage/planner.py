@@ -9,6 +9,7 @@ every tick is counted once and none is missed while writing, rotation and archiv
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -16,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +25,7 @@ import pyarrow.parquet as pq
 
 from ibstream.core.errors import DamagedDataError, IbstreamError
 from ibstream.core.times import as_micros, hour_floor, iso
-from ibstream.storage.archive import locate, open_archive_file, superseded_path
+from ibstream.storage.archive import locate, open_archive_file
 from ibstream.storage.index import ArchiveEntry, Index
 from ibstream.storage.schemas import schema_for
 from ibstream.storage.segments import (
@@ -37,6 +39,9 @@ from ibstream.storage.segments import (
     stream_dir,
     stream_order,
 )
+
+if TYPE_CHECKING:
+    from pyarrow.dataset import ParquetFileFragment
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +124,7 @@ class Plan:
     start_us: int
     end_us: int
     batch_rows: int
-    open_file: Callable[[str], pq.ParquetFile]  # an archive file by its index path (Planner.open_file)
+    path_of: Callable[[str], Path]  # the local file of an archive file's index path (Planner.path_of)
     archives: list[ArchiveEntry] = field(default_factory=list)
     segments: list[pa.Table] = field(default_factory=list)
     tail: pa.Table | None = None
@@ -139,14 +144,7 @@ class Plan:
         return self.segments + ([self.tail] if self.tail is not None else [])
 
     def batches(self) -> Iterator[pa.RecordBatch]:
-        run: list[ArchiveEntry] = []  # consecutive hours in one file (a day file): opened once
-        for entry in self.archives:
-            if run and entry.file_path != run[0].file_path:
-                yield from self._archive_batches(run)
-                run = []
-            run.append(entry)
-        if run:
-            yield from self._archive_batches(run)
+        yield from self._archived()
         for table in self._buffered():
             yield from table.to_batches(max_chunksize=self.batch_rows)
 
@@ -156,41 +154,107 @@ class Plan:
     def read_all(self) -> pa.Table:
         return pa.Table.from_batches(list(self.batches()), schema=self.schema)
 
-    def _archive_batches(self, run: list[ArchiveEntry]) -> Iterator[pa.RecordBatch]:
-        entry = run[0]
-        try:
-            parquet = self.open_file(entry.file_path)
-            pending: list[int] = []  # row groups wholly inside the range, read together up to READ_ROWS rows
-            for entry in run:
-                whole = entry.start_us >= self.start_us and entry.end_us < self.end_us
-                groups = entry.row_groups or list(range(parquet.num_row_groups))
-                if whole:
-                    for group in groups:
-                        if pending and _rows(parquet, pending + [group]) > READ_ROWS:
-                            yield from self._read(parquet, pending, clip=False)
-                            pending = []
-                        pending.append(group)
-                    continue
-                if pending:
-                    yield from self._read(parquet, pending, clip=False)
-                    pending = []
-                for group in self._overlapping_groups(parquet, groups):
-                    yield from self._read(parquet, [group], clip=True)
-            if pending:
-                yield from self._read(parquet, pending, clip=False)
-        except IbstreamError:
-            raise  # the object store did not answer (a read server): not damage
-        except (OSError, pa.ArrowException) as exc:
-            raise DamagedDataError(
-                f"the archive file of {self.key} hour {iso(entry.hour_start_us)} ({entry.file_path}) cannot be read: "
-                f"{exc}. Run `ibstream verify` on the recording host: it quarantines the file and reports the "
-                "span in coverage (restore it from a backup, then `ibstream reindex`)") from None
+    # -- archived hours ------------------------------------------------------------------------
 
-    def _read(self, parquet: pq.ParquetFile, groups: list[int], *, clip: bool) -> Iterator[pa.RecordBatch]:
-        table = parquet.read_row_groups(groups, use_threads=True).replace_schema_metadata(self.schema.metadata)
-        if clip:
-            table = _clip(table, self.start_us, self.end_us)
-        yield from table.to_batches(max_chunksize=self.batch_rows)
+    def _archived(self) -> Iterator[pa.RecordBatch]:
+        """The archived hours' ticks, decoded by Arrow's dataset scanner on its threads ahead of the
+        caller (a Flight stream sends one batch while the next decode). Windows of about WINDOW_ROWS rows
+        bound the decoded data held and the files open; the next window starts when this one does."""
+        clip = any(not self._whole(entry) for entry in self.archives)
+        small = sum(entry.tick_count for entry in self.archives) <= DIRECT_ROWS
+        windows = ((window, self._direct(window)) if small else self._scan(window) for window in self._windows())
+        upcoming = next(windows, None)
+        while upcoming is not None:
+            (window, reader), upcoming = upcoming, next(windows, None)
+            try:
+                for batch in reader:
+                    batch = _clip(batch, self.start_us, self.end_us) if clip else batch
+                    if batch.num_rows:
+                        yield batch.replace_schema_metadata(self.schema.metadata)
+            except IbstreamError:
+                raise  # the object store did not answer (a read server): not damage
+            except (OSError, pa.ArrowException) as exc:
+                raise self._damage(window, exc) from None
+
+    def _windows(self) -> Iterator[list[list[ArchiveEntry]]]:
+        """Runs of consecutive hours in one file (a day file is read as one source), grouped up to
+        WINDOW_ROWS rows."""
+        window: list[list[ArchiveEntry]] = []
+        rows = 0
+        for entry in self.archives:
+            if window and window[-1][0].file_path == entry.file_path:
+                window[-1].append(entry)
+            else:
+                if rows >= WINDOW_ROWS:
+                    yield window
+                    window, rows = [], 0
+                window.append([entry])
+            rows += entry.tick_count
+        if window:
+            yield window
+
+    def _scan(self, window: list[list[ArchiveEntry]]) -> tuple[list[list[ArchiveEntry]], pa.RecordBatchReader]:
+        """The window's row groups as one reader (started: it decodes ahead from now)."""
+        try:
+            fragments = [fragment for run in window if (fragment := self._fragment(run)) is not None]
+            ds, parquet_format = _parquet_format()
+            scanner = ds.FileSystemDataset(fragments, self.schema, parquet_format).scanner(
+                batch_size=self.batch_rows, use_threads=True)
+            return window, scanner.to_reader()
+        except IbstreamError:
+            raise
+        except (OSError, pa.ArrowException) as exc:
+            raise self._damage(window, exc) from None
+
+    def _direct(self, window: list[list[ArchiveEntry]]) -> Iterator[pa.RecordBatch]:
+        """A small plan's row groups, read here (a scanner takes ~1 ms to start: more than it saves)."""
+        for run in window:
+            groups = self._groups(run)
+            if groups != []:
+                parquet = open_archive_file(self.path_of(run[0].file_path))
+                yield from parquet.read_row_groups(range(parquet.num_row_groups) if groups is None else groups,
+                                                   use_threads=True).to_batches(max_chunksize=self.batch_rows)
+
+    def _fragment(self, run: list[ArchiveEntry]) -> ParquetFileFragment | None:
+        """The run's file as a fragment over the row groups of the range (None: none of them)."""
+        groups = self._groups(run)
+        if groups == []:
+            return None  # its hours overlap the range, their ticks do not (row group statistics)
+        fragment = _parquet_format()[1].make_fragment(pa.memory_map(str(self.path_of(run[0].file_path))))
+        # subset, not make_fragment(row_groups=): that one keeps them in set order ({7, 8} reads 8 first);
+        # subset sorts them, and a file holds its hours in time order
+        return fragment if groups is None else fragment.subset(row_group_ids=groups)
+
+    def _whole(self, entry: ArchiveEntry) -> bool:
+        return entry.start_us >= self.start_us and entry.end_us < self.end_us
+
+    def _groups(self, run: list[ArchiveEntry]) -> list[int] | None:
+        """The row groups of a run that hold ticks of the range (None: all of an hourly file)."""
+        if all(self._whole(entry) for entry in run):
+            return None if any(entry.row_groups is None for entry in run) else \
+                [group for entry in run for group in entry.row_groups or ()]
+        parquet = open_archive_file(self.path_of(run[0].file_path))  # the footer's statistics (kept parsed)
+        groups: list[int] = []
+        for entry in run:
+            candidates = entry.row_groups if entry.row_groups is not None else list(range(parquet.num_row_groups))
+            groups += candidates if self._whole(entry) else self._overlapping_groups(parquet, candidates)
+        return groups
+
+    def _damage(self, window: list[list[ArchiveEntry]], exc: Exception) -> DamagedDataError:
+        """What the window's failure destroyed: the first of its hours that cannot be read alone."""
+        culprit, cause = window[0][0], exc
+        for entry in (entry for run in window for entry in run):
+            try:
+                parquet = open_archive_file(self.path_of(entry.file_path))
+                parquet.read_row_groups(entry.row_groups if entry.row_groups is not None else
+                                        range(parquet.num_row_groups), use_threads=False)
+            except (OSError, pa.ArrowException) as failed:
+                culprit, cause = entry, failed
+                break
+        return DamagedDataError(
+            f"the archive file of {self.key} hour {iso(culprit.hour_start_us)} ({culprit.file_path}) cannot be "
+            f"read: {cause}. Run `ibstream verify` on the recording host: it quarantines the file and reports the "
+            "span in coverage (restore it from a backup, then `ibstream reindex`)")
 
     def _overlapping_groups(self, parquet: pq.ParquetFile, candidates: list[int]) -> list[int]:
         column = parquet.schema_arrow.get_field_index("ts")
@@ -206,11 +270,20 @@ class Plan:
         return groups
 
 
-READ_ROWS = 1 << 20  # whole row groups of one file are decoded together up to this many rows (memory stays bounded)
+# archived rows per scanner window: a window decodes whole whatever the reader's pace, and two are under way
+# at most, so a stream holds up to ~1M decoded rows (~64 MB of bid_ask) and the files of two windows open
+WINDOW_ROWS = 1 << 19
+DIRECT_ROWS = 1 << 17  # plans of up to this many archived rows (two busy hours) skip the scanner
 
 
-def _rows(parquet: pq.ParquetFile, groups: list[int]) -> int:
-    return sum(parquet.metadata.row_group(g).num_rows for g in groups)
+@functools.cache
+def _parquet_format():
+    """Archive files for Arrow's scanner, their pages checked against their CRCs as they are read (as
+    open_archive_file's are). Imported on first use: pyarrow.dataset imports pandas (~0.5 s)."""
+    import pyarrow.dataset as ds
+
+    return ds, ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(
+        page_checksum_verification=True))
 
 
 def _stat_us(value) -> int:
@@ -257,20 +330,12 @@ class Planner:
         segments = [t for t, _ in sorted(segments, key=lambda s: stream_order(s[0]["ts"][0].value,
                                                                                s[0]["ts"][-1].value, s[1]))]
         tail_table = _clip(coalesce(tail, schema, batch_rows), start_us, end_us) if tail else None
-        return Plan(key, start_us, end_us, batch_rows, self.open_file, archives, segments, tail_table)
+        return Plan(key, start_us, end_us, batch_rows, self.path_of, archives, segments, tail_table)
 
     def path_of(self, relative: str) -> Path:
         """Where to read an archive file named by the index: a read server's local copy, the archive, or
         (compaction replaced it a moment ago) superseded/."""
         return self.fetch(relative) if self.fetch is not None else locate(self.archive_root, relative)
-
-    def open_file(self, relative: str) -> pq.ParquetFile:
-        if self.fetch is not None:
-            return open_archive_file(self.fetch(relative))
-        try:
-            return open_archive_file(self.archive_root / relative)
-        except FileNotFoundError:  # compaction replaced it after the plan was made: it waits in superseded/
-            return open_archive_file(superseded_path(self.archive_root, relative))
 
     def _buffer_snapshot(self, key: StreamKey, start_us: int, end_us: int, subscription=None
                          ) -> tuple[list[tuple[Path, pa.MemoryMappedFile]], list[pa.RecordBatch], Path | None]:

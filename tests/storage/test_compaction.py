@@ -115,6 +115,19 @@ def test_a_reader_that_planned_before_the_swap_reads_every_tick_once(recorded):
         assert plan.read_all().equals(quotes)  # its hourly files now wait in superseded/
 
 
+def test_ranges_over_a_day_files_row_groups_read_them_in_time_order(recorded):
+    """Arrow's make_fragment(row_groups=...) keeps row groups in set order ({7, 8} reads 8 first): every
+    span of hours of a day file, whole or cut inside its first and last hour, comes back in order."""
+    settings, quotes = recorded
+    with Store(settings) as store:
+        store.compact(COMPACT_AT)
+        for first in range(9):  # the day file of 2025-01-11: hours 0..8, one row group each
+            for hours in (1, 2, 3, 9 - first):
+                for cut in (timedelta(0), timedelta(minutes=17)):
+                    span = (utc(2025, 1, 11, first) + cut, utc(2025, 1, 11) + timedelta(hours=first + hours) - cut)
+                    assert store.read(CID, "bid_ask", *span).equals(between(quotes, *span)), (first, hours, cut)
+
+
 def test_concurrent_readers_see_every_tick_exactly_once_throughout(recorded):
     settings, quotes = recorded
     ts = quotes.column("ts").cast(pa.int64()).to_pylist()
