@@ -26,6 +26,8 @@ session's open.
 
 from __future__ import annotations
 
+import functools
+
 import polars as pl
 import pyarrow as pa
 
@@ -68,6 +70,7 @@ def partial_schema(tick_type: TickType) -> pa.Schema:
     return pa.schema([pa.field("ts", TIMESTAMP), *(f.with_nullable(True) for f in _PARTIAL[tick_type.family])])
 
 
+@functools.cache  # asked for by every bar query's planning and reading; schemas are immutable
 def bar_schema(tick_type: TickType, resolution: str) -> pa.Schema:
     """The served schema of bars of ``tick_type`` at ``resolution``."""
     fields = [f for f in _PARTIAL[tick_type.family] if f.name not in _INTERNAL]

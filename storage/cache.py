@@ -22,6 +22,7 @@ class ResultCache:
         self.max_bytes = max_bytes
         self._tables: TTLCache = TTLCache(maxsize=max(max_bytes, 1), ttl=ttl_seconds, getsizeof=_size)
         self._lock = threading.Lock()
+        self._pending: dict[Hashable, _Pending] = {}  # keys being computed, by the first caller that missed
         self.hits = 0
         self.misses = 0
 
@@ -32,18 +33,37 @@ class ResultCache:
             return table
 
     def get_or_compute(self, key: Hashable, compute: Callable[[], pa.Table]) -> pa.Table:
-        """The cached table of ``key``, or ``compute()``'s, kept if it fits in a quarter of the cache."""
+        """The cached table of ``key``, or ``compute()``'s, kept if it fits in a quarter of the cache.
+
+        Concurrent misses of one key compute it once: the others wait and share its table (whether kept
+        or not); if that computation fails, each of them computes on its own."""
         with self._lock:
             table = self._tables.get(key)
             if table is not None:
                 self.hits += 1
                 return table
-            self.misses += 1
-        table = compute()
-        if 0 < _size(table) <= self.max_bytes // 4:
+            pending = self._pending.get(key)
+            if pending is None:
+                self.misses += 1
+                pending = self._pending[key] = _Pending()
+                computing = True
+            else:
+                self.hits += 1  # served from the computation under way
+                computing = False
+        if not computing:
+            pending.done.wait()
+            return pending.table if pending.table is not None else compute()
+        try:
+            table = compute()
+            pending.table = table
+            if 0 < _size(table) <= self.max_bytes // 4:
+                with self._lock:
+                    self._tables[key] = table
+            return table
+        finally:
             with self._lock:
-                self._tables[key] = table
-        return table
+                del self._pending[key]
+            pending.done.set()
 
     @property
     def current_bytes(self) -> int:
@@ -53,6 +73,14 @@ class ResultCache:
     def clear(self) -> None:
         with self._lock:
             self._tables.clear()
+
+
+class _Pending:
+    """One key's computation in progress: set when it ended; ``table`` is None if it failed."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.table: pa.Table | None = None
 
 
 def _size(table: pa.Table) -> int:

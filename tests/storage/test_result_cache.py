@@ -1,0 +1,104 @@
+"""The result cache: readers of one closed range arriving together compute it once (no stampede)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pyarrow as pa
+import pytest
+
+from ibstream.core.times import to_us
+from ibstream.settings import Settings
+from ibstream.storage import Store
+from ibstream.storage.cache import ResultCache
+from ibstream.storage.synthetic import MNQ
+from tests.helpers import append_in_batches, between, ticks, utc
+
+READERS = 8
+
+
+def arrive_together(cache: ResultCache, compute) -> tuple[list, list]:
+    """READERS threads ask for one key; the first computation is held until every reader has asked."""
+    release = threading.Event()
+    results: list = []
+    errors: list = []
+
+    def held() -> pa.Table:
+        release.wait()
+        return compute()
+
+    def read() -> None:
+        try:
+            results.append(cache.get_or_compute("key", held))
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(READERS)]
+    for thread in threads:
+        thread.start()
+    while cache.hits + cache.misses < READERS:  # every reader has looked the key up
+        time.sleep(0.001)
+    release.set()
+    for thread in threads:
+        thread.join()
+    return results, errors
+
+
+@pytest.mark.parametrize("max_bytes", [1 << 20, 64], ids=["kept", "too-large-to-keep"])
+def test_readers_arriving_together_share_one_computation(max_bytes):
+    cache = ResultCache(max_bytes, ttl_seconds=60)
+    calls = []
+    table = pa.table({"x": list(range(100))})
+
+    def compute() -> pa.Table:
+        calls.append(1)
+        return table
+
+    results, errors = arrive_together(cache, compute)
+    assert (len(calls), errors, cache.misses, cache.hits) == (1, [], 1, READERS - 1)
+    assert all(result is table for result in results) and len(results) == READERS
+    assert (cache.get("key") is table) == (max_bytes == 1 << 20)  # kept only if it fits a quarter of the cache
+
+
+def test_when_the_shared_computation_fails_each_waiting_reader_computes_on_its_own():
+    cache = ResultCache(1 << 20, ttl_seconds=60)
+    calls = []
+    table = pa.table({"x": [1, 2, 3]})
+
+    def compute() -> pa.Table:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the archive file cannot be read")
+        return table
+
+    results, errors = arrive_together(cache, compute)
+    assert [str(e) for e in errors] == ["the archive file cannot be read"]  # the first reader's own error
+    assert len(results) == READERS - 1 and all(result.equals(table) for result in results)
+    assert len(calls) == READERS  # each waiter computed its own
+
+
+def test_a_closed_day_asked_by_many_readers_at_once_is_decoded_once(tmp_path):
+    settings = Settings(data_root=tmp_path / "data", archive_delay=timedelta(0), fsync="none", flight_port=0)
+    quotes = ticks(utc(2025, 1, 10, 12), 20_000, rate_scale=0.2)
+    start, end = to_us(utc(2025, 1, 10, 12)), to_us(utc(2025, 1, 10, 14))  # the archived hours
+    with Store(settings) as store:
+        append_in_batches(store, quotes)
+        store.archive(now=utc(2025, 1, 11))
+        assert store.is_closed(MNQ.contract_id, "bid_ask", end)
+        barrier = threading.Barrier(READERS)
+        tables: list[pa.Table] = []
+
+        def read() -> None:
+            barrier.wait()
+            tables.append(store.ticks(MNQ.contract_id, "bid_ask", start, end))
+
+        threads = [threading.Thread(target=read) for _ in range(READERS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert store.cache.misses == 1 and store.cache.hits == READERS - 1
+        expected = between(quotes, utc(2025, 1, 10, 12), utc(2025, 1, 10, 14))
+        assert len(tables) == READERS and all(table.equals(expected) for table in tables)
