@@ -75,8 +75,10 @@ _calls = threading.local()  # the _Query of the call a handler thread is serving
 
 
 # a do_get's ticket is parsed for its stats kind and again to be read, and a client may ask for the same
-# ticket many times: valid tickets are kept parsed (frozen; errors are not kept)
+# ticket many times: valid tickets are kept parsed (frozen; errors are not kept); so are valid commands, which
+# dashboards repeat (256 of at most MAX_JSON_BYTES each: <= 16 MiB)
 _parse_ticket = functools.lru_cache(maxsize=1024)(Ticket.parse)
+_parse_command = functools.lru_cache(maxsize=256)(QueryCommand.parse)
 
 
 def _kind(handler_name: str, args: tuple) -> str:
@@ -262,7 +264,7 @@ class FlightServer(flight.FlightServerBase):
                 "descriptor must be a command (FlightDescriptor.for_command with a JSON query); "
                 "path descriptors are not served"
             )
-        return QueryCommand.parse(descriptor.command)
+        return _parse_command(descriptor.command)
 
 
 def shard_pieces(ticket: Ticket, horizon_us: int | None, shards: Sequence[ShardSpec],
