@@ -42,17 +42,15 @@ class ResultCache:
             if table is not None:
                 self.hits += 1
                 return table
-            pending = self._pending.get(key)
-            if pending is None:
+            under_way = self._pending.get(key)
+            if under_way is None:
                 self.misses += 1
                 pending = self._pending[key] = _Pending()
-                computing = True
             else:
                 self.hits += 1  # served from the computation under way
-                computing = False
-        if not computing:
-            pending.done.wait()
-            return pending.table if pending.table is not None else compute()
+        if under_way is not None:
+            under_way.done.wait()
+            return under_way.table if under_way.table is not None else compute()
         try:
             table = compute()
             pending.table = table

@@ -15,6 +15,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 
 from ibstream.core.errors import DamagedDataError, IbstreamError
 from ibstream.core.times import as_micros, hour_floor, iso
-from ibstream.storage.archive import locate, open_archive_file
+from ibstream.storage.archive import locate, open_archive_file, read_archive_file
 from ibstream.storage.index import ArchiveEntry, Index
 from ibstream.storage.schemas import schema_for
 from ibstream.storage.segments import (
@@ -166,15 +167,11 @@ class Plan:
         upcoming = next(windows, None)
         while upcoming is not None:
             (window, reader), upcoming = upcoming, next(windows, None)
-            try:
+            with self._named(window):
                 for batch in reader:
                     batch = _clip(batch, self.start_us, self.end_us) if clip else batch
                     if batch.num_rows:
                         yield batch.replace_schema_metadata(self.schema.metadata)
-            except IbstreamError:
-                raise  # the object store did not answer (a read server): not damage
-            except (OSError, pa.ArrowException) as exc:
-                raise self._damage(window, exc) from None
 
     def _windows(self) -> Iterator[list[list[ArchiveEntry]]]:
         """Runs of consecutive hours in one file (a day file is read as one source), grouped up to
@@ -195,23 +192,19 @@ class Plan:
 
     def _scan(self, window: list[list[ArchiveEntry]]) -> tuple[list[list[ArchiveEntry]], pa.RecordBatchReader]:
         """The window's row groups as one reader (started: it decodes ahead from now)."""
-        try:
+        with self._named(window):
             fragments = [fragment for run in window if (fragment := self._fragment(run)) is not None]
             ds, parquet_format = _parquet_format()
             scanner = ds.FileSystemDataset(fragments, self.schema, parquet_format).scanner(
                 batch_size=self.batch_rows, use_threads=True)
             return window, scanner.to_reader()
-        except IbstreamError:
-            raise
-        except (OSError, pa.ArrowException) as exc:
-            raise self._damage(window, exc) from None
 
     def _direct(self, window: list[list[ArchiveEntry]]) -> Iterator[pa.RecordBatch]:
         """A small plan's row groups, read here (a scanner takes ~1 ms to start: more than it saves)."""
         for run in window:
-            groups = self._groups(run)
+            parquet = open_archive_file(self.path_of(run[0].file_path))
+            groups = self._groups(run, parquet)
             if groups != []:
-                parquet = open_archive_file(self.path_of(run[0].file_path))
                 yield from parquet.read_row_groups(range(parquet.num_row_groups) if groups is None else groups,
                                                    use_threads=True).to_batches(max_chunksize=self.batch_rows)
 
@@ -228,27 +221,36 @@ class Plan:
     def _whole(self, entry: ArchiveEntry) -> bool:
         return entry.start_us >= self.start_us and entry.end_us < self.end_us
 
-    def _groups(self, run: list[ArchiveEntry]) -> list[int] | None:
-        """The row groups of a run that hold ticks of the range (None: all of an hourly file)."""
+    def _groups(self, run: list[ArchiveEntry], parquet: pq.ParquetFile | None = None) -> list[int] | None:
+        """The row groups of a run that hold ticks of the range (None: all of an hourly file); ``parquet`` is
+        its file, if open already."""
         if all(self._whole(entry) for entry in run):
             return None if any(entry.row_groups is None for entry in run) else \
                 [group for entry in run for group in entry.row_groups or ()]
-        parquet = open_archive_file(self.path_of(run[0].file_path))  # the footer's statistics (kept parsed)
+        parquet = parquet or open_archive_file(self.path_of(run[0].file_path))  # the footer's statistics
         groups: list[int] = []
         for entry in run:
             candidates = entry.row_groups if entry.row_groups is not None else list(range(parquet.num_row_groups))
             groups += candidates if self._whole(entry) else self._overlapping_groups(parquet, candidates)
         return groups
 
+    @contextmanager
+    def _named(self, window: list[list[ArchiveEntry]]) -> Iterator[None]:
+        """Reading ``window``: a file that fails is a :class:`DamagedDataError` naming its hour."""
+        try:
+            yield
+        except IbstreamError:
+            raise  # the object store did not answer (a read server): not damage
+        except (OSError, pa.ArrowException) as exc:
+            raise self._damage(window, exc) from None
+
     def _damage(self, window: list[list[ArchiveEntry]], exc: Exception) -> DamagedDataError:
         """What the window's failure destroyed: the first of its hours that cannot be read alone."""
         culprit, cause = window[0][0], exc
         for entry in (entry for run in window for entry in run):
             try:
-                parquet = open_archive_file(self.path_of(entry.file_path))
-                parquet.read_row_groups(entry.row_groups if entry.row_groups is not None else
-                                        range(parquet.num_row_groups), use_threads=False)
-            except (OSError, pa.ArrowException) as failed:
+                read_archive_file(self.path_of(entry.file_path), entry.file_path, entry.row_groups)
+            except (OSError, DamagedDataError) as failed:
                 culprit, cause = entry, failed
                 break
         return DamagedDataError(
