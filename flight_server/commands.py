@@ -4,6 +4,7 @@ ticket of each endpoint. Documented in proto_docs/flight-protocol.md.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from datetime import UTC, date, datetime
@@ -205,6 +206,14 @@ class QueryCommand(BaseModel):
         return self.model_dump_json(exclude_none=True).encode()
 
     @property
+    def pinned(self) -> bool:
+        """Whether the query means the same ticks whenever it is asked: an explicit ``start`` or cursor and
+        ``end``, of contracts by id (no window, session, continuous contract or live stream, which move
+        with now or with the roll schedule)."""
+        return (self.end is not None and self.window is None and self.session is None and self.continuous is None
+                and not self.live)
+
+    @property
     def contracts(self) -> list[int]:
         return [self.contract_id] if self.contract_id is not None else list(self.contract_ids or ())
 
@@ -308,6 +317,13 @@ class Ticket(BaseModel):
         return self.model_dump_json(exclude_none=True).encode()
 
 
+# Valid commands and tickets kept parsed (frozen models; errors are not kept): a client and a dashboard repeat
+# them, and the server parses a do_get's ticket for its stats and again to read it. At most 256 commands and
+# 1,024 tickets of MAX_JSON_BYTES each.
+parsed_command = functools.lru_cache(maxsize=256)(QueryCommand.parse)
+parsed_ticket = functools.lru_cache(maxsize=1024)(Ticket.parse)
+
+
 def command(contract_ids: int | str | Sequence[int], tick_types: str | Sequence[str], start: datetime | None = None,
             end: datetime | None = None, *, window: str | None = None, session: str | None = None,
             session_date: str | date | None = None, resolution: str = TICK, fill: bool = False,
@@ -330,7 +346,7 @@ def command(contract_ids: int | str | Sequence[int], tick_types: str | Sequence[
                 "daily_session": daily_session, "live": live or None, "cursor": cursor,
                 "provenance": provenance or None}
     payload |= {name: value for name, value in optional.items() if value is not None}
-    return QueryCommand.parse(json.dumps(payload).encode()).to_bytes()
+    return parsed_command(json.dumps(payload).encode()).to_bytes()
 
 
 def iso_time(value: datetime) -> str:

@@ -233,6 +233,11 @@ class QueryService:
                        continuous=str(continuous), provenance=query.provenance)
                 for contract_id, start, end in pieces for t in query.tick_types]
 
+    def settled(self, tickets: list[Ticket]) -> bool:
+        """Whether every ticket's range is closed (:meth:`Store.is_closed`): their data changes only with a
+        clear of the result cache."""
+        return all(not t.live and self.store.is_closed(t.contract_id, t.tick_type, t.end_us) for t in tickets)
+
     def estimate(self, query: QueryCommand, tickets: list[Ticket]) -> tuple[int, int]:
         """(rows, bytes) the tickets will send, -1 where unknown; refuses a query over the row limit."""
         if not reads_raw_ticks(query.resolution):  # bars from 1m up: pre-aggregates, no tick estimate
@@ -268,11 +273,13 @@ class QueryService:
     # -- reading -------------------------------------------------------------------------------
 
     def read(self, ticket: Ticket, caller: Caller = ANONYMOUS, *, cancelled: Callable[[], bool] = lambda: False,
-             query: _Query | None = None) -> Answer:
+             query: _Query | None = None, checked: bool = False) -> Answer:
         """The answer of one ticket, with the limits of planning applied to it again (a forged or edited
-        ticket gets no more than its command could have). ``cancelled`` ends a live stream early (the
-        caller went away); ``query`` is the call's stats entry, finished when a stream ends."""
-        self.check_ticket(ticket)
+        ticket gets no more than its command could have) unless ``checked`` (this server issued it over
+        data that has not changed since). ``cancelled`` ends a live stream early (the caller went away);
+        ``query`` is the call's stats entry, finished when a stream ends."""
+        if not checked:
+            self.check_ticket(ticket)
         if not (ticket.continuous or ticket.provenance):
             return self._read(ticket, caller, cancelled, query, lambda data: data)
         answer = self._read(ticket, caller, cancelled, query, self._decorator(ticket))

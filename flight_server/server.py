@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.flight as flight
+from cachetools import TTLCache
 
 from ibstream.core.errors import (
     CorruptFileError,
@@ -50,7 +51,7 @@ from ibstream.core.errors import (
 from ibstream.core.resolutions import TICK
 from ibstream.core.times import FOREVER_US, MIN_US, to_us
 from ibstream.flight_server.auth import AuthMiddlewareFactory, TokenEntry, caller_of, token_entries
-from ibstream.flight_server.commands import QueryCommand, Ticket, command
+from ibstream.flight_server.commands import QueryCommand, Ticket, command, parsed_command, parsed_ticket
 from ibstream.flight_server.queries import (
     ACTIONS,
     ADMIN_ACTIONS,
@@ -60,6 +61,7 @@ from ibstream.flight_server.queries import (
     ticket_kind,
 )
 from ibstream.settings import Settings, ShardSpec
+from ibstream.storage.cache import ResultCache
 from ibstream.storage.schemas import schema_for
 from ibstream.storage.segments import ipc_bytes
 from ibstream.storage.store import Store
@@ -74,17 +76,11 @@ _KINDS = {"get_flight_info": "flight_info", "get_schema": "schema", "list_flight
 _calls = threading.local()  # the _Query of the call a handler thread is serving
 
 
-# a do_get's ticket is parsed for its stats kind and again to be read, and a client may ask for the same
-# ticket many times: valid tickets are kept parsed (frozen; errors are not kept); so are valid commands, which
-# dashboards repeat (256 of at most MAX_JSON_BYTES each: <= 16 MiB)
-_parse_ticket = functools.lru_cache(maxsize=1024)(Ticket.parse)
-_parse_command = functools.lru_cache(maxsize=256)(QueryCommand.parse)
-
 
 def _kind(handler_name: str, args: tuple) -> str:
     if handler_name == "do_get":
         try:
-            parsed = _parse_ticket(args[0].ticket)
+            parsed = parsed_ticket(args[0].ticket)
         except Exception:
             return "invalid"
         return ticket_kind(parsed)
@@ -164,6 +160,7 @@ class FlightServer(flight.FlightServerBase):
         self.stats = self.queries.stats
         self.authenticator = self.queries.authenticator
         self._stopping = self.queries.stopping
+        self._planned = PlannedQueries(store.cache, self.settings.cache_ttl.total_seconds())
         tls = _tls_options(self.settings)
         location = location or self.settings.flight_location
         if tls and location.startswith("grpc://"):
@@ -190,11 +187,18 @@ class FlightServer(flight.FlightServerBase):
     @_flight_errors
     def get_flight_info(self, context, descriptor: flight.FlightDescriptor) -> flight.FlightInfo:
         query = self._command(descriptor)
+        keep = query.pinned and self.store.cache.enabled and not self.settings.shards
+        if keep and (info := self._planned.info(descriptor.command)) is not None:
+            return info
+        generation = self.store.cache.generation
         tickets = self.queries.tickets(query)
         rows, size = self.queries.estimate(query, tickets)
         endpoints = [flight.FlightEndpoint(piece.to_bytes(), list(locations))
                      for ticket in tickets for piece, locations in self._pieces(ticket)]
-        return flight.FlightInfo(self.queries.schema(query), descriptor, endpoints, rows, size)
+        info = flight.FlightInfo(self.queries.schema(query), descriptor, endpoints, rows, size)
+        if keep and self.queries.settled(tickets):
+            self._planned.keep(descriptor.command, generation, info)
+        return info
 
     @_flight_errors
     def get_schema(self, context, descriptor: flight.FlightDescriptor) -> flight.SchemaResult:
@@ -202,10 +206,11 @@ class FlightServer(flight.FlightServerBase):
 
     @_flight_errors
     def do_get(self, context, ticket: flight.Ticket) -> flight.FlightDataStream:
-        parsed = _parse_ticket(ticket.ticket)
+        parsed = parsed_ticket(ticket.ticket)
         self.store.require_index(parsed.index_seq)  # a read server behind catches up, or says UNAVAILABLE
         query: _Query | None = getattr(_calls, "query", None)
-        answer = self.queries.read(parsed, caller_of(context), cancelled=context.is_cancelled, query=query)
+        answer = self.queries.read(parsed, caller_of(context), cancelled=context.is_cancelled, query=query,
+                                   checked=self._planned.issued(ticket.ticket))
         if answer.table is not None:
             return flight.RecordBatchStream(answer.table)
         if answer.live:
@@ -264,7 +269,39 @@ class FlightServer(flight.FlightServerBase):
                 "descriptor must be a command (FlightDescriptor.for_command with a JSON query); "
                 "path descriptors are not served"
             )
-        return _parse_command(descriptor.command)
+        return parsed_command(descriptor.command)
+
+
+class PlannedQueries:
+    """The FlightInfos of pinned queries over closed ranges (:attr:`QueryCommand.pinned`,
+    :meth:`QueryService.settled`) by command bytes, and the tickets they issued: what a repeated query
+    gets without planning again, and tickets that need no second check of the limits at ``do_get``.
+
+    They hold while the store's result cache keeps its generation (a clear: backfill, retention,
+    compaction, a new index on a read server) and for its TTL, as the results they lead to do.
+    """
+
+    def __init__(self, cache: ResultCache, ttl_seconds: float):
+        self._cache = cache
+        self._infos: TTLCache = TTLCache(maxsize=256, ttl=ttl_seconds)  # command -> (generation, FlightInfo)
+        self._tickets: TTLCache = TTLCache(maxsize=1024, ttl=ttl_seconds)  # ticket bytes -> generation
+        self._lock = threading.Lock()
+
+    def info(self, command: bytes) -> flight.FlightInfo | None:
+        with self._lock:
+            kept = self._infos.get(command)
+        return kept[1] if kept is not None and kept[0] == self._cache.generation else None
+
+    def issued(self, ticket: bytes) -> bool:
+        with self._lock:
+            return self._tickets.get(ticket) == self._cache.generation
+
+    def keep(self, command: bytes, generation: int, info: flight.FlightInfo) -> None:
+        """Keep ``info``, planned when the cache's generation was ``generation``."""
+        with self._lock:
+            self._infos[command] = (generation, info)
+            for endpoint in info.endpoints:
+                self._tickets[endpoint.ticket.ticket] = generation
 
 
 def shard_pieces(ticket: Ticket, horizon_us: int | None, shards: Sequence[ShardSpec],

@@ -23,6 +23,7 @@ class ResultCache:
         self._tables: TTLCache = TTLCache(maxsize=max(max_bytes, 1), ttl=ttl_seconds, getsizeof=_size)
         self._lock = threading.Lock()
         self._pending: dict[Hashable, _Pending] = {}  # keys being computed, by the first caller that missed
+        self.generation = 0  # bumped by clear(): whatever was computed or planned before it may be stale
         self.hits = 0
         self.misses = 0
 
@@ -36,8 +37,10 @@ class ResultCache:
         """The cached table of ``key``, or ``compute()``'s, kept if it fits in a quarter of the cache.
 
         Concurrent misses of one key compute it once: the others wait and share its table (whether kept
-        or not); if that computation fails, each of them computes on its own."""
+        or not); if that computation fails, each of them computes on its own. A computation that a
+        :meth:`clear` overtook is not kept, and no caller after the clear waits for it."""
         with self._lock:
+            generation = self.generation
             table = self._tables.get(key)
             if table is not None:
                 self.hits += 1
@@ -56,11 +59,13 @@ class ResultCache:
             pending.table = table
             if 0 < _size(table) <= self.max_bytes // 4:
                 with self._lock:
-                    self._tables[key] = table
+                    if self.generation == generation:
+                        self._tables[key] = table
             return table
         finally:
             with self._lock:
-                del self._pending[key]
+                if self._pending.get(key) is pending:
+                    del self._pending[key]
             pending.done.set()
 
     @property
@@ -68,9 +73,16 @@ class ResultCache:
         with self._lock:
             return int(self._tables.currsize)
 
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
     def clear(self) -> None:
+        """Forget every result (the data under them changed): computations under way are not kept."""
         with self._lock:
             self._tables.clear()
+            self._pending.clear()
+            self.generation += 1
 
 
 class _Pending:

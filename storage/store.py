@@ -246,15 +246,15 @@ class Store:
         else the plan to stream them from (never stale). ``check`` sees the plan before anything is
         read (the server's row limit); a cache hit was checked when it was computed."""
         key = ("ticks", int(contract_id), TickType.parse(str(tick_type)).value, start_us, end_us)
-        closed = self.is_closed(contract_id, tick_type, end_us)
-        if closed and (cached := self.cache.get(key)) is not None:
+        if (cached := self.cache.get(key)) is not None:  # kept only if closed, and closed stays closed until a clear
             self.refuse_expired(StreamKey(int(contract_id), TickType.parse(str(tick_type))), start_us, end_us)
             return cached  # no planning on a hit
         plan = self.plan(contract_id, tick_type, start_us, end_us)
         if check is not None:
             check(plan)
         cacheable = plan.estimated_bytes() <= self.cache.max_bytes // 4  # else stream it: memory stays bounded
-        return self.cache.get_or_compute(key, plan.read_all) if closed and cacheable else plan
+        closed = cacheable and self.is_closed(contract_id, tick_type, end_us)
+        return self.cache.get_or_compute(key, plan.read_all) if closed else plan
 
     # -- scaling out (storage/object_store.py) ---------------------------------------------------
 
@@ -300,10 +300,13 @@ class Store:
         def compute() -> pa.Table:
             return read_bars(self, key, start_us, end_us, resolution, fill=fill, sessions=sessions)
 
+        days = tuple((s.open_us, s.close_us) for s in sessions or ())
+        cache_key = ("bars", key, start_us, end_us, resolution, fill, days)
+        if (cached := self.cache.get(cache_key)) is not None:  # kept only if closed (see ticks)
+            return cached
         if not self.is_closed(contract_id, tick_type, end_us):
             return compute()
-        days = tuple((s.open_us, s.close_us) for s in sessions or ())
-        return self.cache.get_or_compute(("bars", key, start_us, end_us, resolution, fill, days), compute)
+        return self.cache.get_or_compute(cache_key, compute)
 
     def warm_in_background(self) -> None:
         """Start :meth:`warm` on a thread (once); :meth:`close` stops and waits for it."""

@@ -1,4 +1,5 @@
-"""The result cache: readers of one closed range arriving together compute it once (no stampede)."""
+"""The result cache: readers of one closed range arriving together compute it once (no stampede), and
+a clear (the data under a result changed: backfill, retention, a new index) overtakes what is under way."""
 
 from __future__ import annotations
 
@@ -77,6 +78,45 @@ def test_when_the_shared_computation_fails_each_waiting_reader_computes_on_its_o
     assert [str(e) for e in errors] == ["the archive file cannot be read"]  # the first reader's own error
     assert len(results) == READERS - 1 and all(result.equals(table) for result in results)
     assert len(calls) == READERS  # each waiter computed its own
+
+
+def test_a_result_computed_across_a_clear_is_served_but_not_kept():
+    cache = ResultCache(1 << 20, ttl_seconds=60)
+    table = pa.table({"x": [1, 2, 3]})
+
+    def compute_while_backfill_clears() -> pa.Table:
+        cache.clear()  # say, a backfill rewrote the hours this computation read before it
+        return table
+
+    assert cache.get_or_compute("key", compute_while_backfill_clears) is table  # its caller gets it
+    assert (cache.get("key"), cache.generation) == (None, 1)  # but nobody after the clear does
+    assert cache.get_or_compute("key", lambda: table) is table and cache.get("key") is table  # the next one is kept
+
+
+def test_a_reader_after_a_clear_does_not_wait_for_a_computation_begun_before_it():
+    cache = ResultCache(1 << 20, ttl_seconds=60)
+    started, release = threading.Event(), threading.Event()
+    old, new = pa.table({"x": [1]}), pa.table({"x": [1, 2]})
+    first: list[pa.Table] = []
+
+    def stale() -> pa.Table:
+        started.set()
+        release.wait()
+        return old
+
+    reader = threading.Thread(target=lambda: first.append(cache.get_or_compute("key", stale)))
+    reader.start()
+    started.wait()
+    cache.clear()
+    after: list[pa.Table] = []
+    late = threading.Thread(target=lambda: after.append(cache.get_or_compute("key", lambda: new)))
+    late.start()
+    late.join(timeout=10)  # it does not wait for the old computation (still held)
+    release.set()
+    reader.join()
+    late.join()
+    assert after == [new] and first == [old]  # the old table reached its own reader only
+    assert cache.get("key") is new
 
 
 def test_a_closed_day_asked_by_many_readers_at_once_is_decoded_once(tmp_path):
