@@ -293,8 +293,9 @@ class PlannedQueries:
         return kept[1] if kept is not None and kept[0] == self._cache.generation else None
 
     def issued(self, ticket: bytes) -> bool:
+        generation = self._cache.generation
         with self._lock:
-            return self._tickets.get(ticket) == self._cache.generation
+            return self._tickets.get(ticket) == generation
 
     def keep(self, command: bytes, generation: int, info: flight.FlightInfo) -> None:
         """Keep ``info``, planned when the cache's generation was ``generation``."""

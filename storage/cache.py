@@ -16,18 +16,36 @@ from cachetools import TTLCache
 
 class ResultCache:
     """Thread-safe LRU of Arrow tables bounded by ``max_bytes`` (their buffers' size), each
-    entry dropped ``ttl_seconds`` after it was stored. ``max_bytes=0`` disables caching."""
+    entry dropped ``ttl_seconds`` after it was stored. ``max_bytes=0`` disables caching.
 
-    def __init__(self, max_bytes: int, ttl_seconds: float):
+    ``rewrites`` (a store reading beside another process's writer: :meth:`Index.rewrites`) counts
+    the writer's changes to closed ranges; the cache is cleared whenever it moves, checked on each
+    lookup, so a backfill in the recorder is seen by the next query of a server in another process."""
+
+    def __init__(self, max_bytes: int, ttl_seconds: float, rewrites: Callable[[], int] | None = None):
         self.max_bytes = max_bytes
+        self._rewrites = rewrites
+        self._rewrites_seen = rewrites() if rewrites is not None else 0
         self._tables: TTLCache = TTLCache(maxsize=max(max_bytes, 1), ttl=ttl_seconds, getsizeof=_size)
         self._lock = threading.Lock()
         self._pending: dict[Hashable, _Pending] = {}  # keys being computed, by the first caller that missed
-        self.generation = 0  # bumped by clear(): whatever was computed or planned before it may be stale
+        self._generation = 0  # bumped by clear(): whatever was computed or planned before it may be stale
         self.hits = 0
         self.misses = 0
 
+    @property
+    def generation(self) -> int:
+        """Moves with each :meth:`clear`: what was computed or planned at another generation may be stale."""
+        self._check_rewrites()
+        return self._generation
+
+    def _check_rewrites(self) -> None:
+        if self._rewrites is not None and (seen := self._rewrites()) != self._rewrites_seen:
+            self._rewrites_seen = seen
+            self.clear()
+
     def get(self, key: Hashable) -> pa.Table | None:
+        self._check_rewrites()
         with self._lock:
             table = self._tables.get(key)
             self.hits += table is not None
@@ -39,8 +57,9 @@ class ResultCache:
         Concurrent misses of one key compute it once: the others wait and share its table (whether kept
         or not); if that computation fails, each of them computes on its own. A computation that a
         :meth:`clear` overtook is not kept, and no caller after the clear waits for it."""
+        self._check_rewrites()
         with self._lock:
-            generation = self.generation
+            generation = self._generation
             table = self._tables.get(key)
             if table is not None:
                 self.hits += 1
@@ -59,7 +78,7 @@ class ResultCache:
             pending.table = table
             if 0 < _size(table) <= self.max_bytes // 4:
                 with self._lock:
-                    if self.generation == generation:
+                    if self._generation == generation:
                         self._tables[key] = table
             return table
         finally:
@@ -82,7 +101,7 @@ class ResultCache:
         with self._lock:
             self._tables.clear()
             self._pending.clear()
-            self.generation += 1
+            self._generation += 1
 
 
 class _Pending:

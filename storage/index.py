@@ -185,10 +185,22 @@ CREATE TABLE IF NOT EXISTS publication_target (url TEXT NOT NULL);  -- the archi
 -- Counts writes to what read servers serve (hours, statistics, pre-aggregates, expiry, contracts).
 CREATE TABLE IF NOT EXISTS index_changes (n INTEGER NOT NULL);
 INSERT INTO index_changes SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM index_changes);
+-- Counts writes to archived hours other than a stream's new newest hour (backfill, retention,
+-- compaction, quarantine, an import into the past): results cached over closed ranges may be stale.
+CREATE TABLE IF NOT EXISTS archive_rewrites (n INTEGER NOT NULL);
+INSERT INTO archive_rewrites SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM archive_rewrites);
 """ + "".join(f"""CREATE TRIGGER IF NOT EXISTS changed_{table}_{event.lower()} AFTER {event} ON {table}
     BEGIN UPDATE index_changes SET n = n + 1; END;
 """ for table in ("tick_archives", "data_statistics", "hour_bars", "contracts", "expired_hours", "rolls")
-    for event in ("INSERT", "UPDATE", "DELETE"))
+    for event in ("INSERT", "UPDATE", "DELETE")) + "".join(f"""CREATE TRIGGER IF NOT EXISTS rewrote_{table}_{name}
+    {timing} ON {table}{condition} BEGIN UPDATE archive_rewrites SET n = n + 1; END;
+""" for table in ("tick_archives", "hour_bars") for name, timing, condition in (
+    ("update", "AFTER UPDATE", ""),
+    ("delete", "AFTER DELETE", ""),
+    # before the row goes in, so that INSERT OR REPLACE still sees the row it replaces
+    ("insert", "BEFORE INSERT", f" WHEN EXISTS (SELECT 1 FROM {table} WHERE contract_id = NEW.contract_id AND "
+                                "tick_type = NEW.tick_type AND hour_start_us >= NEW.hour_start_us)"),
+))
 
 SCHEMA_VERSION = 5  # PRAGMA user_version; 1: before 'unknown' coverage and the damage table; 2: times not named *_us;
 #                     3: before compaction (no row groups in tick_archives); 4: before backfill (coverage statuses)
@@ -701,6 +713,11 @@ class Index:
             for table in ("published_files", "unreferenced_objects", "publications", "publication_target"):
                 conn.execute(f"DELETE FROM {table}")
             conn.execute("INSERT INTO publication_target VALUES (?)", (url,))
+
+    def rewrites(self) -> int:
+        """How many writes changed archived hours other than by adding a stream's newest (a counter kept by
+        triggers): a store reading beside the recorder's clears its result cache when it moves."""
+        return self._connection().execute("SELECT n FROM archive_rewrites").fetchone()[0]
 
     def changes(self) -> int:
         """How many writes read servers would see have been made to this index (a counter kept by triggers)."""

@@ -89,7 +89,9 @@ class Store:
             self.archiver.recover()
             for (cid, tt), until in self.index.archived_until().items():  # after recovery: adopted hours too
                 self.writer.seal(StreamKey(cid, TickType(tt)), until)
-        self.cache = ResultCache(self.settings.cache_max_bytes, self.settings.cache_ttl.total_seconds())
+        beside_a_writer = read_only and not self.settings.replica and not self.index.immutable  # its writer may rewrite
+        self.cache = ResultCache(self.settings.cache_max_bytes, self.settings.cache_ttl.total_seconds(),
+                                 rewrites=self.index.rewrites if beside_a_writer else None)
         if self.settings.archive_url is not None and not read_only:
             self.publisher = Publisher(self.settings, self.index)
         if self.settings.replica:

@@ -498,13 +498,18 @@ def test_a_slow_sse_reader_is_dropped_with_an_error_event(tmp_path):
         served = Served(store)
         http = HttpGateway(served.server.queries, settings).start()
         try:
-            flood = ticks(from_us(now_us()), 200_000, "bid_ask", seed=3, rate_scale=50)
             with httpx.Client(timeout=60) as client, client.stream(
                     "GET", f"{http.url}/v2/stream/{CID}/bid_ask") as response:
                 lines = response.iter_lines()
                 assert next(lines).startswith("event: info")
-                for offset in range(0, flood.num_rows, 1_000):  # the reader takes nothing meanwhile
-                    store.append(CID, "bid_ask", flood.slice(offset, 1_000))
+                start_us, deadline = now_us(), time.monotonic() + 60
+                # the reader takes nothing meanwhile; floods go on until it is dropped (on a busy host its feed
+                # may subscribe only after a first flood was appended: that one it reads as history)
+                while served.server.stats.slow_readers_dropped == 0 and time.monotonic() < deadline:
+                    flood = ticks(from_us(start_us), 20_000, "bid_ask", seed=3, rate_scale=50)
+                    for offset in range(0, flood.num_rows, 1_000):
+                        store.append(CID, "bid_ask", flood.slice(offset, 1_000))
+                    start_us = flood.column("ts").cast(pa.int64())[-1].as_py() + 1
                 wait_until(lambda: served.server.stats.slow_readers_dropped == 1, timeout=30,
                            what="the reader to be dropped")
                 errors = [json.loads(line[6:]) for line in lines if line.startswith("data: ")

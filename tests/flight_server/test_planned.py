@@ -3,7 +3,8 @@
 The server keeps the FlightInfo of a pinned query (explicit start and end, contracts by id) whose
 every range is archived, and the tickets it issued need no second check at do_get. A backfill (or
 retention, compaction, a new index: whatever clears the result cache) makes it plan afresh; a ticket
-it did not issue is checked as before; a query that moves with now is never kept.
+it did not issue is checked as before; a query that moves with now is never kept. A server beside the
+recorder (its own read-only store, as `ibstream serve` runs) sees the recorder's backfill at its next query.
 """
 
 from __future__ import annotations
@@ -81,3 +82,31 @@ def test_a_query_that_moves_with_now_or_reaches_past_the_archive_is_not_kept(rec
     descriptor = flight.FlightDescriptor.for_command(command(CID, "bid_ask", **query))
     plain.get_flight_info(descriptor)
     assert server._planned.info(descriptor.command) is None
+
+
+def test_a_server_beside_the_recorder_sees_its_backfill_at_the_next_query(tmp_path):
+    market, g0, g1 = scenario(utc(2025, 1, 10, 23, 20), utc(2025, 1, 10, 23, 40))
+    settings = settings_at(tmp_path / "data")
+    record(settings, market, g0, g1)
+    live = between(outside(market, g0, g1), *CLOSED).replace_schema_metadata(None)
+    complete = between(merged(market, g0, g1), *CLOSED).replace_schema_metadata(None)
+    with Store(settings) as recorder, Store(settings, read_only=True) as beside:
+        served = Served(beside)
+        try:
+            ticks = flight.FlightDescriptor.for_command(command(CID, "bid_ask", *CLOSED))
+            bars = dict(resolution="1m")
+            with flight.connect(served.location) as plain:
+                assert read(plain, plain.get_flight_info(ticks)).equals(live)
+                assert read(plain, plain.get_flight_info(ticks)).equals(live)  # from the kept plan and the cache
+                minutes = served.client.tables(CID, "bid_ask", *CLOSED, **bars)["bid_ask"]
+                assert beside.cache.hits >= 1 and served.server._planned.info(ticks.command) is not None
+
+                recorder.backfill(CID, "bid_ask", g0, g1, from_ib(market, g0, g1), status="backfilled")
+                after = plain.get_flight_info(ticks)
+                assert after.total_records == complete.num_rows
+                assert read(plain, after).equals(complete)
+                again = served.client.tables(CID, "bid_ask", *CLOSED, **bars)["bid_ask"]
+                assert again.equals(recorder.bars(CID, "bid_ask", *map(to_us, CLOSED), "1m"))
+                assert not again.equals(minutes)  # the gap's minutes are in them now
+        finally:
+            served.close()

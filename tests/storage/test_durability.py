@@ -29,7 +29,7 @@ from ibstream.storage.maintenance import reindex, verify
 from ibstream.storage.schemas import TickType
 from ibstream.storage.segments import StreamKey, header_bytes, list_segments, scan_segment, segment_start_us, stream_dir
 from ibstream.storage.synthetic import MNQ
-from tests.helpers import append_in_batches, between, ticks, utc
+from tests.helpers import append_in_batches, between, fill, ticks, utc
 
 CID = MNQ.contract_id
 KEY = StreamKey(CID, TickType.BID_ASK)
@@ -400,13 +400,7 @@ def test_a_real_full_disk_refuses_cleanly_and_recording_resumes_when_room_return
     filler = small_disk / "filler"
     acked = 0
     with Store(settings) as store:
-        with open(filler, "wb") as handle:  # fill the disk, then leave 300 kB free
-            try:
-                while True:
-                    handle.write(b"\0" * 65_536)
-                    handle.flush()
-            except OSError:
-                pass
+        fill(filler)  # then leave 300 kB free
         os.truncate(filler, max(0, filler.stat().st_size - 300_000))
         with pytest.raises(StorageUnavailableError) as refused:
             while acked < table.num_rows:

@@ -142,3 +142,22 @@ def test_a_closed_day_asked_by_many_readers_at_once_is_decoded_once(tmp_path):
         assert store.cache.misses == 1 and store.cache.hits == READERS - 1
         expected = between(quotes, utc(2025, 1, 10, 12), utc(2025, 1, 10, 14))
         assert len(tables) == READERS and all(table.equals(expected) for table in tables)
+
+
+def test_archiving_new_hours_is_no_rewrite_and_a_backfill_is(tmp_path):
+    """The index's rewrite counter (what a server beside the recorder clears its cache on) stays put while
+    hours are archived one after another, and moves when a backfill rewrites closed hours."""
+    from tests.storage.test_backfill import CID, FIRST, from_ib, outside, scenario, settings_at
+
+    market, g0, g1 = scenario(utc(2025, 1, 10, 23, 20), utc(2025, 1, 10, 23, 40))
+    with Store(settings_at(tmp_path / "data")) as store:
+        for at, status, reason in ((to_us(FIRST), "recorded", "subscribed"), (g0, "gap", "disconnected"),
+                                   (g1, "recorded", "subscribed")):  # as tests.storage.test_backfill.record
+            store.index.coverage_transition(CID, "bid_ask", at, status, reason)
+        append_in_batches(store, outside(market, g0, g1))
+        for hour in range(1, 7):  # one closed hour after another, as the archiver runs
+            store.archive(now=FIRST + timedelta(hours=hour))
+        assert store.index.archived_until_of(CID, "bid_ask") == to_us(FIRST + timedelta(hours=6))
+        assert store.index.rewrites() == 0
+        store.backfill(CID, "bid_ask", g0, g1, from_ib(market, g0, g1), status="backfilled")
+        assert store.index.rewrites() > 0
