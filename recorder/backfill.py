@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from ibstream.core.errors import IbstreamError, ServerUnavailableError
-from ibstream.core.times import duration_us, iso, now_us
+from ibstream.core.times import US_PER_SECOND, duration_us, iso, now_us
 from ibstream.recorder.history import HistoryRefused, HistorySession
 from ibstream.settings import Settings
 from ibstream.storage.index import CoverageInterval
@@ -162,10 +162,10 @@ class Backfiller:
         details = self.store.index.contract(gap.contract_id)
         if details is None:  # no exchange to ask IB on: the recorder stores it once it resolves the contract
             return replace(base, note="no contract details stored (record it from IB first)")
-        last = gap.end_us - 1  # the gap's last µs: its seconds are floor(start) .. floor(end - 1 µs)
+        first, last = self.store.gap_seconds(gap.contract_id, gap.tick_type, gap.start_us, gap.end_us)
         try:
-            ticks = session.fetch_ticks(details, gap.tick_type, gap.start_us, last,
-                                        closes=self._closes(gap.contract_id, gap.start_us, gap.end_us))
+            ticks = session.fetch_ticks(details, gap.tick_type, first, last,
+                                        closes=self._closes(gap.contract_id, first, last + US_PER_SECOND))
             status, note = "backfilled", ""
         except HistoryRefused as refused:
             ticks, note = refused.ticks, str(refused)

@@ -440,8 +440,8 @@ class _ClientConnection:
             elif self.sim.tick_by_tick_limit is not None and self.sim.active_count() >= self.sim.tick_by_tick_limit:
                 self.error(req_id, 10190)
             else:
-                self.subscriptions[req_id] = _Subscription(req_id, contract, tick_type, self.sim._cursor(contract, tick_type),
-                                                           on_market=self.sim.market_clock)
+                self.subscriptions[req_id] = _Subscription(req_id, contract, tick_type, self.sim._cursor(
+                    contract, tick_type, self.sim.tick_by_tick_start), on_market=self.sim.market_clock)
         log.debug("%s: subscribed %s %s on %s as request %d", self.address, contract.symbol, wire_type, exchange, req_id)
 
     def _historical_ticks(self, fields: list[str]) -> None:
@@ -570,6 +570,7 @@ class GatewaySimulator:
         self.send_interval = send_interval
         self.refusals: dict[int, int] = {}
         self.tick_by_tick_limit: int | None = None
+        self.tick_by_tick_start = 0.0  # s IB takes to start a subscription (market clock): ticks due meanwhile reach no one
         self.market_clock = market_clock
         self.market_start = market_start or datetime.now(timezone.utc)
         self.history = HistoryDesk(history_pacing, self._market, TickType(history_trades))
@@ -658,12 +659,12 @@ class GatewaySimulator:
                 self._markets[key] = MarketTape(self._tape(contract, tick_type, 0), tick_type, to_us(self.market_start))
             return self._markets[key]
 
-    def _cursor(self, contract: SimContract, tick_type: TickType) -> _Cursor:
-        """Where a new subscriber starts: the ticks of the market due from now on (market clock), or a
-        fresh tape timed from now."""
+    def _cursor(self, contract: SimContract, tick_type: TickType, delay: float = 0.0) -> _Cursor:
+        """Where a new subscriber starts: the ticks of the market due from ``delay`` seconds from now on
+        (market clock), or a fresh tape timed from now."""
         if self.market_clock:
             market = self._market(contract, tick_type)
-            return _Cursor(market, lambda: time.time_ns() // 1_000, market.position_after(now_us()))
+            return _Cursor(market, lambda: time.time_ns() // 1_000, market.position_after(now_us() + round(delay * 1e6)))
         started = time.monotonic()
         return _Cursor(_PrivateTape(self._tape(contract, tick_type)), lambda: (time.monotonic() - started) * 1e6)
 

@@ -10,6 +10,11 @@ with what ``reqHistoricalTicks`` returns for it (another job fetches them and ca
   the gap with the IB second E of the gap's end are a suffix of IB's sequence for E: the longest
   suffix of the historical rows of second E equal to the live rows of second E is dropped. Nothing
   else is deduplicated (a market can print two identical ticks in one second).
+* **The gap's seconds.** IB starts a tick-by-tick subscription when it processes the request, a
+  little after the recorder sent it (where the gap ends): ticks in between are sent to no one. So
+  the seconds asked for run from the gap start's to the later of the gap end's (``end - 1 µs``)
+  and the IB second of the first live tick after the gap (:func:`seconds_of_gap`); that second is
+  E of the edge rule, and the ticks of the seconds before it are added too.
 * **Receive time.** A backfilled tick's ``ts`` is its IB second clamped into the gap,
   ``min(max(ib_time, gap_start), gap_end - 1)``, in IB's order: the stream stays non-decreasing in
   ``ts``, live ticks keep their receive times, every backfilled tick lies in [gap_start, gap_end)
@@ -146,7 +151,28 @@ def _the_gap(store: Store, key: StreamKey, start_us: int, end_us: int) -> Covera
         "and end")
 
 
-def _checked_historical(key: StreamKey, historical: pa.Table, start_us: int, end_us: int) -> pa.Table:
+def _second(us: int) -> int:
+    return us - us % US_PER_SECOND
+
+
+def _first_after(store: Store, key: StreamKey, end_us: int) -> pa.Table:
+    """The live ticks up to ``EDGE_WINDOW_US`` after a gap."""
+    return store.plan(key.contract_id, key.tick_type, end_us, end_us + EDGE_WINDOW_US).read_all()
+
+
+def _last_second(after: pa.Table, end_us: int) -> int:
+    last = _second(end_us - 1)
+    return max(last, _second(int(_ts(after.slice(0, 1), "ib_time")[0]))) if after.num_rows else last
+
+
+def seconds_of_gap(store: Store, contract_id: int, tick_type: str, start_us: int, end_us: int) -> tuple[int, int]:
+    """The first and last IB second (µs) to ask IB's history for to fill the gap [start_us, end_us): see the
+    module's rule on the gap's seconds."""
+    key = _key(contract_id, tick_type)
+    return _second(int(start_us)), _last_second(_first_after(store, key, int(end_us)), int(end_us))
+
+
+def _checked_historical(key: StreamKey, historical: pa.Table, start_us: int, last_second: int) -> pa.Table:
     schema = schema_for(key.tick_type)
     if not isinstance(historical, pa.Table) or not historical.schema.remove_metadata().equals(
             schema.remove_metadata()):
@@ -159,7 +185,7 @@ def _checked_historical(key: StreamKey, historical: pa.Table, start_us: int, end
                                   f"{shown(got, 200)}; build it with that schema")
     table = historical.replace_schema_metadata(schema.metadata).combine_chunks()
     ts, ib = _ts(table), _ts(table, "ib_time")
-    first, last = start_us - start_us % US_PER_SECOND, (end_us - 1) - (end_us - 1) % US_PER_SECOND
+    first, last = _second(start_us), last_second
     problems = [(ts != ib, "ts differs from ib_time (pass ts == ib_time, IB's second)"),
                 (ib % US_PER_SECOND != 0, "ib_time is not a whole second"),
                 ((ib < first) | (ib > last), f"ib_time is outside the gap's seconds {iso(first)}..{iso(last)}")]
@@ -191,12 +217,13 @@ def _common(ours: list[dict], theirs: list[dict]) -> int:
 
 
 def edge_matched(historical: pa.Table, live_before: pa.Table, live_after: pa.Table, start_us: int,
-                 end_us: int) -> tuple[int, int]:
+                 last_second: int) -> tuple[int, int]:
     """How many leading and trailing rows of ``historical`` the live ticks at the gap's edges already hold:
     the longest prefix of its rows of second S (the gap start's) equal to the live rows of S before the
-    gap, and the longest suffix of its rows of second E (the gap end's) equal to the live rows of E after it."""
+    gap, and the longest suffix of its rows of second E (``last_second``, the last asked for) equal to the
+    live rows of E after it."""
     ib = _ts(historical, "ib_time")
-    second_s, second_e = start_us - start_us % US_PER_SECOND, end_us - end_us % US_PER_SECOND
+    second_s, second_e = _second(start_us), last_second
     n_s, n_e = int(np.sum(ib == second_s)), int(np.sum(ib == second_e))
     live_s = live_before.filter(pa.array(_ts(live_before, "ib_time") == second_s))
     live_e = live_after.filter(pa.array(_ts(live_after, "ib_time") == second_e))
@@ -220,25 +247,26 @@ def backfill(store: Store, contract_id: int, tick_type: str, gap_start_us: int, 
     if status not in BACKFILL_STATUSES:
         raise InvalidRequestError(f"backfill status was {shown(status)}; use any of {', '.join(BACKFILL_STATUSES)}")
     gap = _the_gap(store, key, start, end)
-    table = _checked_historical(key, historical, start, end)
-    if status == "unfillable" and (table.num_rows or gap.status != "gap"):
-        raise InvalidRequestError(
-            f"{key} {_span(start, end)}: status unfillable takes no ticks and a gap never backfilled (got "
-            f"{table.num_rows} ticks, coverage {gap.status}); pass the ticks with status backfilled or "
-            "partly_backfilled")
     if (problem := not_ready(store, key, start, end, now_us())) is not None:
         raise InvalidRequestError(f"{key} {_span(start, end)} cannot be backfilled yet: {problem}")
     store.writer.seal(key, hour_floor(end - 1) + US_PER_HOUR)  # no late tick can land in the hours written
     entries = {e.hour_start_us: e for e in store.index.archives(key.contract_id, key.tick_type.value, start, end)}
     archived = {hour: _read_hour(store, key, entry) for hour, entry in entries.items()}  # before anything changes
+    after = _first_after(store, key, end)
+    last_second = _last_second(after, end)
+    table = _checked_historical(key, historical, start, last_second)
+    if status == "unfillable" and (table.num_rows or gap.status != "gap"):
+        raise InvalidRequestError(
+            f"{key} {_span(start, end)}: status unfillable takes no ticks and a gap never backfilled (got "
+            f"{table.num_rows} ticks, coverage {gap.status}); pass the ticks with status backfilled or "
+            "partly_backfilled")
     before = store.plan(key.contract_id, key.tick_type, start - EDGE_WINDOW_US, start).read_all()
     inside = store.plan(key.contract_id, key.tick_type, start, end).read_all()
-    after = store.plan(key.contract_id, key.tick_type, end, end + EDGE_WINDOW_US).read_all()
     if gap.status == "gap" and inside.num_rows:
         raise StorageError(f"{key} {_span(start, end)}: coverage says nothing was recorded in this gap, but "
                            f"{inside.num_rows} ticks are stored there; nothing was changed. Check the coverage rows "
                            "before backfilling it")
-    head, tail = edge_matched(table, before, after, start, end)
+    head, tail = edge_matched(table, before, after, start, last_second)
     kept = table.slice(head, table.num_rows - head - tail)
     ts_field = kept.schema.field("ts")
     clamped = np.minimum(np.maximum(_ts(kept), start), end - 1)

@@ -198,6 +198,12 @@ class Store:
             return backfilling.backfill(self, contract_id, str(tick_type), gap_start_us, gap_end_us, historical,
                                         status=status, reason=reason)
 
+    def gap_seconds(self, contract_id: int, tick_type: TickType | str, gap_start_us: int, gap_end_us: int
+                    ) -> tuple[int, int]:
+        """The first and last IB second (µs) whose historical ticks :meth:`backfill` takes for a gap: up to
+        the first live tick's after it (see :mod:`storage.backfill`)."""
+        return backfilling.seconds_of_gap(self, contract_id, str(tick_type), gap_start_us, gap_end_us)
+
     def provenance(self, contract_id: int, tick_type: TickType | str, table: pa.Table) -> pa.Table:
         """``table`` with a ``source`` column: ``live``, ``backfill`` or ``fallback``, from coverage."""
         return backfilling.provenance(self, contract_id, str(tick_type), table)

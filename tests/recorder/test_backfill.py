@@ -48,6 +48,7 @@ def backfill_settings(data_root, sim: GatewaySimulator) -> Settings:
 def recorded(tmp_path_factory):
     """(simulator, data root): a recording with one disconnect, every hour archived, the recorder stopped."""
     with GatewaySimulator(speed=SPEED, send_interval=0.005, market_clock=True, history_pacing=SIM_PACING) as sim:
+        sim.tick_by_tick_start = 1.1  # IB starts a subscription after the request: a second's edge lies between
         root = tmp_path_factory.mktemp("recorded") / "data"
         settings = backfill_settings(root, sim)
         running = Recording(settings, sim)

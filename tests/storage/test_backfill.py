@@ -96,13 +96,15 @@ def merged(market: pa.Table, g0: int, g1: int) -> pa.Table:
     return market.set_column(0, market.schema.field("ts"), pa.array(at).cast(market.schema.field("ts").type))
 
 
-def record(settings: Settings, market: pa.Table, g0: int, g1: int, *, archive: bool = True) -> None:
-    """Record ``market`` the way the recorder does, losing [g0, g1) to a disconnect."""
+def record(settings: Settings, market: pa.Table, g0: int, g1: int, *, archive: bool = True,
+           resumed: int | None = None) -> None:
+    """Record ``market`` the way the recorder does, losing [g0, g1) to a disconnect (and up to ``resumed``, when
+    IB started sending again only then)."""
     with Store(settings) as store:
         store.index.coverage_transition(CID, "bid_ask", to_us(FIRST), "recorded", "subscribed")
         store.index.coverage_transition(CID, "bid_ask", g0, "gap", "disconnected")
         store.index.coverage_transition(CID, "bid_ask", g1, "recorded", "subscribed")
-        append_in_batches(store, outside(market, g0, g1))
+        append_in_batches(store, outside(market, g0, resumed or g1))
         if archive:
             store.archive(now=ARCHIVE_AT)
 
@@ -185,6 +187,29 @@ def test_the_edge_rule_keeps_identical_ticks_inside_a_second(one_hour):
         assert served.num_rows == market.num_rows  # the lost twin at each edge is back; only the live ones dropped
         assert served.drop_columns(["ts"]).equals(market.drop_columns(["ts"]))
         assert (ts_of(served)[i], ts_of(served)[j - 1]) == (g0, (g1 - 1) - (g1 - 1) % US_PER_SECOND)  # clamped
+
+
+def test_ticks_between_the_request_and_ibs_start_are_fetched_up_to_the_first_live_tick(tmp_path):
+    """The recorder resubscribed at g1 (the gap's end), but IB started sending two seconds' edges later: the
+    ticks in between reached no one. The gap's seconds run to the first live tick's; its second is matched
+    at the edge, the seconds before it are added (clamped into the gap)."""
+    settings = settings_at(tmp_path / "data")
+    market, g0, g1 = scenario(utc(2025, 1, 10, 22, 20), utc(2025, 1, 10, 22, 25))
+    ts, ib = ts_of(market), market.column("ib_time").cast(pa.int64()).to_numpy()
+    resumed = int(ts[np.searchsorted(ts, g1 + 2 * US_PER_SECOND)])  # IB's first tick after the request
+    record(settings, market, g0, g1, resumed=resumed)
+    lost = (ts >= g0) & (ts < resumed)
+    with Store(settings) as store:
+        first, last = store.gap_seconds(CID, "bid_ask", g0, g1)
+        assert (first, last) == (g0 - g0 % US_PER_SECOND, resumed - resumed % US_PER_SECOND)
+        historical = from_ib(market, first, last)
+        with pytest.raises(InvalidRequestError, match="ib_time is outside the gap's seconds"):  # one second more
+            store.backfill(CID, "bid_ask", g0, g1, from_ib(market, first, int(ib[ib > last][0])), status="backfilled")
+        result = store.backfill(CID, "bid_ask", g0, g1, historical, status="backfilled")
+        assert (result.added, result.added + result.duplicates) == (int(lost.sum()), historical.num_rows)
+        served = store.read(CID, "bid_ask", *EVERYTHING)
+        assert served.drop_columns(["ts"]).equals(market.drop_columns(["ts"]))  # nothing lost, nothing twice
+        assert ts_of(served).tolist() == np.where(lost, np.clip(ib, g0, g1 - 1), ts).tolist()
 
 
 def test_provenance_marks_backfilled_and_fallback_rows(one_hour):
