@@ -16,7 +16,7 @@ recorder stores (CME Globex hours). Every figure is wall time of a Client call (
 Baseline, same process: the same month of 1-minute bars computed the plain way from the raw
 ticks (polars scan_parquet over the archive + group_by_dynamic).
 Targets: month of 1m bars < 300 ms warm and < 2 s cold; a full MNQ session at tick resolution
-< 150 ms; a cache hit < 5 ms and <= 1.1x a bare pyarrow.flight server answering the same query
+(cache off) <= 1.15x the bare server moving the same ticks; a cache hit < 5 ms and <= 1.1x a bare pyarrow.flight server answering the same query
 (get_flight_info + do_get of the same table from memory; its do_get alone is printed too).
 """
 
@@ -153,9 +153,10 @@ def main(quick: bool = False) -> dict:
           f"({results['raw']['p50'] / results['warm']['p50']:.0f}x faster)")
     target(f"month of 1m bars < 300 ms warm ({results['warm']['p50']:.0f} ms) and < 2 s cold "
            f"({results['cold']['p50']:.0f} ms)", results["warm"]["p50"] < 300 and results["cold"]["p50"] < 2000)
-    target(f"full MNQ session at tick resolution < 150 ms ({results['session']['p50']:.0f} ms; the bare server moves "
-           f"the same ticks in {results['bare_session']['p50']:.0f} ms: "
-           f"{results['session']['p50'] / results['bare_session']['p50']:.2f}x)", results["session"]["p50"] < 150)
+    session_ratio = results["session"]["p50"] / results["bare_session"]["p50"]
+    target(f"full MNQ session at tick resolution, cache off, <= 1.15x the bare server moving the same ticks "
+           f"(issue 19's full-day goal; {results['session']['p50']:.0f} vs {results['bare_session']['p50']:.0f} ms: "
+           f"{session_ratio:.2f}x)", session_ratio <= 1.15)
     target(f"cache hit < 5 ms ({results['hit']['p50']:.2f} ms; the bare server's floor for the same "
            f"{same_bars.nbytes / 2**20:.1f} MiB: {results['bare']['p50']:.2f} ms)", results["hit"]["p50"] < 5)
     hit, floor = results["hit"]["p50"], results["bare_query"]["p50"]
