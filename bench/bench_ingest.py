@@ -10,8 +10,11 @@ recorder's GIL; the recorder (``IBFeed`` + ``Recorder`` + ``Store``, fsync="batc
    between machines: the ceiling itself varies 100k-360k ticks/s here).
    The same overload is run once more with ibapi's stock EReader (quadratic buffer handling)
    instead of ours, as the in-process baseline.
+   And once with every message decoded by ``ibapi`` (the recorder's one-pass TICK_BY_TICK decoder,
+   ``recorder/tick_messages.py``, switched off): the baseline of that decoder.
 2. The ``ibapi`` decoder alone, on the same kind of frames in memory (read_fields + Decoder
-   .interpret into a do-nothing wrapper): the ceiling the official client puts on any recorder.
+   .interpret into a do-nothing wrapper): the ceiling the official client puts on any recorder;
+   and the recorder's one-pass decoder on the same frames.
 3. Tick-to-acknowledged latency at ~5,000 ticks/s: from the callback's receive stamp (``ts``)
    to the moment ``Store.append`` returned (fsync'ed), with the group commit's duration beside it.
    Baseline: the same run with the old fixed 20 ms flush cadence. Target: p99 <= 15 ms. Measured first:
@@ -39,13 +42,15 @@ from common import header, parse_args, target  # noqa: E402
 
 from ibstream.app import RecordingService  # noqa: E402
 from ibstream.core.times import as_micros, now_us  # noqa: E402
-from ibstream.recorder.ib import IBFeed  # noqa: E402
+from ibstream.recorder.ib import IBConnection, IBFeed, _Connection  # noqa: E402
+from ibstream.recorder.tick_messages import decode_tick_by_tick  # noqa: E402
 from ibstream.settings import ContractSpec, Settings  # noqa: E402
 from ibstream.simulator.market import SIM_AAPL, SIM_MNQ  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACTS = (ContractSpec(con_id=SIM_MNQ.con_id, tick_types=("bid_ask", "last")),
              ContractSpec(con_id=SIM_AAPL.con_id, tick_types=("bid_ask", "last")))
+FAST_TICK_BY_TICK = _Connection.tick_by_tick
 TICKS_PER_SPEED = 17.0  # the four synthetic streams together average ~17 ticks/s at speed 1
 
 
@@ -72,8 +77,21 @@ def start_simulator(speed: float) -> tuple[subprocess.Popen, int]:
 
 
 def record(speed: float, seconds: float, warmup: float = 2.0, latency: bool = False, stock_reader: bool = False,
-           flush_interval: timedelta = Settings.model_fields["flush_interval"].default) -> dict:
-    """Run the recorder against a simulator at ``speed``; ticks/s acknowledged and ack latencies."""
+           flush_interval: timedelta = Settings.model_fields["flush_interval"].default, ibapi_decoder: bool = False
+           ) -> dict:
+    """Run the recorder against a simulator at ``speed``; ticks/s acknowledged and ack latencies.
+    ``ibapi_decoder``: every message through ibapi's decoder (the one-pass TICK_BY_TICK decoder off)."""
+
+    if ibapi_decoder:  # the baseline only: the feed's connection falls back to the base class's "not handled"
+        _Connection.tick_by_tick = IBConnection.tick_by_tick  # type: ignore[method-assign]
+    try:
+        return _record(speed, seconds, warmup, latency, stock_reader, flush_interval)
+    finally:
+        _Connection.tick_by_tick = FAST_TICK_BY_TICK  # type: ignore[method-assign]
+
+
+def _record(speed: float, seconds: float, warmup: float, latency: bool, stock_reader: bool,
+            flush_interval: timedelta) -> dict:
     import ibapi.reader
 
     simulator, port = start_simulator(speed)
@@ -114,8 +132,9 @@ def record(speed: float, seconds: float, warmup: float = 2.0, latency: bool = Fa
     return result
 
 
-def decoder_ceiling(count: int) -> float:
-    """Ticks/s that ibapi's read_fields + Decoder.interpret manage on BidAsk frames alone."""
+def decoder_ceiling(count: int) -> tuple[float, float]:
+    """Ticks/s that ibapi's read_fields + Decoder.interpret manage on BidAsk frames alone, and the recorder's
+    one-pass decoder on the same frames."""
     from ibapi import comm
     from ibapi.decoder import Decoder
     from ibapi.wrapper import EWrapper
@@ -130,7 +149,11 @@ def decoder_ceiling(count: int) -> float:
     started = time.perf_counter()
     for text in texts:
         decoder.interpret(comm.read_fields(text))
-    return count / (time.perf_counter() - started)
+    ibapi_rate = count / (time.perf_counter() - started)
+    started = time.perf_counter()
+    for text in texts:
+        decode_tick_by_tick(text)
+    return ibapi_rate, count / (time.perf_counter() - started)
 
 
 def main(quick: bool = False) -> dict:
@@ -138,9 +161,10 @@ def main(quick: bool = False) -> dict:
     logging.getLogger("ibstream.simulator.gateway").setLevel(logging.ERROR)
     seconds = 4 if quick else 12
     header(f"ingest through the IB wire protocol (simulator process -> ibapi -> recorder, fsync=batch), {seconds} s windows")
-    ceiling = decoder_ceiling(100_000 if quick else 400_000)
-    print(f"ibapi decoder alone (read_fields + interpret, BidAsk frames): {ceiling:,.0f} ticks/s")
-    results = {"decoder_ceiling": ceiling}
+    ceiling, one_pass = decoder_ceiling(100_000 if quick else 400_000)
+    print(f"ibapi decoder alone (read_fields + interpret, BidAsk frames): {ceiling:,.0f} ticks/s; the recorder's "
+          f"one-pass decoder on the same frames: {one_pass:,.0f} ticks/s ({one_pass / ceiling:.1f}x)")
+    results = {"decoder_ceiling": ceiling, "one_pass_decoder": one_pass}
     # latency first: the overload runs below leave ibapi's stock reader thread draining a backlog for a while
     speed = 5_000 / TICKS_PER_SPEED
     for name, interval in (("latency_20ms", timedelta(milliseconds=20)), ("latency", None)):
@@ -160,6 +184,11 @@ def main(quick: bool = False) -> dict:
         run = record(speed, seconds)
         results[f"speed_{speed}"] = run
         print(f"{offered:>18,.0f} {run['rate']:>15,.0f} {run['rate'] / offered:>10.0%} {run['rate'] / ceiling:>18.0%}")
+    through_ibapi = record(speed, seconds, ibapi_decoder=True)
+    results["ibapi_decoder"] = through_ibapi
+    print(f"{offered:>18,.0f} {through_ibapi['rate']:>15,.0f} {through_ibapi['rate'] / offered:>10.0%} "
+          f"{through_ibapi['rate'] / ceiling:>18.0%}   <- every message through ibapi's decoder: ours is "
+          f"{run['rate'] / max(through_ibapi['rate'], 1):.2f}x")
     stock = record(speed, seconds, stock_reader=True)
     results["stock_reader"] = stock
     print(f"{offered:>18,.0f} {stock['rate']:>15,.0f} {stock['rate'] / offered:>10.0%} {stock['rate'] / ceiling:>18.0%}"

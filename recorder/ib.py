@@ -9,7 +9,9 @@ dropped and reconnected. A connection that was up drops: the first attempt is at
 stream once, on a fresh request id, as soon as IB's 15 s rule allows (counted from that
 stream's previous request). A future given by symbol without expiry is recorded as its front
 contract and rolled (``ibstream.core.rolls``, ``proto_docs/futures-rolls.md``). ``ibapi``'s decoder runs on our own
-message loop so that a malformed message is logged and skipped instead of ending the session.
+message loop so that a malformed message is logged and skipped instead of ending the session;
+well-formed tick-by-tick frames, the hot path, take a one-pass decoder that decodes them exactly
+as ``ibapi`` does (``recorder/tick_messages.py``).
 
 IB's status messages and what the feed does (see ``proto_docs/ib-wire-protocol.md``):
 
@@ -54,6 +56,7 @@ from ibstream.core.errors import InvalidConfigError
 from ibstream.core.framing import FrameTooLargeError, split_frames
 from ibstream.core.times import from_us, now_us
 from ibstream.recorder.feed import Size, TickSink
+from ibstream.recorder.tick_messages import BID_ASK, HEAD, MID_POINT, decode_tick_by_tick
 from ibstream.settings import ContractSpec, Settings
 from ibstream.storage.index import ContractDetails
 from ibstream.storage.schemas import TickType
@@ -196,7 +199,8 @@ class IBConnection(EWrapper, EClient):
                 if self.abandon:
                     break
                 try:
-                    interpret(read_fields(text))
+                    if not (text.startswith(HEAD) and self.tick_by_tick(text)):
+                        interpret(read_fields(text))
                 except Exception as exc:  # ibapi raises ValueError, BadMessage, IndexError... on bad input
                     self.malformed += 1
                     log.warning("skipped a malformed message from the gateway (%s: %s): %r",
@@ -207,6 +211,10 @@ class IBConnection(EWrapper, EClient):
         """Messages received and not yet decoded."""
         with self.msg_queue.mutex:
             return sum(1 if isinstance(read, bytes) else len(read) for read in self.msg_queue.queue)
+
+    def tick_by_tick(self, text: bytes) -> bool:
+        """Handle a TICK_BY_TICK frame without ``ibapi``'s decoder; False leaves it to ``ibapi``."""
+        return False
 
     # -- EWrapper ----------------------------------------------------------------------------------
 
@@ -262,6 +270,23 @@ class _Connection(IBConnection):
 
     def contractDetailsEnd(self, reqId: int) -> None:
         self.feed._on_contract_details_end(self, reqId)
+
+    def tick_by_tick(self, text: bytes) -> bool:
+        """The recorder's hot path: a well-formed tick-by-tick frame decoded in one pass, as ``ibapi`` would
+        (``recorder/tick_messages.py``), straight to the sink."""
+        decoded = decode_tick_by_tick(text)
+        if decoded is None:
+            return False
+        req_id, kind, time, values = decoded
+        stream = self.feed._tick_stream(self, req_id)
+        if stream is not None:
+            if kind == BID_ASK:
+                self.feed.sink.on_bid_ask(stream.contract_id, time, *values)
+            elif kind == MID_POINT:
+                self.feed.sink.on_mid_point(stream.contract_id, time, *values)
+            else:
+                self.feed.sink.on_trade(stream.contract_id, stream.tick_type, time, *values)
+        return True
 
     def tickByTickBidAsk(self, reqId: int, time: int, bidPrice: float, askPrice: float, bidSize, askSize,
                          tickAttribBidAsk: TickAttribBidAsk) -> None:
