@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
-from ibstream.core.errors import IbstreamError, ServerUnavailableError
+from ibstream.core.errors import IbstreamError, InvalidRequestError, ServerUnavailableError
 from ibstream.core.times import US_PER_SECOND, duration_us, iso, now_us
 from ibstream.recorder.history import HistoryRefused, HistorySession
 from ibstream.settings import Settings
@@ -173,8 +173,11 @@ class Backfiller:
             if status == "unfillable" and gap.status != "gap":  # a partial one stays as it is: tried again later
                 return replace(base, note=note)
         assert ticks is not None
-        result = self.store.backfill(gap.contract_id, gap.tick_type, gap.start_us, gap.end_us, ticks,
-                                     status=status, reason=note)
+        try:
+            result = self.store.backfill(gap.contract_id, gap.tick_type, gap.start_us, gap.end_us, ticks,
+                                         status=status, reason=note)
+        except InvalidRequestError as exc:  # the gap or what follows it changed since it was fetched
+            return replace(base, note=f"not stored, tried again next run: {exc}")
         return replace(base, status=status, note=note, fetched=ticks.num_rows, added=result.added,
                        duplicates=result.duplicates)
 

@@ -13,8 +13,10 @@ with what ``reqHistoricalTicks`` returns for it (another job fetches them and ca
 * **The gap's seconds.** IB starts a tick-by-tick subscription when it processes the request, a
   little after the recorder sent it (where the gap ends): ticks in between are sent to no one. So
   the seconds asked for run from the gap start's to the later of the gap end's (``end - 1 µs``)
-  and the IB second of the first live tick after the gap (:func:`seconds_of_gap`); that second is
-  E of the edge rule, and the ticks of the seconds before it are added too.
+  and the IB second of the first live tick after the gap (:func:`seconds_of_gap`): the first tick,
+  within 60 s, of the ``recorded`` row that starts at the gap's end (none when that row is a
+  market-data fallback or ends before a tick). That second is E of the edge rule, and the ticks of
+  the seconds before it are added too.
 * **Receive time.** A backfilled tick's ``ts`` is its IB second clamped into the gap,
   ``min(max(ib_time, gap_start), gap_end - 1)``, in IB's order: the stream stays non-decreasing in
   ``ts``, live ticks keep their receive times, every backfilled tick lies in [gap_start, gap_end)
@@ -155,21 +157,32 @@ def _second(us: int) -> int:
     return us - us % US_PER_SECOND
 
 
-def _first_after(store: Store, key: StreamKey, end_us: int) -> pa.Table:
-    """The live ticks up to ``EDGE_WINDOW_US`` after a gap."""
+def _after(store: Store, key: StreamKey, end_us: int) -> pa.Table:
+    """The ticks up to ``EDGE_WINDOW_US`` after a gap (the edge rule's live rows of E are among them)."""
     return store.plan(key.contract_id, key.tick_type, end_us, end_us + EDGE_WINDOW_US).read_all()
 
 
-def _last_second(after: pa.Table, end_us: int) -> int:
+def _last_second(store: Store, key: StreamKey, after: pa.Table, end_us: int) -> int:
+    """The last IB second to ask for (see the module): ``floor(end - 1 µs)``, or the IB second of the first tick
+    of the ``recorded`` row that starts at the gap's end if it is later. Only that row's ticks say when IB
+    resumed: none are looked at when it is a market-data fallback (not IB's tick by tick) or holds no tick
+    before the next row (whose ticks may be another gap's backfill)."""
     last = _second(end_us - 1)
-    return max(last, _second(int(_ts(after.slice(0, 1), "ib_time")[0]))) if after.num_rows else last
+    rows = store.index.coverage(key.contract_id, key.tick_type.value, end_us, end_us + EDGE_WINDOW_US)
+    row = next((r for r in rows if r.start_us == end_us), None)
+    if row is None or row.status != "recorded" or row.reason == FALLBACK_REASON or not after.num_rows:
+        return last
+    first = after.slice(0, 1)
+    if not row.is_open and row.end_us is not None and int(_ts(first)[0]) >= row.end_us:
+        return last
+    return max(last, _second(int(_ts(first, "ib_time")[0])))
 
 
 def seconds_of_gap(store: Store, contract_id: int, tick_type: str, start_us: int, end_us: int) -> tuple[int, int]:
     """The first and last IB second (µs) to ask IB's history for to fill the gap [start_us, end_us): see the
     module's rule on the gap's seconds."""
-    key = _key(contract_id, tick_type)
-    return _second(int(start_us)), _last_second(_first_after(store, key, int(end_us)), int(end_us))
+    key, end = _key(contract_id, tick_type), int(end_us)
+    return _second(int(start_us)), _last_second(store, key, _after(store, key, end), end)
 
 
 def _checked_historical(key: StreamKey, historical: pa.Table, start_us: int, last_second: int) -> pa.Table:
@@ -249,17 +262,17 @@ def backfill(store: Store, contract_id: int, tick_type: str, gap_start_us: int, 
     gap = _the_gap(store, key, start, end)
     if (problem := not_ready(store, key, start, end, now_us())) is not None:
         raise InvalidRequestError(f"{key} {_span(start, end)} cannot be backfilled yet: {problem}")
-    store.writer.seal(key, hour_floor(end - 1) + US_PER_HOUR)  # no late tick can land in the hours written
     entries = {e.hour_start_us: e for e in store.index.archives(key.contract_id, key.tick_type.value, start, end)}
-    archived = {hour: _read_hour(store, key, entry) for hour, entry in entries.items()}  # before anything changes
-    after = _first_after(store, key, end)
-    last_second = _last_second(after, end)
+    archived = {hour: _read_hour(store, key, entry) for hour, entry in entries.items()}  # archived: they hold still
+    after = _after(store, key, end)
+    last_second = _last_second(store, key, after, end)
     table = _checked_historical(key, historical, start, last_second)
     if status == "unfillable" and (table.num_rows or gap.status != "gap"):
         raise InvalidRequestError(
             f"{key} {_span(start, end)}: status unfillable takes no ticks and a gap never backfilled (got "
             f"{table.num_rows} ticks, coverage {gap.status}); pass the ticks with status backfilled or "
             "partly_backfilled")
+    store.writer.seal(key, hour_floor(end - 1) + US_PER_HOUR)  # no late tick can land in the hours written
     before = store.plan(key.contract_id, key.tick_type, start - EDGE_WINDOW_US, start).read_all()
     inside = store.plan(key.contract_id, key.tick_type, start, end).read_all()
     if gap.status == "gap" and inside.num_rows:

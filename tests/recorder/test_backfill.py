@@ -208,6 +208,34 @@ def test_a_disconnect_mid_gap_leaves_it_a_gap_for_the_next_run(recorded, store_a
         assert_archive_is_the_market(sim, store, contract_id, tick_type)
 
 
+class _Racing(HistorySession):
+    """A real session after whose fetch of AAPL's gap another writer backfills that gap with the same ticks."""
+
+    def __init__(self, store: Store, settings: Settings):
+        super().__init__(settings)
+        self.store = store
+
+    def fetch_ticks(self, contract, tick_type, start_us, end_us, *, closes=()):
+        ticks = super().fetch_ticks(contract, tick_type, start_us, end_us, closes=closes)
+        if contract.contract_id == AAPL:
+            gap = gap_of(self.store, AAPL, "last")
+            self.store.backfill(AAPL, "last", to_us(gap["start"]), to_us(gap["end"]), ticks, status="backfilled")
+        return ticks
+
+
+def test_a_gap_changed_while_it_was_fetched_is_left_and_the_run_goes_on(recorded, store_and_settings):
+    sim, _ = recorded
+    store, settings = store_and_settings
+    report = Backfiller(store, settings, session=lambda: _Racing(store, settings)).run()
+    assert (report.count("backfilled"), report.count("gap"), report.stopped) == (2, 1, None)
+    (raced,) = [g for g in report.gaps if g.status == "gap"]
+    assert (raced.contract_id, raced.tick_type, raced.added) == (AAPL, "last", 0)
+    assert raced.note.startswith("not stored, tried again next run: ") and "is not one closed coverage row" in raced.note
+    for contract_id, tick_type in STREAMS:  # the other writer's backfill stands, once
+        assert gap_of(store, contract_id, tick_type)["status"] == "backfilled"
+        assert_archive_is_the_market(sim, store, contract_id, tick_type)
+
+
 def test_the_cli_backfills_once_with_a_summary_and_refuses_a_held_store(recorded, tmp_path, capsys, monkeypatch):
     sim, root = recorded
     shutil.copytree(root, tmp_path / "data")

@@ -212,6 +212,36 @@ def test_ticks_between_the_request_and_ibs_start_are_fetched_up_to_the_first_liv
         assert ts_of(served).tolist() == np.where(lost, np.clip(ib, g0, g1 - 1), ts).tolist()
 
 
+@pytest.mark.parametrize("order", ["earlier first", "later first"])
+def test_two_gaps_around_a_span_without_ticks_fill_the_same_either_way(tmp_path, order):
+    """A reconnect flap: gap A, a recorded span IB sent nothing in, gap B, then live ticks. A's seconds do
+    not stretch over B (only ticks of the span after A say when IB resumed): nothing is stored twice, in
+    either order; the ticks of the silent span's inner seconds are lost to both (IB sent them to no one)."""
+    settings = settings_at(tmp_path / "data")
+    market = truth()
+    ts = ts_of(market)
+    a0 = int(ts[np.searchsorted(ts, to_us(utc(2025, 1, 10, 22, 20)))]) + 1
+    a1, b0 = a0 + 3_300_000, a0 + 33_300_000
+    b1 = b0 + 3_300_000
+    with Store(settings) as store:
+        for at, status, reason in ((to_us(FIRST), "recorded", "subscribed"), (a0, "gap", "disconnected"),
+                                   (a1, "recorded", "subscribed"), (b0, "gap", "disconnected"),
+                                   (b1, "recorded", "subscribed")):
+            store.index.coverage_transition(CID, "bid_ask", at, status, reason)
+        append_in_batches(store, outside(market, a0, b1))
+        store.archive(now=ARCHIVE_AT)
+        gaps = [(a0, a1), (b0, b1)] if order == "earlier first" else [(b0, b1), (a0, a1)]
+        for start, end in gaps:
+            first, last = store.gap_seconds(CID, "bid_ask", start, end)
+            store.backfill(CID, "bid_ask", start, end, from_ib(market, first, last), status="backfilled")
+        assert store.gap_seconds(CID, "bid_ask", a0, a1)[1] == (a1 - 1) - (a1 - 1) % US_PER_SECOND
+        seconds = ts - ts % US_PER_SECOND
+        silent = (ts >= a1) & (ts < b0) & (seconds > (a1 - 1) - (a1 - 1) % US_PER_SECOND) & (seconds < b0 - b0 % US_PER_SECOND)
+        assert silent.sum() > 0
+        served = store.read(CID, "bid_ask", *EVERYTHING)
+        assert served.drop_columns(["ts"]).equals(market.filter(pa.array(~silent)).drop_columns(["ts"]))
+
+
 def test_provenance_marks_backfilled_and_fallback_rows(one_hour):
     settings, market, g0, g1 = one_hour
     with Store(settings) as store:
