@@ -35,6 +35,20 @@ def test_every_tick_sent_over_the_wire_is_served_exactly(recording):
         assert recording.coverage(contract_id, tick_type) == [("recorded", "subscribed")]
 
 
+def test_all_last_and_mid_point_are_served_exactly_too(tmp_path, gateway):
+    """The other two tick-by-tick types, through the recorder's one-pass decoder, field by field."""
+    streams = [(MNQ, "all_last"), (MNQ, "mid_point")]
+    contracts = (ContractSpec(con_id=MNQ, tick_types=("all_last", "mid_point")),)
+    running = Recording(ib_settings(tmp_path, gateway, contracts=contracts), gateway)
+    try:
+        running.wait_for_ticks(300)
+        running.settle()
+        running.assert_served_equals_sent(streams)
+        assert running.feed.malformed == 0
+    finally:
+        running.close()
+
+
 def test_contract_details_are_recorded_with_hours_and_time_zone(recording):
     wait_until(lambda: len(recording.service.store.contracts()) == 2, what="contract details")
     details = {c.contract_id: c for c in recording.service.store.contracts()}
