@@ -277,35 +277,33 @@ class _Connection(IBConnection):
         decoded = decode_tick_by_tick(text)
         if decoded is None:
             return False
-        req_id, kind, time, values = decoded
-        stream = self.feed._tick_stream(self, req_id)
-        if stream is not None:
-            if kind == BID_ASK:
-                self.feed.sink.on_bid_ask(stream.contract_id, time, *values)
-            elif kind == MID_POINT:
-                self.feed.sink.on_mid_point(stream.contract_id, time, *values)
-            else:
-                self.feed.sink.on_trade(stream.contract_id, stream.tick_type, time, *values)
+        self._deliver(*decoded)
         return True
+
+    def _deliver(self, req_id: int, kind: int, time: int, values: tuple) -> None:
+        """A tick-by-tick tick (``values`` in the sink's order) to its stream's sink method."""
+        stream = self.feed._tick_stream(self, req_id)
+        if stream is None:
+            return
+        if kind == BID_ASK:
+            self.feed.sink.on_bid_ask(stream.contract_id, time, *values)
+        elif kind == MID_POINT:
+            self.feed.sink.on_mid_point(stream.contract_id, time, *values)
+        else:
+            self.feed.sink.on_trade(stream.contract_id, stream.tick_type, time, *values)
 
     def tickByTickBidAsk(self, reqId: int, time: int, bidPrice: float, askPrice: float, bidSize, askSize,
                          tickAttribBidAsk: TickAttribBidAsk) -> None:
-        stream = self.feed._tick_stream(self, reqId)
-        if stream is not None:
-            self.feed.sink.on_bid_ask(stream.contract_id, time, bidPrice, askPrice, bidSize, askSize,
-                                      tickAttribBidAsk.bidPastLow, tickAttribBidAsk.askPastHigh)
+        self._deliver(reqId, BID_ASK, time, (bidPrice, askPrice, bidSize, askSize, tickAttribBidAsk.bidPastLow,
+                                             tickAttribBidAsk.askPastHigh))
 
     def tickByTickAllLast(self, reqId: int, tickType: int, time: int, price: float, size,
                           tickAttribLast: TickAttribLast, exchange: str, specialConditions: str) -> None:
-        stream = self.feed._tick_stream(self, reqId)
-        if stream is not None:
-            self.feed.sink.on_trade(stream.contract_id, stream.tick_type, time, price, size, exchange,
-                                    specialConditions, tickAttribLast.pastLimit, tickAttribLast.unreported)
+        self._deliver(reqId, tickType, time, (price, size, exchange, specialConditions, tickAttribLast.pastLimit,
+                                              tickAttribLast.unreported))
 
     def tickByTickMidPoint(self, reqId: int, time: int, midPoint: float) -> None:
-        stream = self.feed._tick_stream(self, reqId)
-        if stream is not None:
-            self.feed.sink.on_mid_point(stream.contract_id, time, midPoint)
+        self._deliver(reqId, MID_POINT, time, (midPoint,))
 
     def tickPrice(self, reqId: int, tickType: int, price: float, attrib: TickAttrib) -> None:
         self.feed._on_market_price(reqId, tickType, price, attrib.pastLimit)

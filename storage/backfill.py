@@ -56,7 +56,17 @@ import numpy as np
 import pyarrow as pa
 
 from ibstream.core.errors import DamagedDataError, InvalidRequestError, StorageError, StorageUnavailableError, shown
-from ibstream.core.times import FOREVER_US, US_PER_HOUR, US_PER_SECOND, as_micros, duration_us, hour_floor, iso, now_us
+from ibstream.core.times import (
+    FOREVER_US,
+    US_PER_HOUR,
+    US_PER_SECOND,
+    as_micros,
+    duration_us,
+    hour_floor,
+    iso,
+    now_us,
+    second_floor,
+)
 from ibstream.storage.archive import (
     BACKFILL_SOURCE,
     FileFacts,
@@ -153,36 +163,28 @@ def _the_gap(store: Store, key: StreamKey, start_us: int, end_us: int) -> Covera
         "and end")
 
 
-def _second(us: int) -> int:
-    return us - us % US_PER_SECOND
-
-
-def _after(store: Store, key: StreamKey, end_us: int) -> pa.Table:
-    """The ticks up to ``EDGE_WINDOW_US`` after a gap (the edge rule's live rows of E are among them)."""
-    return store.plan(key.contract_id, key.tick_type, end_us, end_us + EDGE_WINDOW_US).read_all()
-
-
-def _last_second(store: Store, key: StreamKey, after: pa.Table, end_us: int) -> int:
+def _last_second(store: Store, key: StreamKey, end_us: int) -> int:
     """The last IB second to ask for (see the module): ``floor(end - 1 µs)``, or the IB second of the first tick
     of the ``recorded`` row that starts at the gap's end if it is later. Only that row's ticks say when IB
-    resumed: none are looked at when it is a market-data fallback (not IB's tick by tick) or holds no tick
-    before the next row (whose ticks may be another gap's backfill)."""
-    last = _second(end_us - 1)
-    rows = store.index.coverage(key.contract_id, key.tick_type.value, end_us, end_us + EDGE_WINDOW_US)
-    row = next((r for r in rows if r.start_us == end_us), None)
-    if row is None or row.status != "recorded" or row.reason == FALLBACK_REASON or not after.num_rows:
+    resumed: none are looked at when it is a market-data fallback (not IB's tick by tick), nor past its end
+    (the next row's ticks may be another gap's backfill)."""
+    last = second_floor(end_us - 1)
+    window_end = end_us + EDGE_WINDOW_US
+    row = next((r for r in store.index.coverage(key.contract_id, key.tick_type.value, end_us, window_end)
+                if r.start_us == end_us), None)
+    if row is None or row.status != "recorded" or row.reason == FALLBACK_REASON:
         return last
-    first = after.slice(0, 1)
-    if not row.is_open and row.end_us is not None and int(_ts(first)[0]) >= row.end_us:
-        return last
-    return max(last, _second(int(_ts(first, "ib_time")[0])))
+    if not row.is_open and row.end_us is not None:
+        window_end = min(window_end, row.end_us)
+    first = next((batch for batch in store.plan(key.contract_id, key.tick_type, end_us, window_end).batches()
+                  if batch.num_rows), None)  # the rest is never decoded
+    return last if first is None else max(last, second_floor(int(as_micros(first.column("ib_time"))[0])))
 
 
 def seconds_of_gap(store: Store, contract_id: int, tick_type: str, start_us: int, end_us: int) -> tuple[int, int]:
     """The first and last IB second (µs) to ask IB's history for to fill the gap [start_us, end_us): see the
     module's rule on the gap's seconds."""
-    key, end = _key(contract_id, tick_type), int(end_us)
-    return _second(int(start_us)), _last_second(store, key, _after(store, key, end), end)
+    return second_floor(int(start_us)), _last_second(store, _key(contract_id, tick_type), int(end_us))
 
 
 def _checked_historical(key: StreamKey, historical: pa.Table, start_us: int, last_second: int) -> pa.Table:
@@ -198,7 +200,7 @@ def _checked_historical(key: StreamKey, historical: pa.Table, start_us: int, las
                                   f"{shown(got, 200)}; build it with that schema")
     table = historical.replace_schema_metadata(schema.metadata).combine_chunks()
     ts, ib = _ts(table), _ts(table, "ib_time")
-    first, last = _second(start_us), last_second
+    first, last = second_floor(start_us), last_second
     problems = [(ts != ib, "ts differs from ib_time (pass ts == ib_time, IB's second)"),
                 (ib % US_PER_SECOND != 0, "ib_time is not a whole second"),
                 ((ib < first) | (ib > last), f"ib_time is outside the gap's seconds {iso(first)}..{iso(last)}")]
@@ -236,7 +238,7 @@ def edge_matched(historical: pa.Table, live_before: pa.Table, live_after: pa.Tab
     gap, and the longest suffix of its rows of second E (``last_second``, the last asked for) equal to the
     live rows of E after it."""
     ib = _ts(historical, "ib_time")
-    second_s, second_e = _second(start_us), last_second
+    second_s, second_e = second_floor(start_us), last_second
     n_s, n_e = int(np.sum(ib == second_s)), int(np.sum(ib == second_e))
     live_s = live_before.filter(pa.array(_ts(live_before, "ib_time") == second_s))
     live_e = live_after.filter(pa.array(_ts(live_after, "ib_time") == second_e))
@@ -264,8 +266,7 @@ def backfill(store: Store, contract_id: int, tick_type: str, gap_start_us: int, 
         raise InvalidRequestError(f"{key} {_span(start, end)} cannot be backfilled yet: {problem}")
     entries = {e.hour_start_us: e for e in store.index.archives(key.contract_id, key.tick_type.value, start, end)}
     archived = {hour: _read_hour(store, key, entry) for hour, entry in entries.items()}  # archived: they hold still
-    after = _after(store, key, end)
-    last_second = _last_second(store, key, after, end)
+    last_second = _last_second(store, key, end)
     table = _checked_historical(key, historical, start, last_second)
     if status == "unfillable" and (table.num_rows or gap.status != "gap"):
         raise InvalidRequestError(
@@ -275,6 +276,7 @@ def backfill(store: Store, contract_id: int, tick_type: str, gap_start_us: int, 
     store.writer.seal(key, hour_floor(end - 1) + US_PER_HOUR)  # no late tick can land in the hours written
     before = store.plan(key.contract_id, key.tick_type, start - EDGE_WINDOW_US, start).read_all()
     inside = store.plan(key.contract_id, key.tick_type, start, end).read_all()
+    after = store.plan(key.contract_id, key.tick_type, end, end + EDGE_WINDOW_US).read_all()
     if gap.status == "gap" and inside.num_rows:
         raise StorageError(f"{key} {_span(start, end)}: coverage says nothing was recorded in this gap, but "
                            f"{inside.num_rows} ticks are stored there; nothing was changed. Check the coverage rows "

@@ -47,6 +47,10 @@ def hour_floor(micros: int) -> int:
     return micros - micros % US_PER_HOUR
 
 
+def second_floor(micros: int) -> int:
+    return micros - micros % US_PER_SECOND
+
+
 def now_us() -> int:
     """The wall clock in microseconds since the epoch (the clock ``datetime.now`` reads; 10x cheaper)."""
     return time.time_ns() // 1_000
